@@ -1,0 +1,505 @@
+"""Fused AdamSPD over a bucket of tensors: Triton kernels and their host launcher.
+
+Math (DESIGN.md section 1), per tensor p with grad g, moments m, v, anchor a
+(a = 0 when anchor-free), step t, in fp32 whatever the storage dtype::
+
+    t += 1;  bc1 = 1 - b1^t;  bc2 = 1 - b2^t          (fp64 scalars, per tensor)
+    m  = m + (1-b1)*(g - m);  v = b2*v + (1-b2)*g*g     (amsgrad: vmax = max(vmax, v))
+    q  = p - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
+    partial sums over the tensor: sum g*(p-a), sum (p-a)^2, sum (q-a)^2
+    c = -sum g*(p-a);  r = clamp((|q-a| - |p-a|)/|q-a|, 0, 1) (0 if |q-a| = 0)
+    s = lam*r if c < 0 else 0;   p = q - s*(q - a)
+
+Memory layout. Every tensor of the bucket is contiguous and reached through a
+pointer table ``ptrs`` (int64 data_ptrs, shape [7, n], rows ``ROW_*``), its
+element count in ``numels`` [n]. Work is cut into chunks of ``BLOCK * TILES``
+elements; the chunk table ``chunks`` (int64 [2, num_chunks]: tensor index, first
+element) maps each phase-1 program to one chunk. Chunks of multi-chunk tensors
+come first, so phase 2's grid is a prefix of the same table.
+
+Launches (no atomics anywhere, so every sum has a fixed order and two runs are
+bitwise identical):
+
+1. ``_phase1_kernel``, one program per chunk: the Adam update; writes m, v and
+   q into p (fp32 params), and the chunk's three partial sums into its own row
+   of ``partials`` [num_chunks, 3]. A tensor that fits one chunk is finished
+   right there: the program reduces, finalizes and projects before it exits
+   (the re-read of q hits cache), so small tensors take one launch.
+2. ``_finalize_kernel``, one program per multi-chunk tensor: sums its partials
+   in chunk order; writes stats [n, 5] (c, |p-a|, |q-a|, r, s) and t + 1.
+3. ``_phase2_kernel``, one program per multi-chunk chunk: exits at once when
+   s == 0, else applies p = q - s*(q - a). For bf16/fp16 params phase 1 does not
+   store q (that would round it twice); phase 2 recomputes q from the old p and
+   the new m, v and rounds once on store.
+
+Per element, fp32 params move p, g, m, v, a in and p, m, v out: 32 bytes.
+Hyperparameters are runtime scalars (one compile serves every lr); only the
+storage dtypes and feature switches are ``tl.constexpr``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..bucket import Bucket
+from ..stats import NUM_STATS
+
+#: rows of the pointer table
+ROW_P, ROW_G, ROW_M, ROW_V, ROW_VMAX, ROW_A, ROW_STEP = range(7)
+NUM_ROWS = 7
+
+#: elements per tile; 256 threads x 4 fp32 = one 16-byte access per thread per tensor
+BLOCK = 1024
+#: tiles per phase-1 program: a chunk is BLOCK * TILES elements
+TILES = 4
+NUM_WARPS = 8
+#: partial rows summed per iteration by the finalize program
+FINALIZE_BLOCK = 256
+
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _table_ptr(ptrs_ptr, row, n_tensors, tid, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to tensor ``tid`` of table row ``row``, typed ``DTYPE``."""
+    addr = tl.load(ptrs_ptr + row * n_tensors + tid)
+    ptr = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # every base is 16-byte aligned: lets full tiles use 128-bit accesses
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _step_scalars(t, lr, ln_beta1, ln_beta2):
+    """(step_size, 1/sqrt(bc2)) for step count ``t`` (already incremented).
+
+    bc = 1 - b^t is computed as 1 - exp(t ln b) in fp64: in fp32 the
+    subtraction loses most digits of bc2 at small t (b2 = 0.999).
+    """
+    t64 = t.to(tl.float64)
+    bc1 = 1.0 - tl.exp(t64 * tl.cast(ln_beta1, tl.float64))
+    bc2 = 1.0 - tl.exp(t64 * tl.cast(ln_beta2, tl.float64))
+    step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
+    inv_sqrt_bc2 = (1.0 / tl.sqrt(bc2)).to(tl.float32)
+    return step_size, inv_sqrt_bc2
+
+
+@triton.jit
+def _adam_q(p, m, v, step_size, inv_sqrt_bc2, eps):
+    """The plain Adam step q from p and the updated moments (v: vmax under amsgrad)."""
+    return p - step_size * m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
+
+
+@triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+    """Load as fp32; masked only for a tensor's last, partial tile (a mask of
+    unknown length would stop 128-bit vector accesses on full tiles)."""
+    if MASKED:
+        x = tl.load(ptr, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _phase1_tile(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, mask,
+    beta1, beta2, eps, step_size, inv_sqrt_bc2,
+    HAS_ANCHOR: tl.constexpr, AMSGRAD: tl.constexpr, STORE_Q: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Adam on one tile: stores m, v (vmax) and, if STORE_Q, q; returns the three
+    per-element terms g*(p-a), (p-a)^2, (q-a)^2 (zero on masked lanes)."""
+    p = _load(p_ptr + offs, mask, MASKED)
+    g = _load(g_ptr + offs, mask, MASKED)
+    m = _load(m_ptr + offs, mask, MASKED)
+    v = _load(v_ptr + offs, mask, MASKED)
+    m = m + (1.0 - beta1) * (g - m)  # torch's lerp for a weight < 0.5
+    v = beta2 * v + (1.0 - beta2) * g * g
+    _store(m_ptr + offs, m, mask, MASKED)
+    _store(v_ptr + offs, v, mask, MASKED)
+    if AMSGRAD:
+        v = tl.maximum(_load(vmax_ptr + offs, mask, MASKED), v)
+        _store(vmax_ptr + offs, v, mask, MASKED)
+    q = _adam_q(p, m, v, step_size, inv_sqrt_bc2, eps)
+    if STORE_Q:
+        _store(p_ptr + offs, q, mask, MASKED)
+    if HAS_ANCHOR:
+        a = _load(a_ptr + offs, mask, MASKED)
+        d = p - a
+        e = q - a
+    else:
+        d = p
+        e = q
+    return g * d, d * d, e * e
+
+
+@triton.jit
+def _project_tile(
+    p_ptr, m_ptr, v_ptr, a_ptr, offs, mask, scale, eps, step_size, inv_sqrt_bc2,
+    HAS_ANCHOR: tl.constexpr, RECOMPUTE_Q: tl.constexpr, MASKED: tl.constexpr,
+):
+    """p = q - s*(q - a) on one tile; q is read from p, or rebuilt from the old p
+    and the new m, v (v: vmax under amsgrad) when RECOMPUTE_Q."""
+    q = _load(p_ptr + offs, mask, MASKED)
+    if RECOMPUTE_Q:
+        m = _load(m_ptr + offs, mask, MASKED)
+        v = _load(v_ptr + offs, mask, MASKED)
+        q = _adam_q(q, m, v, step_size, inv_sqrt_bc2, eps)
+    if HAS_ANCHOR:
+        q = q - scale * (q - _load(a_ptr + offs, mask, MASKED))
+    else:
+        q = q - scale * q
+    _store(p_ptr + offs, q, mask, MASKED)
+
+
+@triton.jit
+def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, stats_ptr, tid, step_ptr, t):
+    """From a tensor's three sums: write its stats row and step t; return the scale s."""
+    c = -sum_gd
+    norm_p_a = tl.sqrt(sum_dd)
+    norm_q_a = tl.sqrt(sum_qq)
+    fired = c < 0.0
+    ratio = tl.where(norm_q_a > 0.0, (norm_q_a - norm_p_a) / norm_q_a, 0.0)
+    ratio = tl.where(fired, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 0.0)
+    scale = tl.where(fired, weight_decay * ratio, 0.0)
+    row = stats_ptr + tid * 5
+    tl.store(row + 0, c)
+    tl.store(row + 1, norm_p_a)
+    tl.store(row + 2, norm_q_a)
+    tl.store(row + 3, ratio)
+    tl.store(row + 4, scale)
+    tl.store(step_ptr, t)
+    return scale
+
+
+@triton.jit
+def _phase1_kernel(
+    ptrs_ptr,  # int64 [7, n_tensors]: data_ptrs of p, g, m, v, vmax, a, step per tensor
+    numels_ptr,  # int64 [n_tensors]: elements of each tensor
+    chunks_ptr,  # int64 [2, n_chunks]: (tensor index, first element) of each program's chunk
+    partials_ptr,  # fp32 [n_chunks, 3]: this program's sums g.(p-a), |p-a|^2, |q-a|^2
+    stats_ptr,  # fp32 [n_tensors, 5]: written here for single-chunk tensors
+    lr_ptr,  # fp32 [1] device lr, read when LR_IS_TENSOR
+    n_tensors,
+    n_chunks,
+    lr,  # host lr (float), used unless LR_IS_TENSOR
+    beta1,
+    beta2,
+    ln_beta1,  # ln(beta1), host: math.log(beta1) (-inf for 0)
+    ln_beta2,  # ln(beta2), host: math.log(beta2)
+    eps,
+    weight_decay,  # SPD lambda
+    P_DTYPE: tl.constexpr,  # storage dtype of p (and g)
+    G_DTYPE: tl.constexpr,
+    A_DTYPE: tl.constexpr,  # storage dtype of the anchors
+    HAS_ANCHOR: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr,
+    STORE_Q: tl.constexpr,  # fp32 p: store q now; bf16/fp16: q is rebuilt and rounded once later
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tid = tl.load(chunks_ptr + pid)
+    start = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), BLOCK)  # chunks start on tile bounds
+    numel = tl.load(numels_ptr + tid)
+    single = numel <= BLOCK * TILES  # this program owns the whole tensor
+
+    p_ptr = _table_ptr(ptrs_ptr, 0, n_tensors, tid, P_DTYPE, ALIGNED)
+    g_ptr = _table_ptr(ptrs_ptr, 1, n_tensors, tid, G_DTYPE, ALIGNED)
+    m_ptr = _table_ptr(ptrs_ptr, 2, n_tensors, tid, tl.float32, ALIGNED)
+    v_ptr = _table_ptr(ptrs_ptr, 3, n_tensors, tid, tl.float32, ALIGNED)
+    vmax_ptr = _table_ptr(ptrs_ptr, 4, n_tensors, tid, tl.float32, ALIGNED)
+    a_ptr = _table_ptr(ptrs_ptr, 5, n_tensors, tid, A_DTYPE, ALIGNED)
+    step_ptr = _table_ptr(ptrs_ptr, 6, n_tensors, tid, tl.float32, False)
+
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr)
+    t = tl.load(step_ptr) + 1.0
+    step_size, inv_sqrt_bc2 = _step_scalars(t, lr, ln_beta1, ln_beta2)
+
+    acc_gd = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_qq = tl.zeros([BLOCK], dtype=tl.float32)
+    for tile in tl.range(TILES):
+        tile_start = start + tile * BLOCK
+        offs = tile_start + tl.arange(0, BLOCK)
+        if tile_start + BLOCK <= numel:
+            gd, dd, qq = _phase1_tile(
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, None,
+                beta1, beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, False,
+            )
+        else:
+            gd, dd, qq = _phase1_tile(
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, offs < numel,
+                beta1, beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, True,
+            )
+        acc_gd += gd
+        acc_dd += dd
+        acc_qq += qq
+
+    sum_gd = tl.sum(acc_gd, axis=0)
+    sum_dd = tl.sum(acc_dd, axis=0)
+    sum_qq = tl.sum(acc_qq, axis=0)
+    if single:
+        scale = _finalize(sum_gd, sum_dd, sum_qq, weight_decay, stats_ptr, tid, step_ptr, t)
+        if AMSGRAD:
+            v_ptr = vmax_ptr  # q is built from vmax
+        if STORE_Q:
+            if scale != 0.0:
+                tl.debug_barrier()  # q was stored above by other threads of this program
+                for tile in tl.range(TILES):
+                    offs = start + tile * BLOCK + tl.arange(0, BLOCK)
+                    _project_tile(
+                        p_ptr, m_ptr, v_ptr, a_ptr, offs, offs < numel, scale, eps, step_size,
+                        inv_sqrt_bc2, HAS_ANCHOR, False, True,
+                    )
+        else:
+            # bf16/fp16: q is rebuilt from the old p and the new moments and
+            # rounded once, projected or not (reads hit the cache just filled)
+            tl.debug_barrier()
+            for tile in tl.range(TILES):
+                offs = start + tile * BLOCK + tl.arange(0, BLOCK)
+                _project_tile(
+                    p_ptr, m_ptr, v_ptr, a_ptr, offs, offs < numel, scale, eps, step_size,
+                    inv_sqrt_bc2, HAS_ANCHOR, True, True,
+                )
+    else:
+        tl.store(partials_ptr + pid * 3 + 0, sum_gd)
+        tl.store(partials_ptr + pid * 3 + 1, sum_dd)
+        tl.store(partials_ptr + pid * 3 + 2, sum_qq)
+
+
+@triton.jit
+def _finalize_kernel(
+    ptrs_ptr,  # int64 [7, n_tensors]: data_ptrs (the step row is used here)
+    multi_ptr,  # int64 [3, n_multi]: (tensor index, first chunk, chunk count) per multi-chunk tensor
+    partials_ptr,  # fp32 [n_chunks, 3]
+    stats_ptr,  # fp32 [n_tensors, 5]
+    n_tensors,
+    n_multi,
+    weight_decay,
+    FINALIZE_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tid = tl.load(multi_ptr + pid)
+    first = tl.load(multi_ptr + n_multi + pid)
+    count = tl.load(multi_ptr + 2 * n_multi + pid)
+    acc_gd = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
+    acc_dd = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
+    acc_qq = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
+    for i in tl.range(0, count, FINALIZE_BLOCK):
+        rows = first + i + tl.arange(0, FINALIZE_BLOCK)
+        mask = i + tl.arange(0, FINALIZE_BLOCK) < count
+        acc_gd += tl.load(partials_ptr + rows * 3 + 0, mask=mask, other=0.0)
+        acc_dd += tl.load(partials_ptr + rows * 3 + 1, mask=mask, other=0.0)
+        acc_qq += tl.load(partials_ptr + rows * 3 + 2, mask=mask, other=0.0)
+    step_ptr = tl.load(ptrs_ptr + 6 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    t = tl.load(step_ptr) + 1.0
+    _finalize(
+        tl.sum(acc_gd, axis=0), tl.sum(acc_dd, axis=0), tl.sum(acc_qq, axis=0),
+        weight_decay, stats_ptr, tid, step_ptr, t,
+    )
+
+
+@triton.jit
+def _phase2_kernel(
+    ptrs_ptr,  # int64 [7, n_tensors]
+    numels_ptr,  # int64 [n_tensors]
+    chunks_ptr,  # int64 [2, n_chunks]: this grid covers its first n_multi_chunks columns
+    stats_ptr,  # fp32 [n_tensors, 5]: s in column 4, t already incremented by finalize
+    lr_ptr,
+    n_tensors,
+    n_chunks,
+    lr,
+    ln_beta1,
+    ln_beta2,
+    eps,
+    P_DTYPE: tl.constexpr,
+    A_DTYPE: tl.constexpr,
+    HAS_ANCHOR: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr,
+    RECOMPUTE_Q: tl.constexpr,  # p still holds the old p (bf16/fp16): rebuild q from m, v
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tid = tl.load(chunks_ptr + pid)
+    start = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), BLOCK)  # chunks start on tile bounds
+    scale = tl.load(stats_ptr + tid * 5 + 4)
+    if RECOMPUTE_Q or scale != 0.0:
+        numel = tl.load(numels_ptr + tid)
+        p_ptr = _table_ptr(ptrs_ptr, 0, n_tensors, tid, P_DTYPE, ALIGNED)
+        m_ptr = _table_ptr(ptrs_ptr, 2, n_tensors, tid, tl.float32, ALIGNED)
+        v_ptr = _table_ptr(ptrs_ptr, 3, n_tensors, tid, tl.float32, ALIGNED)
+        vmax_ptr = _table_ptr(ptrs_ptr, 4, n_tensors, tid, tl.float32, ALIGNED)
+        a_ptr = _table_ptr(ptrs_ptr, 5, n_tensors, tid, A_DTYPE, ALIGNED)
+        step_ptr = _table_ptr(ptrs_ptr, 6, n_tensors, tid, tl.float32, False)
+        if LR_IS_TENSOR:
+            lr = tl.load(lr_ptr)
+        step_size, inv_sqrt_bc2 = _step_scalars(tl.load(step_ptr), lr, ln_beta1, ln_beta2)
+        if AMSGRAD:
+            v_ptr = vmax_ptr  # q was built from vmax
+        for tile in tl.range(TILES):
+            tile_start = start + tile * BLOCK
+            offs = tile_start + tl.arange(0, BLOCK)
+            if tile_start + BLOCK <= numel:
+                _project_tile(
+                    p_ptr, m_ptr, v_ptr, a_ptr, offs, None, scale, eps, step_size, inv_sqrt_bc2,
+                    HAS_ANCHOR, RECOMPUTE_Q, False,
+                )
+            else:
+                _project_tile(
+                    p_ptr, m_ptr, v_ptr, a_ptr, offs, offs < numel, scale, eps, step_size, inv_sqrt_bc2,
+                    HAS_ANCHOR, RECOMPUTE_Q, True,
+                )
+
+
+# --------------------------------------------------------------------- launcher
+
+
+class _Plan:
+    """Device tables and buffers for one bucket layout; rebuilt when any storage changes."""
+
+    def __init__(self, bucket: Bucket, chunk: int) -> None:
+        device = bucket.device
+        n = len(bucket)
+        numels = [p.numel() for p in bucket.params]
+        zero = [0] * n
+        rows = [
+            [t.data_ptr() for t in bucket.params],
+            [t.data_ptr() for t in bucket.grads],
+            [t.data_ptr() for t in bucket.exp_avgs],
+            [t.data_ptr() for t in bucket.exp_avg_sqs],
+            [t.data_ptr() for t in bucket.max_exp_avg_sqs] if bucket.amsgrad else zero,
+            [t.data_ptr() for t in bucket.anchors] if bucket.anchors is not None else zero,
+            [t.data_ptr() for t in bucket.steps],
+        ]
+        self.aligned = all(ptr % 16 == 0 for row in rows[:6] for ptr in row)
+        multi_chunks, single_chunks, multi = [], [], []
+        for tid, numel in enumerate(numels):
+            if numel <= chunk:
+                single_chunks.append((tid, 0))
+            else:
+                first = len(multi_chunks)
+                multi_chunks.extend((tid, s) for s in range(0, numel, chunk))
+                multi.append((tid, first, len(multi_chunks) - first))
+        chunks = multi_chunks + single_chunks
+        self.n_tensors = n
+        self.n_chunks = len(chunks)
+        self.n_multi = len(multi)
+        self.n_multi_chunks = len(multi_chunks)
+
+        def upload(values, dtype=torch.int64):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        self.ptrs = upload(rows)
+        self.numels = upload(numels)
+        self.chunks = upload([[c[0] for c in chunks], [c[1] for c in chunks]])
+        self.multi = upload([[m[i] for m in multi] for i in range(3)] if multi else [[], [], []])
+        self.partials = torch.empty((max(self.n_multi_chunks, 1), 3), dtype=torch.float32, device=device)
+        self.stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
+
+
+_PLANS: Dict[Tuple, _Plan] = {}
+_MAX_PLANS = 64
+
+
+def _plan_key(bucket: Bucket) -> Tuple:
+    ptr = Tensor.data_ptr
+    lists = [bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps]
+    if bucket.max_exp_avg_sqs is not None:
+        lists.append(bucket.max_exp_avg_sqs)
+    if bucket.anchors is not None:
+        lists.append(bucket.anchors)
+    return (str(bucket.device), tuple(map(Tensor.numel, bucket.params))) + tuple(
+        tuple(map(ptr, tensors)) for tensors in lists
+    )
+
+
+def _get_plan(bucket: Bucket, chunk: int) -> _Plan:
+    key = (chunk,) + _plan_key(bucket)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = _Plan(bucket, chunk)
+    return plan
+
+
+def _ln(beta: float) -> float:
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
+def _check_bucket(bucket: Bucket) -> None:
+    for i, p in enumerate(bucket.params):
+        if p.dtype not in _TORCH_TO_TL or not p.is_contiguous():
+            raise ValueError(f"triton backend: tensor {i} must be contiguous fp32/bf16/fp16, got {p.dtype}")
+        for name, t in (("exp_avg", bucket.exp_avgs[i]), ("exp_avg_sq", bucket.exp_avg_sqs[i])):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"triton backend: {name} of tensor {i} must be contiguous fp32")
+
+
+def adam_spd_triton_step(
+    bucket: Bucket, *, block: int = BLOCK, tiles: int = TILES, num_warps: int = NUM_WARPS
+) -> Tensor:
+    """Run one AdamSPD step on ``bucket`` with the fused kernels; return its stats [n, 5].
+
+    No host-device sync: step counts and lr (if a tensor) stay on the device.
+    """
+    _check_bucket(bucket)
+    # grads may come in another layout (e.g. expanded); the kernels need them dense like p
+    grads = bucket.grads
+    if not all(g.is_contiguous() for g in grads):
+        bucket.grads = [g.contiguous() for g in grads]
+    plan = _get_plan(bucket, block * tiles)
+    p_dtype = _TORCH_TO_TL[bucket.params[0].dtype]
+    g_dtype = _TORCH_TO_TL[bucket.grads[0].dtype]
+    anchored = bucket.anchors is not None
+    a_dtype = _TORCH_TO_TL[bucket.anchors[0].dtype] if anchored else tl.float32
+    lr = bucket.lr
+    lr_is_tensor = isinstance(lr, Tensor)
+    if lr_is_tensor and lr.device.type == "cpu" and bucket.device.type != "cpu":
+        lr, lr_is_tensor = float(lr.item()), False
+    lr_buf = lr.reshape(1).to(torch.float32) if lr_is_tensor else plan.stats
+    lr_value = 0.0 if lr_is_tensor else float(lr)
+    ln_b1, ln_b2 = _ln(bucket.beta1), _ln(bucket.beta2)
+    store_q = p_dtype == tl.float32
+
+    _phase1_kernel[(plan.n_chunks,)](
+        plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, lr_buf,
+        plan.n_tensors, plan.n_chunks, lr_value, bucket.beta1, bucket.beta2, ln_b1, ln_b2,
+        bucket.eps, bucket.weight_decay,
+        P_DTYPE=p_dtype, G_DTYPE=g_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored,
+        AMSGRAD=bucket.amsgrad, LR_IS_TENSOR=lr_is_tensor, STORE_Q=store_q, ALIGNED=plan.aligned,
+        BLOCK=block, TILES=tiles, num_warps=num_warps,
+    )
+    if plan.n_multi:
+        _finalize_kernel[(plan.n_multi,)](
+            plan.ptrs, plan.multi, plan.partials, plan.stats, plan.n_tensors, plan.n_multi,
+            bucket.weight_decay, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
+        )
+        _phase2_kernel[(plan.n_multi_chunks,)](
+            plan.ptrs, plan.numels, plan.chunks, plan.stats, lr_buf,
+            plan.n_tensors, plan.n_chunks, lr_value, ln_b1, ln_b2, bucket.eps,
+            P_DTYPE=p_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored, AMSGRAD=bucket.amsgrad,
+            LR_IS_TENSOR=lr_is_tensor, RECOMPUTE_Q=not store_q, ALIGNED=plan.aligned,
+            BLOCK=block, TILES=tiles, num_warps=num_warps,
+        )
+    return plan.stats

@@ -1,0 +1,387 @@
+"""``AdamSPD``: Adam with Selective Projection Decay, a ``torch.optim.Optimizer``.
+
+The math is DESIGN.md section 1 (see ``spd_kernels.reference``). This module
+owns argument checks, param groups, anchors, state and ``state_dict``; it groups
+the tensors that have gradients into buckets and hands each bucket to one
+backend (``spd_kernels.backends``). It knows nothing of kernels.
+
+Constructor and meaning follow the official ``adamSPD.py``: param groups may
+carry ``pre``, a list of anchors (one per param), or ``pre: None`` for an
+anchor-free group (a = 0: LoRA factors and other new parameters). A group
+without ``pre`` snapshots its anchors when it is added. ``weight_decay`` is
+SPD's lambda and is not scaled by lr.
+
+State per parameter follows ``torch.optim.Adam``: ``step`` (0-d fp32 tensor),
+``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), all in fp32 (or the
+param dtype when wider), plus ``anchor`` for anchored groups, so that
+``state_dict()`` saves it and sharded checkpointing shards it.
+"""
+from __future__ import annotations
+
+import numbers
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends
+from .bucket import Bucket
+from .reference import compute_dtype
+
+#: marks a group given without 'pre': its anchors are snapshotted when added
+_SNAPSHOT = object()
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
+    """Raise ValueError naming ``where`` if a hyperparameter is out of range."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}: lr as a tensor must have one element, got shape {tuple(lr.shape)}")
+        if lr.device.type == "cpu":  # a device lr is not read back: that would sync
+            lr = lr.item()
+    if not isinstance(lr, Tensor) and not (lr >= 0.0):
+        raise ValueError(f"{where}: lr must be >= 0, got {lr}")
+    if not (group["eps"] >= 0.0):
+        raise ValueError(f"{where}: eps must be >= 0, got {group['eps']}")
+    if not (group["weight_decay"] >= 0.0):
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not (isinstance(beta, numbers.Real) and 0.0 <= beta < 1.0):
+            raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {beta}")
+
+
+def _check_param_dtype(p: Tensor, where: str) -> None:
+    if p.is_complex():
+        raise TypeError(f"{where}: AdamSPD needs real floating-point parameters, got {p.dtype}")
+    if not p.is_floating_point():
+        raise TypeError(f"{where}: AdamSPD needs floating-point parameters, got {p.dtype}")
+
+
+def _unwrap(param: Any) -> Tensor:
+    """A param entry may be a tensor or a ``(name, tensor)`` pair."""
+    return param[1] if isinstance(param, tuple) else param
+
+
+class AdamSPD(Optimizer):
+    """Adam with Selective Projection Decay (Tian, Huang, Kira, NeurIPS 2024).
+
+    Args:
+        params: parameters or param groups. A group may carry ``pre``: a list
+            of anchors (the pre-trained weights, one per param, same shape and
+            device), or ``None`` for anchor-free. Without ``pre`` the anchors
+            are a snapshot of the params taken here.
+        lr, betas, eps, amsgrad: as in ``torch.optim.Adam``. ``lr`` may be a
+            0-d tensor.
+        weight_decay: SPD's lambda (strength of the projection), not scaled
+            by lr. 0 gives plain Adam.
+        anchor_dtype: dtype for the anchors stored in state (e.g.
+            ``torch.bfloat16`` halves their memory). Default: the param's
+            dtype for snapshots, the given dtype for ``pre`` anchors.
+        impl: ``'auto'`` (fused Triton for CUDA tensors, else the reference),
+            ``'reference'`` or ``'triton'``.
+        capturable: keep ``step`` on the param's device (the Triton backend
+            always does). Kept in each group like ``torch.optim.Adam``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        anchor_dtype: Optional[torch.dtype] = None,
+        impl: str = "auto",
+        capturable: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            capturable=capturable,
+        )
+        _check_hyperparameters(defaults, "AdamSPD")
+        if impl not in backends.IMPLS:
+            raise ValueError(f"AdamSPD: impl must be one of {backends.IMPLS}, got {impl!r}")
+        if impl == "triton" and backends.triton_import_error():
+            raise RuntimeError(f"AdamSPD: impl='triton' but {backends.triton_import_error()}")
+        if anchor_dtype is not None and not (
+            isinstance(anchor_dtype, torch.dtype) and anchor_dtype.is_floating_point
+        ):
+            raise TypeError(f"AdamSPD: anchor_dtype must be a floating-point torch.dtype, got {anchor_dtype!r}")
+        self.impl = impl
+        self.anchor_dtype = anchor_dtype
+        self._last_buckets: List[Tuple[List[Tensor], Tensor]] = []
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group; validates everything first, so a bad group changes nothing."""
+        index = len(self.param_groups)
+        where = f"param_groups[{index}]"
+        group = dict(param_group)
+        pre = group.pop("pre", _SNAPSHOT)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        tensors = [_unwrap(p) for p in params]
+        for i, p in enumerate(tensors):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{where}['params'][{i}]: expected a Tensor, got {type(p).__name__}")
+            _check_param_dtype(p, f"{where}['params'][{i}]")
+        merged = {**self.defaults, **group}
+        if isinstance(merged["betas"], list):
+            group["betas"] = merged["betas"] = tuple(merged["betas"])
+        _check_hyperparameters(merged, where)
+        if self.impl == "triton":
+            for i, p in enumerate(tensors):
+                if not backends.fused_supports(p, self.anchor_dtype):
+                    raise ValueError(
+                        f"{where}['params'][{i}]: impl='triton' takes contiguous fp32/bf16/fp16 params "
+                        f"(and anchors), got dtype {p.dtype}, contiguous={p.is_contiguous()}"
+                    )
+        anchors = self._check_anchors(pre, tensors, where)
+
+        group["params"] = params
+        group["anchor_free"] = pre is None
+        super().add_param_group(group)  # raises on duplicates before any state is written
+        if anchors is not None:
+            for p, a in zip(tensors, anchors):
+                self.state[p]["anchor"] = a
+
+    def _check_anchors(self, pre: Any, params: List[Tensor], where: str) -> Optional[List[Tensor]]:
+        """Validate ``pre`` against ``params``; return the anchors to store (None if anchor-free)."""
+        if pre is None:
+            return None
+        if pre is _SNAPSHOT:
+            dtype = self.anchor_dtype
+            return [p.detach().to(dtype=dtype or p.dtype, copy=True) for p in params]
+        if isinstance(pre, Tensor) or not isinstance(pre, (list, tuple)):
+            raise TypeError(f"{where}['pre']: expected a list of anchor tensors or None, got {type(pre).__name__}")
+        if len(pre) != len(params):
+            raise ValueError(f"{where}['pre']: {len(pre)} anchors for {len(params)} params")
+        anchors = []
+        for i, (p, a) in enumerate(zip(params, pre)):
+            at = f"{where}['pre'][{i}]"
+            if not isinstance(a, Tensor):
+                raise TypeError(f"{at}: expected a Tensor, got {type(a).__name__}")
+            if a.is_complex() or not a.is_floating_point():
+                raise TypeError(f"{at}: anchors must be real floating-point, got {a.dtype}")
+            if a.shape != p.shape:
+                raise ValueError(f"{at}: shape {tuple(a.shape)} does not match its param's {tuple(p.shape)}")
+            if a.device != p.device:
+                raise ValueError(f"{at}: on {a.device}, its param is on {p.device}")
+            if p.numel() > 0 and a.data_ptr() == p.data_ptr():
+                raise ValueError(f"{at}: the anchor shares storage with its param; pass a copy (p.detach().clone())")
+            if self.impl == "triton" and a.dtype not in backends.FUSED_DTYPES and self.anchor_dtype is None:
+                raise ValueError(f"{at}: impl='triton' takes fp32/bf16/fp16 anchors, got {a.dtype}")
+            a = a.detach()
+            if self.anchor_dtype is not None and a.dtype != self.anchor_dtype:
+                a = a.to(self.anchor_dtype)
+            anchors.append(a)
+        return anchors
+
+    # -------------------------------------------------------------------- step
+
+    def _gather(self) -> List[Tuple[int, Dict[str, Any], List[Tensor]]]:
+        """Check every group and grad; return (index, group, params with grads). Mutates nothing."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            _check_hyperparameters(group, f"param_groups[{gi}]")
+            with_grad = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = f"param_groups[{gi}]['params'][{pi}]"
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"{where}: AdamSPD does not support sparse gradients")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"{where}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+                if g.device != p.device:
+                    raise RuntimeError(f"{where}: grad on {g.device}, param on {p.device}")
+                if not g.is_floating_point():
+                    raise RuntimeError(f"{where}: grad dtype {g.dtype} is not floating-point")
+                if not group["anchor_free"] and "anchor" not in self.state[p]:
+                    raise RuntimeError(f"{where}: anchored group but the param has no anchor in state")
+                with_grad.append(p)
+            if with_grad:
+                work.append((gi, group, with_grad))
+        return work
+
+    def _init_state(self, p: Tensor, group: Dict[str, Any], step_device: torch.device) -> Dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            moment_dtype = compute_dtype(p.dtype)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        elif state["step"].device != step_device:
+            state["step"] = state["step"].to(step_device)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            # amsgrad switched on mid-run starts its max from the current v, as if it had been on.
+            state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+        return state
+
+    def _buckets(self, work) -> List[Tuple[str, Bucket]]:
+        buckets: Dict[Tuple, Tuple[str, Bucket]] = {}
+        for gi, group, params in work:
+            anchored = not group["anchor_free"]
+            beta1, beta2 = group["betas"]
+            for p in params:
+                anchor = self.state[p].get("anchor") if anchored else None
+                impl = backends.choose(self.impl, p, anchor.dtype if anchor is not None else None)
+                on_device = impl == "triton" or group["capturable"]
+                state = self._init_state(p, group, p.device if on_device else torch.device("cpu"))
+                key = (gi, impl, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None)
+                if key not in buckets:
+                    buckets[key] = (
+                        impl,
+                        Bucket(
+                            max_exp_avg_sqs=[] if group["amsgrad"] else None,
+                            anchors=[] if anchored else None,
+                            lr=group["lr"],
+                            beta1=beta1,
+                            beta2=beta2,
+                            eps=group["eps"],
+                            weight_decay=group["weight_decay"],
+                            amsgrad=group["amsgrad"],
+                        ),
+                    )
+                b = buckets[key][1]
+                b.params.append(p)
+                b.grads.append(p.grad)
+                b.exp_avgs.append(state["exp_avg"])
+                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.steps.append(state["step"])
+                if group["amsgrad"]:
+                    b.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                if anchored:
+                    b.anchors.append(anchor)
+        return list(buckets.values())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamSPD step over every param that has a grad; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._gather()  # all checks happen before any state or param changes
+        self._last_buckets = []
+        for impl, bucket in self._buckets(work):
+            stats = backends.run(impl, bucket)
+            self._last_buckets.append((bucket.params, stats))
+        return loss
+
+    def last_step_stats(self) -> Dict[Tensor, Tensor]:
+        """Per-param stats rows of the last ``step()`` (columns: ``spd_kernels.stats``).
+
+        Rows stay on the params' device; reading them is what syncs, not ``step()``.
+        """
+        out = {}
+        for params, stats in self._last_buckets:
+            for i, p in enumerate(params):
+                out[p] = stats[i]
+        return out
+
+    # -------------------------------------------------------------- state dict
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load our own state_dict or one saved by the official ``adamSPD.py``.
+
+        Unlike ``Optimizer.load_state_dict``, fp32 moments of low-precision
+        params stay fp32 and anchors keep their dtype.
+        """
+        state_dict = _from_official_format(state_dict)
+        self._check_loadable(state_dict)
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch cast floating state to each param's dtype; put back the saved dtypes.
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for key, value in saved_state.get(pid, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = self._loaded_tensor(key, value, p)
+        for group in self.param_groups:
+            for p in group["params"]:
+                step = self.state[p].get("step")
+                if step is not None and not isinstance(step, Tensor):
+                    self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
+        self._last_buckets = []
+
+    def _loaded_tensor(self, key: str, value: Tensor, p: Tensor) -> Tensor:
+        if key == "step":
+            # the first step moves it to where its backend wants it
+            return value.detach().to(dtype=torch.float32, device="cpu", copy=True)
+        if key in _MOMENT_KEYS:
+            return value.detach().to(dtype=compute_dtype(value.dtype), device=p.device, copy=True)
+        if key == "anchor":
+            return value.detach().to(dtype=self.anchor_dtype or value.dtype, device=p.device, copy=True)
+        return value.detach().to(device=p.device, copy=True)
+
+    def _check_loadable(self, state_dict: Dict[str, Any]) -> None:
+        """Raise before loading if the saved groups and anchors do not fit this optimizer."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"load_state_dict: {len(saved_groups)} saved param groups, optimizer has {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"load_state_dict: param_groups[{gi}] has {len(saved['params'])} saved params, "
+                    f"optimizer has {len(group['params'])}"
+                )
+            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = state_dict["state"].get(pid, {})
+                where = f"load_state_dict: param_groups[{gi}]['params'][{pi}]"
+                for key, value in entry.items():
+                    if isinstance(value, Tensor) and key != "step" and value.shape != p.shape:
+                        raise ValueError(f"{where}: saved {key} has shape {tuple(value.shape)}, param {tuple(p.shape)}")
+                if not saved.get("anchor_free", False) and "anchor" not in entry:
+                    raise ValueError(f"{where}: the saved group is anchored but has no anchor for this param")
+
+
+def _from_official_format(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Convert a state_dict of the official ``adamSPD.py`` to ours; ours pass through.
+
+    The official class keeps anchors in each group's ``pre`` list, an int
+    ``step`` and an unused full-size ``hyper`` state per param.
+    """
+    groups = state_dict["param_groups"]
+    if not any("pre" in g for g in groups):
+        return state_dict
+    state = defaultdict(dict, {k: dict(v) for k, v in state_dict["state"].items()})
+    new_groups = []
+    for gi, g in enumerate(groups):
+        g = dict(g)
+        pre = g.pop("pre", None)
+        g.setdefault("capturable", False)
+        g["anchor_free"] = pre is None
+        if pre is not None:
+            if len(pre) != len(g["params"]):
+                raise ValueError(
+                    f"load_state_dict: param_groups[{gi}]['pre'] has {len(pre)} anchors for {len(g['params'])} params"
+                )
+            for pid, a in zip(g["params"], pre):
+                state[pid]["anchor"] = a
+        new_groups.append(g)
+    for entry in state.values():
+        entry.pop("hyper", None)
+        if "step" in entry and not isinstance(entry["step"], Tensor):
+            entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
+    return {"state": dict(state), "param_groups": new_groups}
