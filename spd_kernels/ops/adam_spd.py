@@ -117,7 +117,7 @@ def _store(ptr, x, mask, MASKED: tl.constexpr):
 @triton.jit
 def _phase1_tile(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, mask,
-    beta1, beta2, eps, step_size, inv_sqrt_bc2,
+    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2,
     HAS_ANCHOR: tl.constexpr, AMSGRAD: tl.constexpr, STORE_Q: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Adam on one tile: stores m, v (vmax) and, if STORE_Q, q; returns the three
@@ -126,14 +126,16 @@ def _phase1_tile(
     g = _load(g_ptr + offs, mask, MASKED)
     m = _load(m_ptr + offs, mask, MASKED)
     v = _load(v_ptr + offs, mask, MASKED)
-    m = m + (1.0 - beta1) * (g - m)  # torch's lerp for a weight < 0.5
-    v = beta2 * v + (1.0 - beta2) * g * g
+    m = m + one_minus_beta1 * (g - m)  # torch's lerp for a weight < 0.5
+    v = beta2 * v + one_minus_beta2 * g * g
     _store(m_ptr + offs, m, mask, MASKED)
     _store(v_ptr + offs, v, mask, MASKED)
     if AMSGRAD:
         v = tl.maximum(_load(vmax_ptr + offs, mask, MASKED), v)
         _store(vmax_ptr + offs, v, mask, MASKED)
     q = _adam_q(p, m, v, step_size, inv_sqrt_bc2, eps)
+    if MASKED:
+        q = tl.where(mask, q, 0.0)  # dead lanes hold 0/0 when eps = 0; keep them out of the sums
     if STORE_Q:
         _store(p_ptr + offs, q, mask, MASKED)
     if HAS_ANCHOR:
@@ -196,8 +198,9 @@ def _phase1_kernel(
     n_tensors,
     n_chunks,
     lr,  # host lr (float), used unless LR_IS_TENSOR
-    beta1,
+    one_minus_beta1,  # host: 1 - beta1 in fp64, as torch rounds it
     beta2,
+    one_minus_beta2,  # host: 1 - beta2
     ln_beta1,  # ln(beta1), host: math.log(beta1) (-inf for 0)
     ln_beta2,  # ln(beta2), host: math.log(beta2)
     eps,
@@ -241,12 +244,12 @@ def _phase1_kernel(
         if tile_start + BLOCK <= numel:
             gd, dd, qq = _phase1_tile(
                 p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, None,
-                beta1, beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, False,
+                one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, False,
             )
         else:
             gd, dd, qq = _phase1_tile(
                 p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, offs < numel,
-                beta1, beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, True,
+                one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, True,
             )
         acc_gd += gd
         acc_dd += dd
@@ -484,7 +487,7 @@ def adam_spd_triton_step(
 
     _phase1_kernel[(plan.n_chunks,)](
         plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, lr_buf,
-        plan.n_tensors, plan.n_chunks, lr_value, bucket.beta1, bucket.beta2, ln_b1, ln_b2,
+        plan.n_tensors, plan.n_chunks, lr_value, 1.0 - bucket.beta1, bucket.beta2, 1.0 - bucket.beta2, ln_b1, ln_b2,
         bucket.eps, bucket.weight_decay,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored,
         AMSGRAD=bucket.amsgrad, LR_IS_TENSOR=lr_is_tensor, STORE_Q=store_q, ALIGNED=plan.aligned,

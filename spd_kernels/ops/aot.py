@@ -32,7 +32,7 @@ _DTYPE_NAMES = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
 _PHASE1_SIG = {
     "ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunks_ptr": "*i64", "partials_ptr": "*fp32",
     "stats_ptr": "*fp32", "lr_ptr": "*fp32", "n_tensors": "i32", "n_chunks": "i32", "lr": "fp32",
-    "beta1": "fp32", "beta2": "fp32", "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32",
+    "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32",
     "weight_decay": "fp32",
 }
 _FINALIZE_SIG = {
@@ -144,9 +144,27 @@ def compile_all() -> List[CompileReport]:
     return [compile_variant(v, cap, arch) for cap, arch in TARGETS for v in variants()]
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    import argparse
+    import dataclasses
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON object per variant and target")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     for r in compile_all():
-        print(
-            f"{r.arch:7s} {r.variant:52s} regs={r.registers:3d} spills={r.spill_stores}/{r.spill_loads}"
-            f" ld.v4={r.v4_loads} st.v4={r.v4_stores}"
-        )
+        if args.json:
+            print(json.dumps(dataclasses.asdict(r)), flush=True)
+        else:
+            print(
+                f"{r.arch:7s} {r.variant:52s} regs={r.registers:3d} spills={r.spill_stores}/{r.spill_loads}"
+                f" ld.v4={r.v4_loads} st.v4={r.v4_stores}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Parameter-shape sets used by the GPU check and benchmarks (DESIGN.md section 5)."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+Shape = Tuple[int, ...]
+
+
+def vit_b() -> List[Shape]:
+    """ViT-B/16: ~86M params in ~150 tensors."""
+    d, mlp, tokens = 768, 3072, 197
+    shapes: List[Shape] = [(d, 3, 16, 16), (d,), (1, 1, d), (1, tokens, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (mlp, d), (mlp,), (d, mlp), (d,)]
+    shapes += [(d,), (d,), (1000, d), (1000,)]
+    return shapes
+
+
+def llama_like(layers: int = 4) -> List[Shape]:
+    """A few very large tensors: a 1B-style width (2048) with `layers` blocks, untied head."""
+    d, ffn, vocab = 2048, 5632, 32000
+    shapes: List[Shape] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d, d)] * 4 + [(ffn, d), (ffn, d), (d, ffn), (d,), (d,)]
+    shapes += [(d,), (vocab, d)]
+    return shapes
+
+
+def many_small(count: int = 2000, size: int = 4096) -> List[Shape]:
+    return [(size,)] * count
+
+
+def lora(layers: int = 24, width: int = 1024, rank: int = 16) -> List[Shape]:
+    """Rank-16 adapter factors on q, k, v, o of each layer (anchor-free)."""
+    return [(rank, width), (width, rank)] * (4 * layers)
+
+
+
+
+def get(name: str) -> List[Shape]:
+    return {"vit_b": vit_b, "llama_like": llama_like, "many_small": many_small, "lora": lora}[name]()
+
+
+def numel(shapes: List[Shape]) -> int:
+    total = 0
+    for s in shapes:
+        n = 1
+        for d in s:
+            n *= d
+        total += n
+    return total

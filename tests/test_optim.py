@@ -1,0 +1,216 @@
+"""AdamSPD (the optimizer) against the reference loop and against torch.optim.Adam."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spd_kernels import AdamSPD
+from spd_kernels.reference import adam_spd_step_, compute_dtype
+from spd_kernels.stats import STAT_C, STAT_R
+
+from .helpers import clone_params, make_anchors, make_params, set_grads, signed_grad
+
+SHAPES = [(17,), (5, 9), (0,), (3, 4, 5), (1,), (64, 33)]
+
+
+class ReferenceLoop:
+    """An independent driver of the reference, one tensor at a time (no buckets)."""
+
+    def __init__(self, params, anchors, lr, betas, eps, lam, amsgrad):
+        self.params, self.anchors = params, anchors
+        self.hp = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=lam, amsgrad=amsgrad)
+        self.state = {}
+
+    def step(self):
+        stats = {}
+        for p, a in zip(self.params, self.anchors):
+            if p.grad is None:
+                continue
+            if p not in self.state:
+                dt = compute_dtype(p.dtype)
+                self.state[p] = dict(
+                    step=torch.zeros(()), exp_avg=torch.zeros(p.shape, dtype=dt),
+                    exp_avg_sq=torch.zeros(p.shape, dtype=dt), max_exp_avg_sq=torch.zeros(p.shape, dtype=dt),
+                )
+            s = self.state[p]
+            with torch.no_grad():
+                stats[p] = adam_spd_step_(
+                    p, p.grad, s["exp_avg"], s["exp_avg_sq"],
+                    s["max_exp_avg_sq"] if self.hp["amsgrad"] else None, a, s["step"], **self.hp,
+                )
+        return stats
+
+
+def run_pair(dtype, impl, steps=20, lam=1.5, amsgrad=(False, True), seed=0):
+    """Two groups (anchored with given `pre`, anchor-free) vs two ReferenceLoops."""
+    gen = torch.Generator().manual_seed(seed)
+    ours_a = make_params(SHAPES, dtype, gen)
+    ours_b = make_params(SHAPES[:3], dtype, gen)
+    pre = make_anchors(ours_a, generator=gen)
+    ref_a, ref_b = clone_params(ours_a), clone_params(ours_b)
+    opt = AdamSPD(
+        [
+            {"params": ours_a, "pre": [a.clone() for a in pre], "amsgrad": amsgrad[0]},
+            {"params": ours_b, "pre": None, "amsgrad": amsgrad[1], "lr": 3e-2},
+        ],
+        lr=5e-2, weight_decay=lam, impl=impl,
+    )
+    loops = [
+        ReferenceLoop(ref_a, pre, 5e-2, (0.9, 0.999), 1e-8, lam, amsgrad[0]),
+        ReferenceLoop(ref_b, [None] * len(ref_b), 3e-2, (0.9, 0.999), 1e-8, lam, amsgrad[1]),
+    ]
+    fired = not_fired = r_positive = 0
+    for _ in range(steps):
+        signs = [float(torch.randint(0, 2, (), generator=gen)) * 2 - 1 for _ in range(len(SHAPES) + 3)]
+        set_grads(ours_a, pre, signs[: len(SHAPES)], gen)
+        set_grads(ours_b, [None] * 3, signs[len(SHAPES):], gen)
+        for mine, theirs in zip(ours_a + ours_b, ref_a + ref_b):
+            theirs.grad = mine.grad.clone()
+        opt.step()
+        ref_stats = {}
+        for loop in loops:
+            ref_stats.update(loop.step())
+        stats = opt.last_step_stats()
+        for mine, theirs in zip(ours_a + ours_b, ref_a + ref_b):
+            if mine.numel() == 0:
+                continue
+            c = stats[mine][STAT_C].item()
+            assert (c < 0) == (ref_stats[theirs][STAT_C].item() < 0)
+            fired += c < 0
+            not_fired += c >= 0
+            r_positive += stats[mine][STAT_R].item() > 0
+    return opt, loops, (ours_a, ours_b), (ref_a, ref_b), (fired, not_fired, r_positive)
+
+
+def assert_states_equal(opt, loops, ours, refs, exact=True, rtol=0.0, atol=0.0):
+    check = (lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0)) if exact else (
+        lambda x, y: torch.testing.assert_close(x, y, rtol=rtol, atol=atol))
+    for group_params, ref_params, loop in zip(ours, refs, loops):
+        for mine, theirs in zip(group_params, ref_params):
+            check(mine.detach(), theirs.detach())
+            s, r = opt.state[mine], loop.state[theirs]
+            assert s["step"].item() == r["step"].item()
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if loop.hp["amsgrad"] else ()):
+                assert s[key].dtype == compute_dtype(mine.dtype)
+                check(s[key], r[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_equals_reference_loop_for_20_steps(dtype):
+    opt, loops, ours, refs, (fired, not_fired, r_pos) = run_pair(dtype, "reference")
+    assert fired > 10 and not_fired > 10 and r_pos > 0, (fired, not_fired, r_pos)
+    assert_states_equal(opt, loops, ours, refs, exact=True)
+    assert "anchor" not in opt.state[ours[1][0]]
+
+
+def test_lambda_changes_the_trajectory():
+    finals = []
+    for lam in (0.0, 0.5, 2.0):
+        _, _, ours, _, (fired, _, r_pos) = run_pair(torch.float32, "reference", steps=12, lam=lam, seed=3)
+        assert fired > 0 and r_pos > 0
+        finals.append(torch.cat([p.detach().flatten() for p in ours[0]]))
+    assert not torch.equal(finals[0], finals[1])
+    assert not torch.equal(finals[1], finals[2])
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_lambda_zero_is_torch_adam(amsgrad):
+    gen = torch.Generator().manual_seed(1)
+    ours = make_params(SHAPES, generator=gen)
+    theirs = clone_params(ours)
+    pre = make_anchors(ours, generator=gen)
+    opt = AdamSPD([{"params": ours, "pre": pre}], lr=1e-2, weight_decay=0.0, amsgrad=amsgrad, impl="reference")
+    adam = torch.optim.Adam(theirs, lr=1e-2, amsgrad=amsgrad, foreach=False)
+    fired = 0
+    for _ in range(20):
+        for p, q, a in zip(ours, theirs, pre):
+            p.grad = signed_grad(p, a, -1.0 if torch.rand((), generator=gen) < 0.5 else 1.0, gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        adam.step()
+        fired += sum(int(s[STAT_C] < 0) for s in opt.last_step_stats().values())
+    assert fired > 0
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg"], adam.state[q]["exp_avg"])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], adam.state[q]["exp_avg_sq"])
+
+
+def test_frozen_then_unfrozen_param_behaves_like_torch_adam():
+    gen = torch.Generator().manual_seed(2)
+    ours = make_params([(6,), (4, 3)], generator=gen)
+    theirs = clone_params(ours)
+    opt = AdamSPD(ours, lr=1e-2, weight_decay=0.0, impl="reference")
+    adam = torch.optim.Adam(theirs, lr=1e-2, foreach=False)
+    for t in range(12):
+        frozen = 3 <= t < 7
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            if i == 0 and frozen:
+                p.grad = q.grad = None
+                continue
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        before = ours[0].detach().clone()
+        opt.step()
+        adam.step()
+        if frozen:
+            assert torch.equal(ours[0], before)
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p, q)
+            assert opt.state[p]["step"].item() == adam.state[q]["step"].item()
+    assert opt.state[ours[0]]["step"].item() == 8
+
+
+def test_snapshot_anchors_are_copies_and_take_anchor_dtype():
+    model = torch.nn.Linear(4, 3)
+    init = [p.detach().clone() for p in model.parameters()]
+    opt = AdamSPD(model.parameters(), lr=0.1, weight_decay=1.0, anchor_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for p, p0 in zip(model.parameters(), init):
+        anchor = opt.state[p]["anchor"]
+        assert anchor.dtype == torch.bfloat16
+        torch.testing.assert_close(anchor.float(), p0, rtol=2**-8, atol=0)
+
+
+def test_named_parameters_lr_tensor_and_closure():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    twin.load_state_dict(model.state_dict())
+    opt = AdamSPD(model.named_parameters(), lr=torch.tensor(0.05), weight_decay=1.0)
+    ref = AdamSPD(twin.parameters(), lr=0.05, weight_decay=1.0)
+    x, y = torch.randn(16, 5), torch.randn(16, 2)
+    for _ in range(8):
+        for m, o in ((model, opt), (twin, ref)):
+            def closure(m=m, o=o):
+                o.zero_grad()
+                loss = torch.nn.functional.mse_loss(m(x), y)
+                loss.backward()
+                return loss
+            loss = o.step(closure)
+            assert loss is not None
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_step_without_grads_changes_nothing():
+    params = make_params([(3,), (2, 2)])
+    before = [p.detach().clone() for p in params]
+    opt = AdamSPD(params, weight_decay=1.0)
+    assert opt.step() is None
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+        assert "step" not in opt.state[p]
+
+
+def test_zero_size_params_only():
+    p = torch.nn.Parameter(torch.empty(0, 5))
+    opt = AdamSPD([p], weight_decay=1.0)
+    p.grad = torch.empty(0, 5)
+    opt.step()
+    opt.step()
+    assert opt.state[p]["step"].item() == 2
+    stats = opt.last_step_stats()[p]
+    assert stats[STAT_C].item() == 0.0 and not torch.isnan(stats).any()
