@@ -188,7 +188,7 @@ def time_set(name, shapes, bw, reps_ms=200):
     record("spd triton step()", do_bench(opt.step, warmup=50, rep=reps_ms, return_mode="median"), 32)
     stats = opt.last_step_stats()
     fired = sum(int(stats[p][STAT_C] < 0) for p in params)
-    bucket = opt._buckets(opt._gather())[0][1]
+    bucket = opt._bucket_cache[1][0][2]
     record("spd triton kernels", do_bench(lambda: k.adam_spd_triton_step(bucket), warmup=50, rep=reps_ms,
                                           return_mode="median"), 32)
     s = torch.cuda.Stream()
@@ -203,7 +203,8 @@ def time_set(name, shapes, bw, reps_ms=200):
     del graph, opt, bucket, params
     torch.cuda.empty_cache()
 
-    for label, kw in (("adamw fused", dict(fused=True)), ("adamw foreach", dict(foreach=True))):
+    for label, kw in (("adamw fused", dict(fused=True)), ("adamw foreach", dict(foreach=True)),
+                      ("adamw fused again", dict(fused=True))):
         params = make_params(shapes, seed=2)
         with_grads(params, 4)
         adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **kw)
@@ -234,6 +235,24 @@ def time_set(name, shapes, bw, reps_ms=200):
         r["fired"] = fired
         r["tensors"] = len(shapes)
         r["params_M"] = n / 1e6
+    return rows
+
+
+def kernel_configs(name, shapes, bw, reps_ms=200):
+    """Kernels alone under other (BLOCK, TILES, num_warps) settings than the default."""
+    n = param_sets.numel(shapes)
+    state = make_state(shapes, torch.float32, torch.float32, False, seed=5)
+    grads = signed_grads(state["params"], state["anchors"], 3)
+    bucket = Bucket(grads=grads, **state, lr=1e-3, weight_decay=1.0)
+    rows = []
+    for block, tiles, warps in ((1024, 4, 8), (1024, 8, 8), (2048, 2, 8), (2048, 4, 8), (512, 8, 4), (1024, 2, 4)):
+        fn = lambda: k.adam_spd_triton_step(bucket, block=block, tiles=tiles, num_warps=warps)  # noqa: E731
+        fn()
+        ms = do_bench(fn, warmup=50, rep=reps_ms, return_mode="median")
+        gbs = n * 32 / ms / 1e6
+        rows.append(dict(set=name, block=block, tiles=tiles, warps=warps, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw))
+        log(f"config {name:10s} BLOCK={block:5d} TILES={tiles} warps={warps}: {ms:.3f} ms, {gbs:.0f} GB/s, "
+            f"{100 * gbs / bw:.1f}% of copy")
     return rows
 
 
@@ -279,6 +298,7 @@ def main():
     for name in names:
         section(f"timing_{name}", lambda name=name: timing.extend(time_set(name, param_sets.get(name), bw)) or True)
     RESULTS["timing"] = timing
+    section("configs", lambda: kernel_configs("vit_b", vit, bw) + kernel_configs("llama_like", param_sets.llama_like(), bw))
 
     log("")
     log(f"{'set':11s} {'impl':20s} {'ms/step':>9s} {'GB/s':>7s} {'%copy':>6s} {'vs fused':>8s} {'x ref':>7s}")

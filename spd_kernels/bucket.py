@@ -1,7 +1,10 @@
 """A bucket: the tensors of one param group that one backend call updates.
 
 The optimizer groups the parameters that have gradients by (param group,
-device, dtypes, backend) and hands each bucket to its backend as a whole. A
+device, dtypes, backend) and hands each bucket to its backend as a whole. It
+keeps the same bucket objects from step to step while the set of params with
+grads stays the same, refreshing only ``grads`` and the hyperparameters, so a
+backend may cache what it derives from the state tensors in ``backend_cache``. A
 backend is one function ``fn(bucket) -> stats`` that updates ``params``,
 ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs`` and ``steps`` in place and
 returns the per-tensor stats (``spd_kernels.stats``) as an ``[n, NUM_STATS]``
@@ -34,6 +37,8 @@ class Bucket:
     eps: float = 1e-8
     weight_decay: float = 0.0
     amsgrad: bool = False
+    #: private to the backend: what it derived from this bucket (e.g. device tables)
+    backend_cache: Optional[object] = None
 
     def __len__(self) -> int:
         return len(self.params)

@@ -124,7 +124,19 @@ class AdamSPD(Optimizer):
         self.impl = impl
         self.anchor_dtype = anchor_dtype
         self._last_buckets: List[Tuple[List[Tensor], Tensor]] = []
+        # (key, buckets) of the last step: reused while the same params have grads
+        self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[str, int, Bucket]]]] = None
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**super().__getstate__(), "impl": self.impl, "anchor_dtype": self.anchor_dtype}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("impl", "auto")
+        self.__dict__.setdefault("anchor_dtype", None)
+        self._last_buckets = []
+        self._bucket_cache = None
 
     # ------------------------------------------------------------------ groups
 
@@ -157,6 +169,7 @@ class AdamSPD(Optimizer):
         group["params"] = params
         group["anchor_free"] = pre is None
         super().add_param_group(group)  # raises on duplicates before any state is written
+        self._bucket_cache = None
         if anchors is not None:
             for p, a in zip(tensors, anchors):
                 self.state[p]["anchor"] = a
@@ -196,10 +209,9 @@ class AdamSPD(Optimizer):
     # -------------------------------------------------------------------- step
 
     def _gather(self) -> List[Tuple[int, Dict[str, Any], List[Tensor]]]:
-        """Check every group and grad; return (index, group, params with grads). Mutates nothing."""
+        """Check every grad; return (index, group, params with grads). Mutates nothing."""
         work = []
         for gi, group in enumerate(self.param_groups):
-            _check_hyperparameters(group, f"param_groups[{gi}]")
             with_grad = []
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -235,8 +247,8 @@ class AdamSPD(Optimizer):
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
         return state
 
-    def _buckets(self, work) -> List[Tuple[str, Bucket]]:
-        buckets: Dict[Tuple, Tuple[str, Bucket]] = {}
+    def _buckets(self, work) -> List[Tuple[str, int, Bucket]]:
+        buckets: Dict[Tuple, Tuple[str, int, Bucket]] = {}
         for gi, group, params in work:
             anchored = not group["anchor_free"]
             beta1, beta2 = group["betas"]
@@ -249,6 +261,7 @@ class AdamSPD(Optimizer):
                 if key not in buckets:
                     buckets[key] = (
                         impl,
+                        gi,
                         Bucket(
                             max_exp_avg_sqs=[] if group["amsgrad"] else None,
                             anchors=[] if anchored else None,
@@ -260,7 +273,7 @@ class AdamSPD(Optimizer):
                             amsgrad=group["amsgrad"],
                         ),
                     )
-                b = buckets[key][1]
+                b = buckets[key][2]
                 b.params.append(p)
                 b.grads.append(p.grad)
                 b.exp_avgs.append(state["exp_avg"])
@@ -272,6 +285,40 @@ class AdamSPD(Optimizer):
                     b.anchors.append(anchor)
         return list(buckets.values())
 
+    def _cache_key(self) -> Tuple:
+        """What decides the buckets: each group's params, which of them have grads, its switches."""
+        return tuple(
+            (
+                tuple(map(id, g["params"])),
+                tuple(p.grad is None for p in g["params"]),
+                g["amsgrad"],
+                g["anchor_free"],
+                g["capturable"],
+            )
+            for g in self.param_groups
+        )
+
+    def _refresh(self, buckets: List[Tuple[str, int, Bucket]]) -> bool:
+        """Point cached buckets at this step's grads and hyperparameters.
+
+        Returns False, changing nothing, if a grad needs the full checks of
+        ``_gather`` (sparse, or a layout a backend cannot take as it is).
+        """
+        fresh = []
+        for _, _, bucket in buckets:
+            grads = [p.grad for p in bucket.params]
+            if any(g.is_sparse for g in grads):
+                return False
+            fresh.append(grads)
+        for (_, gi, bucket), grads in zip(buckets, fresh):
+            group = self.param_groups[gi]
+            bucket.grads = grads
+            bucket.lr = group["lr"]
+            bucket.beta1, bucket.beta2 = group["betas"]
+            bucket.eps = group["eps"]
+            bucket.weight_decay = group["weight_decay"]
+        return True
+
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamSPD step over every param that has a grad; returns the closure's loss."""
@@ -279,9 +326,18 @@ class AdamSPD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._gather()  # all checks happen before any state or param changes
+        for gi, group in enumerate(self.param_groups):
+            _check_hyperparameters(group, f"param_groups[{gi}]")
+        # All checks happen before any state or param changes. While the same
+        # params have grads, the buckets of the last step are reused as they are.
+        key = self._cache_key()
+        cached = self._bucket_cache
+        if cached is None or cached[0] != key or not self._refresh(cached[1]):
+            self._bucket_cache = None
+            work = self._gather()
+            cached = self._bucket_cache = (key, self._buckets(work))
         self._last_buckets = []
-        for impl, bucket in self._buckets(work):
+        for impl, _, bucket in cached[1]:
             stats = backends.run(impl, bucket)
             self._last_buckets.append((bucket.params, stats))
         return loss
@@ -307,6 +363,7 @@ class AdamSPD(Optimizer):
         """
         state_dict = _from_official_format(state_dict)
         self._check_loadable(state_dict)
+        self._bucket_cache = None  # the buckets hold the state tensors about to be replaced
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # torch cast floating state to each param's dtype; put back the saved dtypes.

@@ -1,6 +1,8 @@
 """AdamSPD (the optimizer) against the reference loop and against torch.optim.Adam."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -214,3 +216,56 @@ def test_zero_size_params_only():
     assert opt.state[p]["step"].item() == 2
     stats = opt.last_step_stats()[p]
     assert stats[STAT_C].item() == 0.0 and not torch.isnan(stats).any()
+
+
+def test_lr_schedule_reaches_cached_buckets():
+    gen = torch.Generator().manual_seed(8)
+    ours = make_params([(6,), (3, 4)], generator=gen)
+    theirs = clone_params(ours)
+    pre = make_anchors(ours, generator=gen)
+    opt = AdamSPD([{"params": ours, "pre": pre}], lr=0.1, weight_decay=1.0, impl="reference")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    loop = ReferenceLoop(theirs, pre, 0.1, (0.9, 0.999), 1e-8, 1.0, False)
+    for t in range(8):
+        set_grads(ours, pre, [1.0 if t % 3 else -1.0, -1.0], gen)
+        for p, q in zip(ours, theirs):
+            q.grad = p.grad.clone()
+        loop.hp["lr"] = 0.1 * 0.5 ** (t // 2)
+        opt.step()
+        loop.step()
+        sched.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+
+
+def test_reloading_state_mid_run_replaces_cached_buckets():
+    gen = torch.Generator().manual_seed(9)
+    params = make_params([(7,), (2, 5)], generator=gen)
+    pre = make_anchors(params, generator=gen)
+    opt = AdamSPD([{"params": params, "pre": pre}], lr=0.05, weight_decay=1.0, impl="reference")
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(8)]
+
+    def run(steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    run(grads[:5])
+    saved_params = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(opt.state_dict())
+    run(grads[5:])
+    first = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, saved_params):
+            p.copy_(s)
+    opt.load_state_dict(saved)
+    run(grads[5:])
+    for p, f in zip(params, first):
+        assert torch.equal(p, f)
+
+
+def test_deepcopy_keeps_settings():
+    opt = AdamSPD(make_params([(3,)]), weight_decay=1.0, impl="reference", anchor_dtype=torch.bfloat16)
+    twin = copy.deepcopy(opt)
+    assert twin.impl == "reference" and twin.anchor_dtype == torch.bfloat16

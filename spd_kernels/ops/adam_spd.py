@@ -39,7 +39,7 @@ storage dtypes and feature switches are ``tl.constexpr``.
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -378,9 +378,15 @@ def _phase2_kernel(
 
 
 class _Plan:
-    """Device tables and buffers for one bucket layout; rebuilt when any storage changes."""
+    """Device tables and buffers for one bucket; rebuilt when a param or grad storage changes.
 
-    def __init__(self, bucket: Bucket, chunk: int) -> None:
+    The state tensors (m, v, vmax, anchors, steps) of a bucket never change
+    storage: the optimizer builds a new bucket when its state is replaced.
+    """
+
+    def __init__(self, bucket: Bucket, chunk: int, key: Tuple) -> None:
+        _check_bucket(bucket)
+        self.key = key
         device = bucket.device
         n = len(bucket)
         numels = [p.numel() for p in bucket.params]
@@ -420,29 +426,12 @@ class _Plan:
         self.stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
 
 
-_PLANS: Dict[Tuple, _Plan] = {}
-_MAX_PLANS = 64
-
-
-def _plan_key(bucket: Bucket) -> Tuple:
-    ptr = Tensor.data_ptr
-    lists = [bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps]
-    if bucket.max_exp_avg_sqs is not None:
-        lists.append(bucket.max_exp_avg_sqs)
-    if bucket.anchors is not None:
-        lists.append(bucket.anchors)
-    return (str(bucket.device), tuple(map(Tensor.numel, bucket.params))) + tuple(
-        tuple(map(ptr, tensors)) for tensors in lists
-    )
-
-
 def _get_plan(bucket: Bucket, chunk: int) -> _Plan:
-    key = (chunk,) + _plan_key(bucket)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[key] = _Plan(bucket, chunk)
+    ptr = Tensor.data_ptr
+    key = (chunk, tuple(map(ptr, bucket.params)), tuple(map(ptr, bucket.grads)))
+    plan = bucket.backend_cache
+    if not isinstance(plan, _Plan) or plan.key != key:
+        plan = bucket.backend_cache = _Plan(bucket, chunk, key)
     return plan
 
 
@@ -454,6 +443,9 @@ def _check_bucket(bucket: Bucket) -> None:
     for i, p in enumerate(bucket.params):
         if p.dtype not in _TORCH_TO_TL or not p.is_contiguous():
             raise ValueError(f"triton backend: tensor {i} must be contiguous fp32/bf16/fp16, got {p.dtype}")
+        g = bucket.grads[i]
+        if g.shape != p.shape or g.dtype not in _TORCH_TO_TL or g.device != p.device:
+            raise ValueError(f"triton backend: grad {i} must match its param, got {g.dtype} {tuple(g.shape)}")
         for name, t in (("exp_avg", bucket.exp_avgs[i]), ("exp_avg_sq", bucket.exp_avg_sqs[i])):
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError(f"triton backend: {name} of tensor {i} must be contiguous fp32")
@@ -466,11 +458,9 @@ def adam_spd_triton_step(
 
     No host-device sync: step counts and lr (if a tensor) stay on the device.
     """
-    _check_bucket(bucket)
-    # grads may come in another layout (e.g. expanded); the kernels need them dense like p
-    grads = bucket.grads
-    if not all(g.is_contiguous() for g in grads):
-        bucket.grads = [g.contiguous() for g in grads]
+    # grads may come in another layout (e.g. transposed); the kernels need them dense like p
+    if not all(map(Tensor.is_contiguous, bucket.grads)):
+        bucket.grads = [g.contiguous() for g in bucket.grads]
     plan = _get_plan(bucket, block * tiles)
     p_dtype = _TORCH_TO_TL[bucket.params[0].dtype]
     g_dtype = _TORCH_TO_TL[bucket.grads[0].dtype]
