@@ -1,4 +1,30 @@
+import os
+
 from setuptools import find_packages, setup
+
+# The CPU kernel (csrc/) is a torch C++ extension. Install with
+# `pip install --no-build-isolation -e .` so the build sees the installed torch.
+ext_modules, cmdclass = [], {}
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # no torch at build time: the package still installs and falls back to the reference
+    CppExtension = None
+
+if CppExtension is not None and os.environ.get("SPD_KERNELS_NO_EXT", "0") == "0":
+    # Built where it runs (editable install), so it may use this CPU's vector units;
+    # SPD_KERNELS_PORTABLE=1 builds for the baseline ISA instead.
+    arch = [] if os.environ.get("SPD_KERNELS_PORTABLE", "0") != "0" else ["-march=native"]
+    ext_modules.append(
+        CppExtension(
+            "spd_kernels._C",
+            ["csrc/adam_spd_cpu.cpp"],
+            # -fno-math-errno lets sqrt vectorize; -fopenmp makes at::parallel_for parallel
+            # (it binds to the libgomp torch already loaded).
+            extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp", *arch],
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension
 
 setup(
     name="spd_kernels",
@@ -13,4 +39,6 @@ setup(
         "triton>=3.6,<3.10; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy>=1.26"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -15,7 +15,7 @@ from torch import Tensor
 from .bucket import Bucket
 from .reference import reference_step
 
-IMPLS = ("auto", "reference", "triton")
+IMPLS = ("auto", "reference", "triton", "cpu")
 
 #: storage dtypes the fused kernels take for params and anchors (math is fp32)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -45,10 +45,24 @@ def run_triton(bucket: Bucket) -> Tensor:
     return adam_spd_triton_step(bucket)
 
 
+def run_cpu(bucket: Bucket) -> Tensor:
+    from ._cpu import adam_spd_cpu_step
+
+    return adam_spd_cpu_step(bucket)
+
+
 _RUNNERS: Dict[str, Callable[[Bucket], Tensor]] = {
     "reference": run_reference,
     "triton": run_triton,
+    "cpu": run_cpu,
 }
+
+
+def cpu_kernel_error() -> str:
+    """Why the compiled CPU kernel cannot be used here, or ''."""
+    from . import _cpu
+
+    return _cpu.load_error()
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,8 +102,16 @@ def choose(impl: str, param: Tensor, anchor_dtype) -> str:
     """The backend that runs ``param`` under the optimizer's ``impl`` setting."""
     if impl != "auto":
         return impl
-    if param.device.type == "cuda" and triton_runs_on(param.device) and fused_supports(param, anchor_dtype):
+    if not fused_supports(param, anchor_dtype):
+        return "reference"
+    if param.device.type == "cuda" and triton_runs_on(param.device):
         return "triton"
+    if param.device.type == "cpu":
+        if not cpu_kernel_error():
+            return "cpu"
+        from . import _cpu
+
+        _cpu.warn_fallback()
     return "reference"
 
 

@@ -85,8 +85,9 @@ class AdamSPD(Optimizer):
         anchor_dtype: dtype for the anchors stored in state (e.g.
             ``torch.bfloat16`` halves their memory). Default: the param's
             dtype for snapshots, the given dtype for ``pre`` anchors.
-        impl: ``'auto'`` (fused Triton for CUDA tensors, else the reference),
-            ``'reference'`` or ``'triton'``.
+        impl: ``'auto'`` (fused Triton for CUDA tensors, the compiled CPU
+            kernel for CPU tensors, the reference for anything they do not
+            take), ``'reference'``, ``'triton'`` or ``'cpu'``.
         capturable: keep ``step`` on the param's device (the Triton backend
             always does). Kept in each group like ``torch.optim.Adam``.
     """
@@ -117,6 +118,10 @@ class AdamSPD(Optimizer):
             raise ValueError(f"AdamSPD: impl must be one of {backends.IMPLS}, got {impl!r}")
         if impl == "triton" and backends.triton_import_error():
             raise RuntimeError(f"AdamSPD: impl='triton' but {backends.triton_import_error()}")
+        if impl == "cpu" and backends.cpu_kernel_error():
+            raise RuntimeError(
+                f"AdamSPD: impl='cpu' but the compiled CPU kernel is not available ({backends.cpu_kernel_error()})"
+            )
         if anchor_dtype is not None and not (
             isinstance(anchor_dtype, torch.dtype) and anchor_dtype.is_floating_point
         ):
@@ -157,11 +162,11 @@ class AdamSPD(Optimizer):
         if isinstance(merged["betas"], list):
             group["betas"] = merged["betas"] = tuple(merged["betas"])
         _check_hyperparameters(merged, where)
-        if self.impl == "triton":
+        if self.impl in ("triton", "cpu"):
             for i, p in enumerate(tensors):
                 if not backends.fused_supports(p, self.anchor_dtype):
                     raise ValueError(
-                        f"{where}['params'][{i}]: impl='triton' takes contiguous fp32/bf16/fp16 params "
+                        f"{where}['params'][{i}]: impl={self.impl!r} takes contiguous fp32/bf16/fp16 params "
                         f"(and anchors), got dtype {p.dtype}, contiguous={p.is_contiguous()}"
                     )
         anchors = self._check_anchors(pre, tensors, where)
@@ -198,8 +203,8 @@ class AdamSPD(Optimizer):
                 raise ValueError(f"{at}: on {a.device}, its param is on {p.device}")
             if p.numel() > 0 and a.data_ptr() == p.data_ptr():
                 raise ValueError(f"{at}: the anchor shares storage with its param; pass a copy (p.detach().clone())")
-            if self.impl == "triton" and a.dtype not in backends.FUSED_DTYPES and self.anchor_dtype is None:
-                raise ValueError(f"{at}: impl='triton' takes fp32/bf16/fp16 anchors, got {a.dtype}")
+            if self.impl in ("triton", "cpu") and a.dtype not in backends.FUSED_DTYPES and self.anchor_dtype is None:
+                raise ValueError(f"{at}: impl={self.impl!r} takes fp32/bf16/fp16 anchors, got {a.dtype}")
             a = a.detach()
             if self.anchor_dtype is not None and a.dtype != self.anchor_dtype:
                 a = a.to(self.anchor_dtype)

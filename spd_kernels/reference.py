@@ -16,7 +16,7 @@ anchor ``a`` (the frozen pre-trained copy; ``a = 0`` in anchor-free mode)::
 
 All math is fp32 (or the parameter's dtype when that is wider), whatever the
 storage dtype: bf16/fp16 parameters are loaded, updated in fp32 and rounded
-once on store. The Adam part uses the same operations in the same order as
+once on store. The three reductions accumulate in fp64. The Adam part uses the same operations in the same order as
 ``torch.optim.Adam(foreach=False)``, so with ``lam = 0`` an fp32 run matches it.
 """
 from __future__ import annotations
@@ -77,21 +77,23 @@ def adam_spd_step_(
     denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     q = p.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
 
-    # Selective projection: the three reductions use p before the step.
+    # Selective projection: the three reductions use p before the step. They are
+    # accumulated in fp64 so the oracle is more accurate than any backend's sums.
     a = anchor.to(cdt) if anchor is not None else torch.zeros((), dtype=cdt, device=p.device)
     p_minus_a = p - a
     q_minus_a = q - a
-    condition = -(g * p_minus_a).sum()
-    norm_p_a = torch.linalg.vector_norm(p_minus_a)
-    norm_q_a = torch.linalg.vector_norm(q_minus_a)
+    acc = torch.promote_types(cdt, torch.float64)
+    condition = -(g.to(acc) * p_minus_a.to(acc)).sum()
+    norm_p_a = torch.linalg.vector_norm(p_minus_a.to(acc))
+    norm_q_a = torch.linalg.vector_norm(q_minus_a.to(acc))
 
-    ratio = torch.zeros((), dtype=cdt, device=p.device)
-    scale = torch.zeros((), dtype=cdt, device=p.device)
+    ratio = torch.zeros((), dtype=acc, device=p.device)
+    scale = torch.zeros((), dtype=acc, device=p.device)
     if condition < 0:
         if norm_q_a > 0:
             ratio = ((norm_q_a - norm_p_a) / norm_q_a).clamp(0.0, 1.0)
         scale = weight_decay * ratio
-        q = q - scale * q_minus_a
+        q = q - scale.to(cdt) * q_minus_a
 
     param.copy_(q)
     stats = torch.empty(NUM_STATS, dtype=torch.float32, device=p.device)

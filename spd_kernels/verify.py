@@ -129,6 +129,8 @@ def _run_twin(twin: dict, group) -> None:
 def plan(device: torch.device) -> List[tuple]:
     """(backend, dtype) pairs that can run here."""
     rows = [("reference", torch.float32), ("reference", torch.bfloat16)]
+    if device.type == "cpu" and not backends.cpu_kernel_error():
+        rows += [("cpu", torch.float32), ("cpu", torch.bfloat16)]
     if backends.triton_runs_on(device):
         rows += [("triton", torch.float32), ("triton", torch.bfloat16)]
     return rows

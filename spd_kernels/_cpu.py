@@ -1,0 +1,77 @@
+"""Loader for the compiled CPU kernel (csrc/adam_spd_cpu.cpp, built by setup.py).
+
+Importing ``spd_kernels._C`` registers ``torch.ops.spd_kernels.adam_spd_step``.
+When the extension is missing or was built against another torch, ``import
+spd_kernels`` still works: ``load_error()`` says why, and the optimizer falls
+back to the reference with one warning.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor
+
+from .bucket import Bucket
+from .stats import NUM_STATS
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> str:
+    """'' when the CPU kernel is loaded, else why it is not."""
+    try:
+        from . import _C  # noqa: F401
+    except Exception as exc:  # missing file, ABI mismatch with this torch, ...
+        return f"{type(exc).__name__}: {exc}"
+    if not hasattr(torch.ops.spd_kernels, "adam_spd_step"):
+        return "spd_kernels._C loaded but registered no adam_spd_step op"
+    return ""
+
+
+def available() -> bool:
+    return not load_error()
+
+
+@functools.lru_cache(maxsize=None)
+def warn_fallback() -> None:
+    warnings.warn(
+        "spd_kernels: the compiled CPU kernel is not available "
+        f"({load_error()}); AdamSPD runs CPU tensors on the slow reference. "
+        "Rebuild it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+if hasattr(torch.library, "register_fake"):
+    def _register_fake() -> None:
+        if not available():
+            return
+
+        @torch.library.register_fake("spd_kernels::adam_spd_step")
+        def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, eps,
+              weight_decay):
+            return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
+else:  # pragma: no cover - torch older than we support
+    def _register_fake() -> None:
+        return None
+
+
+def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
+    """One AdamSPD step of a bucket of CPU tensors with the compiled kernel; returns stats [n, 5]."""
+    lr = bucket.lr
+    if isinstance(lr, Tensor):
+        lr = float(lr.item())
+    grads = bucket.grads
+    if not all(map(Tensor.is_contiguous, grads)):
+        grads = [g.contiguous() for g in grads]
+    return torch.ops.spd_kernels.adam_spd_step(
+        bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+        bucket.max_exp_avg_sqs if bucket.amsgrad else [],
+        bucket.anchors if bucket.anchors is not None else [],
+        bucket.steps, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay,
+    )
+
+
+_register_fake()

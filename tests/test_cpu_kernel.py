@@ -1,0 +1,137 @@
+"""The compiled CPU kernel (csrc/) against the reference; determinism; the fallback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from spd_kernels import AdamSPD, _cpu, backends
+from spd_kernels.reference import reference_step
+
+from .helpers import clone_params, make_anchors, make_params, set_grads
+from .kernel_parity import CASES, bucket_of, new_state, run_step_parity
+
+needs_kernel = pytest.mark.skipif(not _cpu.available(), reason=f"CPU kernel not built: {_cpu.load_error()}")
+
+CHUNK = 16384  # csrc/adam_spd_cpu.cpp
+#: single element, odd, empty, several chunks with a tail, exactly one chunk, one more than a chunk
+SIZES = [1, 7, 0, 3 * CHUNK + 5, CHUNK, CHUNK + 1, 1000]
+CPU = torch.device("cpu")
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=[f"p={c[0]}-a={c[1]}-amsgrad={c[2]}-lr_tensor={c[3]}" for c in CASES])
+def test_kernel_step_matches_reference(case):
+    run_step_parity(_cpu.adam_spd_cpu_step, SIZES, case, CPU, steps=20)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_trajectory_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    ours = make_params([(40, 700), (5,), (0,), (64, 64), (3 * CHUNK + 1,)], dtype, gen)
+    theirs = clone_params(ours)
+    pre = make_anchors(ours, generator=gen)
+    kw = dict(lr=2e-2, weight_decay=1.0, amsgrad=True)
+    opt = AdamSPD([{"params": ours, "pre": pre}], impl="cpu", **kw)
+    ref = AdamSPD([{"params": theirs, "pre": pre}], impl="reference", **kw)
+    for t in range(20):
+        set_grads(ours, pre, [(-1.0) ** (i + t // 3) for i in range(len(ours))], gen)
+        for p, q in zip(ours, theirs):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        if dtype == torch.bfloat16:  # one rounding may differ per step: compare steps, not drift
+            for p, q in zip(ours, theirs):
+                torch.testing.assert_close(p, q, rtol=2.0**-7, atol=1e-6)
+                with torch.no_grad():
+                    q.copy_(p)
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    ref.state[q][key].copy_(opt.state[p][key])
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_bitwise_equal_for_one_and_two_threads():
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            gen = torch.Generator().manual_seed(4)
+            state = new_state([5 * CHUNK + 3, 100, CHUNK], torch.float32, torch.float32, False, gen, CPU)
+            for _ in range(3):
+                grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
+                stats = _cpu.adam_spd_cpu_step(bucket_of(state, grads, lr=0.05, beta1=0.9, beta2=0.99,
+                                                         eps=1e-8, weight_decay=2.0, amsgrad=False))
+            results.append((state, stats))
+    finally:
+        torch.set_num_threads(threads)
+    (a, sa), (b, sb) = results
+    assert torch.equal(sa, sb)
+    for x, y in zip(a["params"] + a["exp_avgs"], b["params"] + b["exp_avgs"]):
+        assert torch.equal(x, y)
+
+
+def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
+    monkeypatch.setattr(_cpu, "load_error", lambda: "ImportError: pretend the build is missing")
+    _cpu.warn_fallback.cache_clear()
+    try:
+        params = make_params([(6,), (2, 3)])
+        twin = clone_params(params)
+        with pytest.warns(RuntimeWarning, match="CPU kernel is not available"):
+            opt = AdamSPD(params, lr=0.1, weight_decay=1.0)
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            opt.step()
+        assert [impl for impl, _, _ in opt._bucket_cache[1]] == ["reference"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a second step must not warn again
+            opt._bucket_cache = None
+            opt.step()
+        with pytest.raises(RuntimeError, match="impl='cpu' but the compiled CPU kernel is not available"):
+            AdamSPD(twin, impl="cpu")
+    finally:
+        _cpu.warn_fallback.cache_clear()
+
+
+def test_import_works_without_the_extension():
+    # a fresh interpreter where spd_kernels._C cannot be imported at all
+    code = (
+        "import sys, warnings; sys.modules['spd_kernels._C'] = None\n"
+        "import torch, spd_kernels\n"
+        "p = torch.nn.Parameter(torch.randn(4)); p.grad = torch.randn(4)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    opt = spd_kernels.AdamSPD([p], weight_decay=1.0); opt.step()\n"
+        "assert any('CPU kernel is not available' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "assert opt._bucket_cache[1][0][0] == 'reference'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@needs_kernel
+def test_op_schema_and_fake_impl():
+    gen = torch.Generator().manual_seed(5)
+    state = new_state([5, 20000], torch.float32, torch.float32, True, gen, CPU)
+    grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
+    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
+            state["anchors"], state["steps"], 0.01, 0.9, 0.999, 1e-8, 1.0)
+    torch.library.opcheck(
+        torch.ops.spd_kernels.adam_spd_step.default, args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@needs_kernel
+def test_auto_picks_the_cpu_kernel():
+    params = make_params([(3,)])
+    assert backends.choose("auto", params[0], None) == "cpu"
+    assert backends.choose("auto", params[0].double(), None) == "reference"
