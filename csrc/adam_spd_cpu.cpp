@@ -9,16 +9,17 @@
 //   c = -sum g(p-a);  r = clamp((|q-a| - |p-a|)/|q-a|, 0, 1) (0 if |q-a| = 0)
 //   s = lam r if c < 0 else 0;  p = q - s (q - a)
 //
-// Memory layout and schedule. Every tensor is contiguous. Work is cut into
-// chunks of CHUNK elements over all tensors of the bucket; at::parallel_for
-// runs the chunks. A tensor that fits one chunk is done by one task in one
-// visit: Adam, its sums, the finalize and (only if s > 0) the projection, all
-// while its data is in L1/L2. Larger tensors: phase 1 writes m, v, q (fp32 p)
-// and each chunk's three partial sums to its own slot; the finalize sums a
-// tensor's slots in chunk order; phase 2 revisits only the chunks of tensors
-// with s > 0 (bf16/fp16 params: every chunk, since q is rebuilt from the old p
-// and the new m, v and rounded once). Each chunk's sums run in 8 fixed lanes,
-// so results are bitwise the same for any thread count.
+// Memory layout and schedule. Every tensor is contiguous. A tensor that fits
+// one chunk (CHUNK elements) is done by one task in one visit: Adam, its sums,
+// the finalize and (only if s > 0) the projection, while its data is in L1/L2;
+// one at::parallel_for runs all of them. Larger tensors go one at a time:
+// phase 1 runs their chunks in parallel, writing m, v, q (fp32 p) and each
+// chunk's three partial sums to its own slot; the finalize sums the slots in
+// chunk order; phase 2 (only if s > 0; bf16/fp16 params always, since q is
+// rebuilt from the old p and the new m, v and rounded once) revisits the
+// chunks while the tensor is still in the last-level cache, where it fits.
+// Each chunk's sums have a fixed order (fp64 accumulators), so results are
+// bitwise the same for any thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -50,63 +51,59 @@ struct Sums {
   void add(const Sums& o) { gd += o.gd; dd += o.dd; qq += o.qq; }
 };
 
-// Adam on element i: writes m, v (vmax) and, if store_q, q into p; adds the three
-// terms to lane l of the accumulators.
-template <typename P, typename A>
-inline void adam_element(P* __restrict p, const P* __restrict g, float* __restrict m, float* __restrict v,
-                         float* __restrict vmax, const A* __restrict a, int64_t i, int l, const Scalars& s,
-                         bool store_q, double* gd, double* dd, double* qq) {
-  const float gi = to_float(g[i]);
-  const float pi = to_float(p[i]);
-  const float mi = m[i] + s.one_minus_beta1 * (gi - m[i]);  // torch's lerp for a weight < 0.5
-  float vi = s.beta2 * v[i] + s.one_minus_beta2 * gi * gi;
-  m[i] = mi;
-  v[i] = vi;
-  if (vmax != nullptr) {
-    vi = std::max(vmax[i], vi);
-    vmax[i] = vi;
-  }
-  const float q = pi - s.step_size * mi / (std::sqrt(vi) * s.inv_sqrt_bc2 + s.eps);
-  const float ai = a != nullptr ? to_float(a[i]) : 0.0f;
-  const float d = pi - ai, e = q - ai;
-  gd[l] += static_cast<double>(gi * d);
-  dd[l] += static_cast<double>(d * d);
-  qq[l] += static_cast<double>(e * e);
-  if (store_q) p[i] = static_cast<P>(q);
-}
-
-// Adam on [begin, end) (begin a multiple of LANES); returns the chunk's sums.
-// Full groups of LANES elements form a loop the compiler turns into SIMD code.
-template <typename P, typename A>
+// Adam on [begin, end): writes m, v (vmax) and, if STORE_Q, q into p; returns the
+// chunk's three sums. One plain loop the compiler vectorizes (omp simd); its
+// reduction order is fixed by the build, never by the thread count.
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool STORE_Q>
 Sums adam_chunk(P* __restrict p, const P* __restrict g, float* __restrict m, float* __restrict v,
-                float* __restrict vmax, const A* __restrict a, int64_t begin, int64_t end, const Scalars& s,
-                bool store_q) {
-  double gd[LANES] = {0}, dd[LANES] = {0}, qq[LANES] = {0};
-  int64_t base = begin;
-  for (; base + LANES <= end; base += LANES) {
-#pragma GCC unroll 8
-    for (int l = 0; l < LANES; ++l) adam_element<P, A>(p, g, m, v, vmax, a, base + l, l, s, store_q, gd, dd, qq);
+                float* __restrict vmax, const A* __restrict a, int64_t begin, int64_t end, const Scalars& s) {
+  double gd = 0.0, dd = 0.0, qq = 0.0;
+  const float w1 = s.one_minus_beta1, b2 = s.beta2, w2 = s.one_minus_beta2;
+  const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
+#pragma omp simd reduction(+ : gd, dd, qq)
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = to_float(g[i]);
+    const float pi = to_float(p[i]);
+    const float mi = m[i] + w1 * (gi - m[i]);  // torch's lerp for a weight < 0.5
+    float vi = b2 * v[i] + w2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    if constexpr (AMSGRAD) {
+      vi = std::max(vmax[i], vi);
+      vmax[i] = vi;
+    }
+    const float q = pi - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+    float d = pi, e = q;
+    if constexpr (HAS_ANCHOR) {
+      const float ai = to_float(a[i]);
+      d = pi - ai;
+      e = q - ai;
+    }
+    gd += static_cast<double>(gi * d);
+    dd += static_cast<double>(d * d);
+    qq += static_cast<double>(e * e);
+    if constexpr (STORE_Q) p[i] = static_cast<P>(q);
   }
-  for (int l = 0; base + l < end; ++l) adam_element<P, A>(p, g, m, v, vmax, a, base + l, l, s, store_q, gd, dd, qq);
   Sums out;
-  for (int l = 0; l < LANES; ++l) {
-    out.gd += gd[l];
-    out.dd += dd[l];
-    out.qq += qq[l];
-  }
+  out.gd = gd;
+  out.dd = dd;
+  out.qq = qq;
   return out;
 }
 
-// p = q - scale (q - a) on [begin, end); q is p itself, or rebuilt from the old p and
-// the new m, v when recompute (bf16/fp16 params, so q is rounded only once).
-template <typename P, typename A>
+// p = q - scale (q - a) on [begin, end); q is p itself, or (RECOMPUTE, bf16/fp16
+// params) rebuilt from the old p and the new m, v so that it is rounded only once.
+template <typename P, typename A, bool HAS_ANCHOR, bool RECOMPUTE>
 void project_chunk(P* __restrict p, const float* __restrict m, const float* __restrict v, const A* __restrict a,
-                   int64_t begin, int64_t end, const Scalars& s, float scale, bool recompute) {
+                   int64_t begin, int64_t end, const Scalars& s, float scale) {
+  const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
+#pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float q = to_float(p[i]);
-    if (recompute) q = q - s.step_size * m[i] / (std::sqrt(v[i]) * s.inv_sqrt_bc2 + s.eps);
-    const float ai = a != nullptr ? to_float(a[i]) : 0.0f;
-    p[i] = static_cast<P>(q - scale * (q - ai));
+    if constexpr (RECOMPUTE) q = q - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+    float target = 0.0f;
+    if constexpr (HAS_ANCHOR) target = to_float(a[i]);
+    p[i] = static_cast<P>(q - scale * (q - target));
   }
 }
 
@@ -126,14 +123,12 @@ void finalize(const Sums& sums, float weight_decay, float* row) {
   row[4] = static_cast<float>(scale);
 }
 
-template <typename P, typename A>
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
-  const bool amsgrad = !max_exp_avg_sqs.empty();
-  const bool anchored = !anchors.empty();
-  const bool store_q = std::is_same<P, float>::value;
+  constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once
 
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
@@ -146,64 +141,55 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
                          static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
                          static_cast<float>(weight_decay)};
   }
-  // chunk table: (tensor, first element); first_chunk[t] indexes a multi-chunk tensor's slots
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  std::vector<int64_t> first_chunk(n + 1, 0);
-  for (int64_t t = 0; t < n; ++t) {
-    first_chunk[t] = static_cast<int64_t>(chunks.size());
-    const int64_t numel = params[t].numel();
-    if (numel <= CHUNK) {
-      chunks.emplace_back(t, 0);
-    } else {
-      for (int64_t s = 0; s < numel; s += CHUNK) chunks.emplace_back(t, s);
-    }
-  }
-  first_chunk[n] = static_cast<int64_t>(chunks.size());
-  std::vector<Sums> partials(chunks.size());
-
   auto ptrs = [&](int64_t t) {
     return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
                            exp_avg_sqs[t].data_ptr<float>(),
-                           amsgrad ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
-                           anchored ? anchors[t].data_ptr<A>() : nullptr);
+                           AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
+                           HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr);
   };
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const int64_t t = chunks[c].first, start = chunks[c].second;
-      const int64_t numel = params[t].numel();
+  // Tensors that fit one chunk: one task each does Adam, the sums, the finalize and
+  // (only if s > 0, or to round a bf16/fp16 q once) the projection, all in cache.
+  std::vector<int64_t> small, large;
+  for (int64_t t = 0; t < n; ++t) (params[t].numel() <= CHUNK ? small : large).push_back(t);
+  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t t = small[k], numel = params[t].numel();
       auto [p, g, m, v, vmax, a] = ptrs(t);
       const Scalars& s = scalars[t];
-      if (numel <= CHUNK) {  // the whole tensor, in one visit
-        const Sums sums = adam_chunk<P, A>(p, g, m, v, vmax, a, 0, numel, s, store_q);
-        float* row = stats + 5 * t;
-        finalize(sums, s.weight_decay, row);
-        if (!store_q || row[4] != 0.0f)
-          project_chunk<P, A>(p, m, amsgrad ? vmax : v, a, 0, numel, s, row[4], !store_q);
-      } else {
-        partials[c] = adam_chunk<P, A>(p, g, m, v, vmax, a, start, std::min(start + CHUNK, numel), s, store_q);
-      }
+      const Sums sums = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, 0, numel, s);
+      float* row = stats + 5 * t;
+      finalize(sums, s.weight_decay, row);
+      if (!STORE_Q || row[4] != 0.0f)
+        project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, 0, numel, s, row[4]);
     }
   });
 
-  std::vector<int64_t> phase2;
-  for (int64_t t = 0; t < n; ++t) {
-    if (params[t].numel() <= CHUNK) continue;
+  // Larger tensors one at a time, so the projection re-reads q and a from the
+  // last-level cache where the tensor fits there: chunks in parallel, each with
+  // its own partial-sum slot; the slots are summed in chunk order.
+  std::vector<Sums> partials;
+  for (const int64_t t : large) {
+    const int64_t numel = params[t].numel(), n_chunks = (numel + CHUNK - 1) / CHUNK;
+    auto [p, g, m, v, vmax, a] = ptrs(t);
+    const Scalars& s = scalars[t];
+    partials.assign(n_chunks, Sums{});
+    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c)
+        partials[c] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, c * CHUNK,
+                                                                     std::min((c + 1) * CHUNK, numel), s);
+    });
     Sums sums;
-    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) sums.add(partials[c]);
-    finalize(sums, scalars[t].weight_decay, stats + 5 * t);
-    if (!store_q || stats[5 * t + 4] != 0.0f)
-      for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) phase2.push_back(c);
+    for (const Sums& part : partials) sums.add(part);
+    float* row = stats + 5 * t;
+    finalize(sums, s.weight_decay, row);
+    if (STORE_Q && row[4] == 0.0f) continue;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c)
+        project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
+                                                  std::min((c + 1) * CHUNK, numel), s, row[4]);
+    });
   }
-  at::parallel_for(0, static_cast<int64_t>(phase2.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t c = phase2[k], t = chunks[c].first, start = chunks[c].second;
-      auto [p, g, m, v, vmax, a] = ptrs(t);
-      (void)g;
-      project_chunk<P, A>(p, m, amsgrad ? vmax : v, a, start, std::min(start + CHUNK, params[t].numel()),
-                          scalars[t], stats[5 * t + 4], !store_q);
-    }
-  });
 }
 
 void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -235,21 +221,38 @@ void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList ex
   }
 }
 
+template <typename P, typename A>
+void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
+                       at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay,
+                       float* stats) {
+  const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
+#define SPD_RUN(AMS, ANC)                                                                                         \
+  return run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, \
+                                    beta1, beta2, eps, weight_decay, stats)
+  if (amsgrad && anchored) SPD_RUN(true, true);
+  if (amsgrad) SPD_RUN(true, false);
+  if (anchored) SPD_RUN(false, true);
+  SPD_RUN(false, false);
+#undef SPD_RUN
+}
+
 template <typename P>
 void dispatch_anchor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                      at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay,
                      float* stats) {
-  const auto a_type = anchors.empty() ? params[0].scalar_type() : anchors[0].scalar_type();
+  // anchor-free buckets take the first case: their anchor type is never used
+  const auto a_type = anchors.empty() ? at::kFloat : anchors[0].scalar_type();
   switch (a_type) {
     case at::kFloat:
-      return run_bucket<P, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
+      return dispatch_switches<P, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
                                   beta2, eps, weight_decay, stats);
     case at::kBFloat16:
-      return run_bucket<P, c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
+      return dispatch_switches<P, c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
                                           beta1, beta2, eps, weight_decay, stats);
     case at::kHalf:
-      return run_bucket<P, c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
+      return dispatch_switches<P, c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
                                       beta1, beta2, eps, weight_decay, stats);
     default:
       TORCH_CHECK(false, "adam_spd_step: anchors must be fp32, bf16 or fp16, got ", a_type);
