@@ -1,0 +1,40 @@
+"""`python -m spd_kernels verify` end to end, and that it catches a broken backend."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from spd_kernels import backends, verify
+from spd_kernels.stats import STAT_SCALE
+
+
+def test_verify_command_passes():
+    env = {**os.environ}
+    out = subprocess.run(
+        [sys.executable, "-m", "spd_kernels", "verify", "--steps", "3"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "0 failed" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.endswith("PASS")]
+    assert len(rows) >= 4  # reference and cpu (or triton), fp32 and bf16
+
+
+def test_verify_fails_when_a_backend_skips_the_projection(monkeypatch):
+    def no_projection(bucket):
+        saved = bucket.weight_decay
+        bucket.weight_decay = 0.0  # the step then never pulls toward the anchor
+        try:
+            stats = backends.run_reference(bucket)
+        finally:
+            bucket.weight_decay = saved
+        stats[:, STAT_SCALE] = 0.0
+        return stats
+
+    monkeypatch.setitem(backends._RUNNERS, "reference", no_projection)
+    row = verify.run_backend("reference", torch.float32, torch.device("cpu"), steps=6)
+    assert row.fired > 0
+    assert not row.passed and row.errors["param"] > verify.TOLERANCE[torch.float32]
