@@ -5,10 +5,11 @@ Run with: python -m pytest bench/ --benchmark-only   (see README)
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 import torch
+
+from spd_kernels.machine import cpu_model
 
 #: (set, impl) -> (median seconds, minimal bytes moved per step)
 MEDIANS: dict = {}
@@ -16,17 +17,6 @@ MEDIANS: dict = {}
 
 def record(benchmark, set_name: str, impl: str, nbytes: int) -> None:
     MEDIANS[(set_name, impl)] = (benchmark.stats.stats.median, nbytes)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -33,6 +33,10 @@ CASES = [
     (torch.bfloat16, None, False, True),
     (torch.float16, torch.float16, False, False),
     (torch.float16, torch.float32, True, False),
+    (torch.float32, torch.float16, False, True),
+    (torch.bfloat16, torch.float16, True, False),
+    (torch.float16, torch.bfloat16, False, False),
+    (torch.float16, None, True, False),
 ]
 
 

@@ -38,3 +38,24 @@ def test_verify_fails_when_a_backend_skips_the_projection(monkeypatch):
     row = verify.run_backend("reference", torch.float32, torch.device("cpu"), steps=6)
     assert row.fired > 0
     assert not row.passed and row.errors["param"] > verify.TOLERANCE[torch.float32]
+
+
+def test_bench_command_writes_table_json_csv_png(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "spd_kernels", "bench", "--small", "--sets", "vit_b,lora", "--rounds", "2",
+         "--warmup", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    import json
+
+    data = json.loads((tmp_path / "bench.json").read_text())
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled"} <= impls
+    assert {r["set"] for r in data["rows"]} == {"vit_b", "lora"}
+    for r in data["rows"]:
+        assert r["ms"] > 0 and r["gbs"] > 0
+    assert data["meta"]["bandwidth_gbs"] > 0
+    assert (tmp_path / "bench.csv").read_text().count("\n") == len(data["rows"]) + 1
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert "vs fused" in out.stdout

@@ -1,0 +1,325 @@
+"""``python -m spd_kernels bench``: the microbenchmark report.
+
+For each parameter set (vit_b, a llama-like set sized to the device's memory,
+many_small, lora anchor-free) every implementation gets its own copy of the
+params, grads and state; then rounds run them interleaved (A B C A B C ...)
+after a warm-up, and the table shows per implementation the median ms/step,
+the ratio to ``torch.optim.AdamW(fused=True)``, the effective GB/s at the
+minimal byte count (32 B/param for SPD with anchors, 28 without and for
+AdamW), that rate as % of the bandwidth measured in the same run (a device
+copy on CUDA, an in-place add on CPU), and the peak extra memory of one step
+(CUDA only). Writes the same figures as JSON, CSV and a PNG plot.
+
+Implementations:
+    spd            AdamSPD with this machine's fast backend (triton on CUDA, cpu on CPU)
+    spd_reference  AdamSPD(impl='reference'): the per-tensor oracle loop
+    adamw_fused    torch.optim.AdamW(fused=True)
+    adamw_foreach  torch.optim.AdamW(foreach=True)
+    spd_compiled   the per-tensor SPD step a user would write, under torch.compile
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import backends, param_sets
+from .optim import AdamSPD
+
+IMPLS = ("spd", "spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled")
+SETS = ("vit_b", "llama_like", "many_small", "lora")
+
+
+@dataclass
+class Row:
+    set: str
+    impl: str
+    tensors: int
+    params_m: float
+    ms: float
+    vs_adamw_fused: float
+    gbs: float
+    pct_bandwidth: float
+    peak_extra_mb: Optional[float]
+
+
+# ------------------------------------------------------------------ the sets
+
+
+def sized_shapes(name: str, device: torch.device, n_impls: int, small: bool) -> List[tuple]:
+    if small:  # CI: the same structure, tiny
+        return {
+            "vit_b": param_sets.vit_b()[:12],
+            "llama_like": [(512, 64), (64, 64), (128, 64), (64, 128), (64,), (512, 64)],
+            "many_small": param_sets.many_small(50, 256),
+            "lora": param_sets.lora(layers=2, width=64, rank=4),
+        }[name]
+    if name != "llama_like":
+        return param_sets.get(name)
+    # every implementation holds p, g, m, v (and a): keep all of them within ~40% of memory
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    budget = 0.4 * free / (20 * n_impls)
+    layers = 16
+    while layers > 1 and param_sets.numel(param_sets.llama_like(layers)) > budget:
+        layers //= 2
+    return param_sets.llama_like(layers)
+
+
+# -------------------------------------------------------- the implementations
+
+
+def _spd_tensor_step(p, g, m, v, a, step, lr: float, beta1: float, beta2: float, eps: float, lam: float):
+    """One tensor's SPD step in plain torch ops with no host sync (what torch.compile sees)."""
+    step += 1
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    q = p - (lr / bc1) * m / (v.sqrt() / bc2.sqrt() + eps)
+    d, e = p - a, q - a
+    c = -(g * d).sum()
+    npa, nqa = torch.linalg.vector_norm(d), torch.linalg.vector_norm(e)
+    r = torch.where(nqa > 0, ((nqa - npa) / nqa).clamp(0, 1), torch.zeros_like(nqa))
+    s = torch.where(c < 0, lam * r, torch.zeros_like(r))
+    p.copy_(q - s * e)
+
+
+class CompiledSPD:
+    """Per-tensor SPD under torch.compile (dynamic shapes: one graph for all tensors)."""
+
+    def __init__(self, params, anchors, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1.0):
+        self.params = params
+        self.hp = (lr, betas[0], betas[1], eps, weight_decay)
+        self.fn = torch.compile(_spd_tensor_step, dynamic=True)
+        self.state = [
+            (torch.zeros_like(p), torch.zeros_like(p), a if a is not None else torch.zeros_like(p),
+             torch.zeros((), device=p.device))
+            for p, a in zip(params, anchors)
+        ]
+
+    @torch.no_grad()
+    def step(self):
+        for p, (m, v, a, step) in zip(self.params, self.state):
+            self.fn(p.view(-1), p.grad.view(-1), m.view(-1), v.view(-1), a.view(-1), step, *self.hp)
+
+
+def build(impl: str, shapes, device, anchored: bool, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-2
+    anchors = [p.detach() + 0.01 * torch.randn(p.shape, device=device, generator=gen) for p in params] \
+        if anchored else [None] * len(params)
+    pre = anchors if anchored else None
+    if impl == "spd":
+        fast = "triton" if device.type == "cuda" else "cpu"
+        return AdamSPD([{"params": params, "pre": pre}], lr=1e-3, weight_decay=1.0, impl=fast)
+    if impl == "spd_reference":
+        return AdamSPD([{"params": params, "pre": pre}], lr=1e-3, weight_decay=1.0, impl="reference")
+    if impl == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-3, fused=True)
+    if impl == "adamw_foreach":
+        return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    if impl == "spd_compiled":
+        return CompiledSPD(params, anchors)
+    raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+def available_impls(device: torch.device) -> List[str]:
+    fast_ok = backends.triton_runs_on(device) if device.type == "cuda" else not backends.cpu_kernel_error()
+    return [i for i in IMPLS if i != "spd" or fast_ok]
+
+
+# --------------------------------------------------------------- measurement
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bandwidth_gbs(device) -> float:
+    """Device copy (CUDA) or in-place add (CPU), GB/s counting every byte read and written."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    x = torch.randn(n, device=device)
+    y = torch.randn(n, device=device)
+    fn, nbytes = ((lambda: y.copy_(x)), 8 * n) if device.type == "cuda" else ((lambda: x.add_(y)), 12 * n)
+    times = [_time_once(fn, device) for _ in range(12)][2:]
+    return nbytes / statistics.median(times) / 1e9
+
+
+def _time_once(fn: Callable, device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peak_extra_mb(fn: Callable, device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress) -> List[Row]:
+    anchored = name != "lora"
+    opts = {impl: build(impl, shapes, device, anchored) for impl in impls}
+    for impl, opt in opts.items():  # warm-up: compiles, tables, lazy state
+        for _ in range(warmup if impl != "spd_reference" else 1):
+            opt.step()
+            progress()
+    _sync(device)
+    peaks = {impl: peak_extra_mb(opt.step, device) for impl, opt in opts.items()}
+    times: Dict[str, List[float]] = {impl: [] for impl in impls}
+    for r in range(rounds):
+        for impl, opt in opts.items():  # interleaved: drift and noise hit every impl alike
+            if impl == "spd_reference" and r >= max(3, rounds // 4):
+                continue  # the oracle is slow and its ratio needs no more precision
+            times[impl].append(_time_once(opt.step, device))
+            progress()
+    n = param_sets.numel(shapes)
+    fused = statistics.median(times["adamw_fused"]) if times.get("adamw_fused") else None
+    rows = []
+    for impl in impls:
+        sec = statistics.median(times[impl])
+        per_param = 28 if impl.startswith("adamw") or not anchored else 32
+        gbs = n * per_param / sec / 1e9
+        rows.append(Row(name, impl, len(shapes), n / 1e6, sec * 1e3, sec / fused if fused else float("nan"),
+                        gbs, 100 * gbs / bw, peaks[impl]))
+    del opts
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------- output
+
+
+def format_table(rows: List[Row]) -> str:
+    head = (f"{'set':11s} {'impl':14s} {'tensors':>7s} {'params':>8s} {'ms/step':>9s} {'vs fused':>8s} "
+            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        peak = f"{r.peak_extra_mb:8.1f}" if r.peak_extra_mb is not None else f"{'-':>8s}"
+        lines.append(f"{r.set:11s} {r.impl:14s} {r.tensors:7d} {r.params_m:7.1f}M {r.ms:9.3f} "
+                     f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak}")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: List[Row], meta: dict, out_dir: str) -> List[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f) for f in ("bench.json", "bench.csv", "bench.png")]
+    with open(paths[0], "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(paths[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    plot(rows, meta, paths[2])
+    return paths
+
+
+def plot(rows: List[Row], meta: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r.set for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        xs, ms, pct = [], [], []
+        for i, s in enumerate(sets):
+            row = next((r for r in rows if r.set == s and r.impl == impl), None)
+            if row is not None:
+                xs.append(i + k * width)
+                ms.append(row.vs_adamw_fused)
+                pct.append(row.pct_bandwidth)
+        axes[0].bar(xs, ms, width, label=impl)
+        axes[1].bar(xs, pct, width, label=impl)
+    for ax, title in zip(axes, ("step time / AdamW(fused) (log; lower is better)", "% of measured bandwidth")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sets))])
+        ax.set_xticklabels(sets)
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"AdamSPD bench: {meta['device_name']}, torch {meta['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from .machine import cpu_cores, cpu_model
+
+    return f"{cpu_model()} ({cpu_cores()} cores, {torch.get_num_threads()} threads)"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spd_kernels bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 30 CUDA, 7 CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--small", action="store_true", help="tiny versions of the sets (for CI)")
+    parser.add_argument("--out", default="bench-results", help="folder for bench.json, bench.csv, bench.png")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    impls = args.impls.split(",") if args.impls else available_impls(device)
+    if "adamw_fused" not in impls:
+        impls.append("adamw_fused")  # the baseline every ratio needs
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        parser.error(f"unknown impls {unknown}; choose from {IMPLS}")
+    sets = args.sets.split(",")
+    rounds = args.rounds or (30 if device.type == "cuda" else 7)
+    from tqdm import tqdm
+
+    bw = bandwidth_gbs(device)
+    meta = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
+                bandwidth_gbs=bw, bandwidth_kind="copy" if device.type == "cuda" else "in-place add",
+                rounds=rounds, small=args.small, date=time.strftime("%Y-%m-%d"))
+    print(f"{meta['device_name']}, torch {torch.__version__}; {meta['bandwidth_kind']} bandwidth {bw:.1f} GB/s")
+    rows: List[Row] = []
+    total = len(sets) * len(impls) * (rounds + args.warmup)
+    with tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=None) as bar:
+        for name in sets:
+            shapes = sized_shapes(name, device, len(impls), args.small)
+            bar.set_postfix_str(name)
+            rows += bench_set(name, shapes, impls, device, rounds, args.warmup, bw, lambda: bar.update(1))
+    print(format_table(rows))
+    for path in write_outputs(rows, meta, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
