@@ -70,10 +70,12 @@ def sized_shapes(name: str, device: torch.device, n_impls: int, small: bool) -> 
     else:
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     budget = 0.4 * free / (20 * n_impls)
-    layers = 16
-    while layers > 1 and param_sets.numel(param_sets.llama_like(layers)) > budget:
+    layers, vocab = 16, 32000
+    while layers > 1 and param_sets.numel(param_sets.llama_like(layers, vocab)) > budget:
         layers //= 2
-    return param_sets.llama_like(layers)
+    while vocab > 1000 and param_sets.numel(param_sets.llama_like(layers, vocab)) > budget:
+        vocab //= 2
+    return param_sets.llama_like(layers, vocab)
 
 
 # -------------------------------------------------------- the implementations

@@ -16,9 +16,9 @@ def vit_b() -> List[Shape]:
     return shapes
 
 
-def llama_like(layers: int = 4) -> List[Shape]:
+def llama_like(layers: int = 4, vocab: int = 32000) -> List[Shape]:
     """A few very large tensors: a 1B-style width (2048) with `layers` blocks, untied head."""
-    d, ffn, vocab = 2048, 5632, 32000
+    d, ffn = 2048, 5632
     shapes: List[Shape] = [(vocab, d)]
     for _ in range(layers):
         shapes += [(d, d)] * 4 + [(ffn, d), (ffn, d), (d, ffn), (d,), (d,)]
