@@ -7,7 +7,7 @@
 //   m = m + (1-b1)(g - m);  v = b2 v + (1-b2) g^2           (amsgrad: vmax = max(vmax, v))
 //   q = p - (lr/bc1) m / (sqrt(v)/sqrt(bc2) + eps)
 //   c = -sum g(p-a);  r = clamp((|q-a| - |p-a|)/|q-a|, 0, 1) (0 if |q-a| = 0)
-//   s = lam r if c < 0 else 0;  p = q - s (q - a)
+//   s = min(lam r, max_scale) if c < 0 else 0;  p = q - s (q - a)
 //
 // Memory layout and schedule. Every tensor is contiguous. A tensor that fits
 // one chunk (CHUNK elements) is done by one task in one visit: Adam, its sums,
@@ -43,7 +43,7 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 struct Scalars {
-  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, weight_decay;
+  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, weight_decay, max_scale;
 };
 
 struct Sums {
@@ -108,13 +108,13 @@ void project_chunk(P* __restrict p, const float* __restrict m, const float* __re
 }
 
 // c, |p-a|, |q-a|, r, s from a tensor's sums (the stats row layout of spd_kernels.stats).
-void finalize(const Sums& sums, float weight_decay, float* row) {
+void finalize(const Sums& sums, float weight_decay, float max_scale, float* row) {
   const double c = -sums.gd;
   const double npa = std::sqrt(sums.dd), nqa = std::sqrt(sums.qq);
   double r = 0.0, scale = 0.0;
   if (c < 0.0) {
     r = nqa > 0.0 ? std::min(std::max((nqa - npa) / nqa, 0.0), 1.0) : 0.0;
-    scale = weight_decay * r;
+    scale = std::min(static_cast<double>(weight_decay) * r, static_cast<double>(max_scale));
   }
   row[0] = static_cast<float>(c);
   row[1] = static_cast<float>(npa);
@@ -126,7 +126,7 @@ void finalize(const Sums& sums, float weight_decay, float* row) {
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, double lr, double beta1,
-                double beta2, double eps, double weight_decay, float* stats) {
+                double beta2, double eps, double weight_decay, double max_scale, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once
 
@@ -139,7 +139,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     scalars[t] = Scalars{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
                          static_cast<float>(1.0 - beta2), static_cast<float>(eps),
                          static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
-                         static_cast<float>(weight_decay)};
+                         static_cast<float>(weight_decay), static_cast<float>(max_scale)};
   }
   auto ptrs = [&](int64_t t) {
     return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
@@ -159,7 +159,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
       const Scalars& s = scalars[t];
       const Sums sums = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, 0, numel, s);
       float* row = stats + 5 * t;
-      finalize(sums, s.weight_decay, row);
+      finalize(sums, s.weight_decay, s.max_scale, row);
       if (!STORE_Q || row[4] != 0.0f)
         project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, 0, numel, s, row[4]);
     }
@@ -182,7 +182,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     Sums sums;
     for (const Sums& part : partials) sums.add(part);
     float* row = stats + 5 * t;
-    finalize(sums, s.weight_decay, row);
+    finalize(sums, s.weight_decay, s.max_scale, row);
     if (STORE_Q && row[4] == 0.0f) continue;
     at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c)
@@ -224,12 +224,12 @@ void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList ex
 template <typename P, typename A>
 void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                       at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay,
+                       at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale,
                        float* stats) {
   const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
 #define SPD_RUN(AMS, ANC)                                                                                         \
   return run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, \
-                                    beta1, beta2, eps, weight_decay, stats)
+                                    beta1, beta2, eps, weight_decay, max_scale, stats)
   if (amsgrad && anchored) SPD_RUN(true, true);
   if (amsgrad) SPD_RUN(true, false);
   if (anchored) SPD_RUN(false, true);
@@ -240,20 +240,20 @@ void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorLi
 template <typename P>
 void dispatch_anchor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay,
+                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale,
                      float* stats) {
   // anchor-free buckets take the first case: their anchor type is never used
   const auto a_type = anchors.empty() ? at::kFloat : anchors[0].scalar_type();
   switch (a_type) {
     case at::kFloat:
       return dispatch_switches<P, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                  beta2, eps, weight_decay, stats);
+                                  beta2, eps, weight_decay, max_scale, stats);
     case at::kBFloat16:
       return dispatch_switches<P, c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
-                                          beta1, beta2, eps, weight_decay, stats);
+                                          beta1, beta2, eps, weight_decay, max_scale, stats);
     case at::kHalf:
       return dispatch_switches<P, c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
-                                      beta1, beta2, eps, weight_decay, stats);
+                                      beta1, beta2, eps, weight_decay, max_scale, stats);
     default:
       TORCH_CHECK(false, "adam_spd_step: anchors must be fp32, bf16 or fp16, got ", a_type);
   }
@@ -262,7 +262,7 @@ void dispatch_anchor(at::TensorList params, at::TensorList grads, at::TensorList
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                          at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                         double weight_decay) {
+                         double weight_decay, double max_scale) {
   check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, 5}, at::TensorOptions().dtype(at::kFloat));
@@ -271,15 +271,15 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
   switch (params[0].scalar_type()) {
     case at::kFloat:
       dispatch_anchor<float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2,
-                             eps, weight_decay, out);
+                             eps, weight_decay, max_scale, out);
       break;
     case at::kBFloat16:
       dispatch_anchor<c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                     beta2, eps, weight_decay, out);
+                                     beta2, eps, weight_decay, max_scale, out);
       break;
     case at::kHalf:
       dispatch_anchor<c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                 beta2, eps, weight_decay, out);
+                                 beta2, eps, weight_decay, max_scale, out);
       break;
     default:
       TORCH_CHECK(false, "adam_spd_step: params must be fp32, bf16 or fp16, got ", params[0].scalar_type());
@@ -293,7 +293,7 @@ TORCH_LIBRARY(spd_kernels, m) {
   m.def(
       "adam_spd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay) -> Tensor");
+      "float eps, float weight_decay, float max_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spd_kernels, CPU, m) { m.impl("adam_spd_step", &adam_spd_step); }

@@ -51,7 +51,7 @@ if hasattr(torch.library, "register_fake"):
 
         @torch.library.register_fake("spd_kernels::adam_spd_step")
         def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, eps,
-              weight_decay):
+              weight_decay, max_scale):
             return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 else:  # pragma: no cover - torch older than we support
     def _register_fake() -> None:
@@ -70,7 +70,7 @@ def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if bucket.amsgrad else [],
         bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay,
+        bucket.steps, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale,
     )
 
 

@@ -36,6 +36,7 @@ def run_reference(bucket: Bucket) -> Tensor:
         eps=bucket.eps,
         weight_decay=bucket.weight_decay,
         amsgrad=bucket.amsgrad,
+        max_scale=bucket.max_scale,
     )
 
 

@@ -12,6 +12,7 @@ fp32 tensor on the bucket's device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
@@ -37,6 +38,8 @@ class Bucket:
     eps: float = 1e-8
     weight_decay: float = 0.0
     amsgrad: bool = False
+    #: cap on the projection scale s = min(lam * r, max_scale); inf keeps the paper's rule
+    max_scale: float = math.inf
     #: private to the backend: what it derived from this bucket (e.g. device tables)
     backend_cache: Optional[object] = None
 

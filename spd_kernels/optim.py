@@ -18,6 +18,7 @@ param dtype when wider), plus ``anchor`` for anchored groups, so that
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -29,11 +30,17 @@ from torch.optim import Optimizer
 from . import backends
 from .bucket import Bucket
 from .reference import compute_dtype
+from .stats import STAT_C, STAT_NAMES
 
 #: marks a group given without 'pre': its anchors are snapshotted when added
 _SNAPSHOT = object()
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _max_scale(group: Dict[str, Any]) -> float:
+    """The cap on s = lambda * r for a group: 1 with cap_projection, else none."""
+    return 1.0 if group.get("cap_projection", False) else math.inf
 
 
 def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
@@ -90,6 +97,11 @@ class AdamSPD(Optimizer):
             take), ``'reference'``, ``'triton'`` or ``'cpu'``.
         capturable: keep ``step`` on the param's device (the Triton backend
             always does). Kept in each group like ``torch.optim.Adam``.
+        cap_projection: cap the pull at s = min(lambda * r, 1), so a projection
+            never moves a layer past its anchor. Off by default (the paper's
+            rule). With lambda > 1, lambda * r > 1 overshoots the anchor and
+            lambda * r > 2 moves the layer farther from it than before: turn
+            this on when you sweep lambda above 1.
     """
 
     def __init__(
@@ -104,6 +116,7 @@ class AdamSPD(Optimizer):
         anchor_dtype: Optional[torch.dtype] = None,
         impl: str = "auto",
         capturable: bool = False,
+        cap_projection: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -112,6 +125,7 @@ class AdamSPD(Optimizer):
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             capturable=capturable,
+            cap_projection=cap_projection,
         )
         _check_hyperparameters(defaults, "AdamSPD")
         if impl not in backends.IMPLS:
@@ -131,6 +145,8 @@ class AdamSPD(Optimizer):
         self._last_buckets: List[Tuple[List[Tensor], Tensor]] = []
         # (key, buckets) of the last step: reused while the same params have grads
         self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[str, int, Bucket]]]] = None
+        # per param: how many steps fired the projection condition (c < 0), on its device
+        self._projection_counts: Dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -142,6 +158,7 @@ class AdamSPD(Optimizer):
         self.__dict__.setdefault("anchor_dtype", None)
         self._last_buckets = []
         self._bucket_cache = None
+        self._projection_counts = {}
 
     # ------------------------------------------------------------------ groups
 
@@ -276,6 +293,7 @@ class AdamSPD(Optimizer):
                             eps=group["eps"],
                             weight_decay=group["weight_decay"],
                             amsgrad=group["amsgrad"],
+                            max_scale=_max_scale(group),
                         ),
                     )
                 b = buckets[key][2]
@@ -322,6 +340,7 @@ class AdamSPD(Optimizer):
             bucket.beta1, bucket.beta2 = group["betas"]
             bucket.eps = group["eps"]
             bucket.weight_decay = group["weight_decay"]
+            bucket.max_scale = _max_scale(group)
         return True
 
     @torch.no_grad()
@@ -345,7 +364,43 @@ class AdamSPD(Optimizer):
         for impl, _, bucket in cached[1]:
             stats = backends.run(impl, bucket)
             self._last_buckets.append((bucket.params, stats))
+            self._count_projections(bucket.params, stats)
         return loss
+
+    def _count_projections(self, params: List[Tensor], stats: Tensor) -> None:
+        """Add this step's fired flags to the per-param counts: two device ops per bucket, no sync."""
+        counts = [self._projection_counts.get(p) for p in params]
+        if any(c is None for c in counts):
+            for i, p in enumerate(params):
+                if counts[i] is None:
+                    counts[i] = self._projection_counts[p] = torch.zeros((), dtype=torch.float32, device=stats.device)
+        fired = (stats[:, STAT_C] < 0).to(torch.float32)
+        torch._foreach_add_(counts, list(fired.unbind(0)))
+
+    def spd_stats(self) -> Dict[str, Dict[str, Tensor]]:
+        """Per-layer SPD stats of the last ``step()``, keyed by parameter name.
+
+        Names come from ``named_parameters()`` when the optimizer was given
+        them, else ``"<group>.<index>"``. Each entry maps ``c``, ``norm_p_a``,
+        ``norm_q_a``, ``r``, ``scale`` (0-d fp32 tensors), ``projected``
+        (``c < 0``, a bool tensor) and ``projections`` (steps that fired so far
+        in this optimizer's life; not saved in ``state_dict``). Everything stays
+        on the device: nothing here syncs. ``spd_kernels.stats.to_log_dict``
+        turns the result into plain floats for a logger.
+        """
+        last = self.last_step_stats()
+        out: Dict[str, Dict[str, Tensor]] = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                row = last.get(p)
+                if row is None:
+                    continue
+                entry = {name: row[i] for i, name in enumerate(STAT_NAMES)}
+                entry["projected"] = row[STAT_C] < 0
+                entry["projections"] = self._projection_counts[p]
+                out[names[pi] if names else f"{gi}.{pi}"] = entry
+        return out
 
     def last_step_stats(self) -> Dict[Tensor, Tensor]:
         """Per-param stats rows of the last ``step()`` (columns: ``spd_kernels.stats``).
@@ -369,6 +424,7 @@ class AdamSPD(Optimizer):
         state_dict = _from_official_format(state_dict)
         self._check_loadable(state_dict)
         self._bucket_cache = None  # the buckets hold the state tensors about to be replaced
+        self._projection_counts = {}
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # torch cast floating state to each param's dtype; put back the saved dtypes.

@@ -12,6 +12,7 @@ anchor ``a`` (the frozen pre-trained copy; ``a = 0`` in anchor-free mode)::
     if c < 0:
         r = clamp((||q-a|| - ||p-a||) / ||q-a||, 0, 1)   # r = 0 if ||q-a|| = 0
         q = q - lam * r * (q - a)    # lam is weight_decay, not scaled by lr
+                                     # (optional cap: lam * r <= max_scale)
     p = q
 
 All math is fp32 (or the parameter's dtype when that is wider), whatever the
@@ -50,8 +51,11 @@ def adam_spd_step_(
     eps: float,
     weight_decay: float,
     amsgrad: bool,
+    max_scale: float = math.inf,
 ) -> Tensor:
     """One AdamSPD step of one tensor, in place. Returns its stats row.
+
+    ``max_scale`` caps s = lam * r (1.0: a projection never moves past the anchor).
 
     ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` hold the moments in the
     compute dtype; ``step`` is a 0-d tensor incremented here. The returned
@@ -92,7 +96,7 @@ def adam_spd_step_(
     if condition < 0:
         if norm_q_a > 0:
             ratio = ((norm_q_a - norm_p_a) / norm_q_a).clamp(0.0, 1.0)
-        scale = weight_decay * ratio
+        scale = (weight_decay * ratio).clamp(max=max_scale)
         q = q - scale.to(cdt) * q_minus_a
 
     param.copy_(q)
@@ -120,6 +124,7 @@ def reference_step(
     eps: float,
     weight_decay: float,
     amsgrad: bool,
+    max_scale: float = math.inf,
 ) -> Tensor:
     """The reference over a list of tensors: returns stats of shape ``[n, NUM_STATS]``."""
     if isinstance(lr, Tensor):
@@ -141,6 +146,7 @@ def reference_step(
                 eps=eps,
                 weight_decay=weight_decay,
                 amsgrad=amsgrad,
+                max_scale=max_scale,
             )
         )
     if not rows:

@@ -21,3 +21,25 @@ STAT_SCALE = 4
 NUM_STATS = 5
 
 STAT_NAMES = ("c", "norm_p_a", "norm_q_a", "r", "scale")
+
+
+def to_log_dict(stats, prefix: str = "spd/") -> dict:
+    """Plain floats from ``AdamSPD.spd_stats()``, for a logger (this is where it syncs, once).
+
+    Keys: ``{prefix}{name}/{stat}`` per layer, plus ``{prefix}projected_fraction``
+    (share of layers whose condition fired in the last step).
+    """
+    import torch
+
+    keys, values = [], []
+    for name, entry in stats.items():
+        for stat, value in entry.items():
+            keys.append(f"{prefix}{name}/{stat}")
+            values.append(value.float().reshape(()))
+    if not values:
+        return {}
+    flat = torch.stack([v.cpu() for v in values]).tolist()
+    out = dict(zip(keys, flat))
+    fired = [out[f"{prefix}{name}/projected"] for name in stats]
+    out[f"{prefix}projected_fraction"] = sum(fired) / len(fired)
+    return out

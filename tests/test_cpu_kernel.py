@@ -123,7 +123,7 @@ def test_op_schema_and_fake_impl():
     state = new_state([5, 20000], torch.float32, torch.float32, True, gen, CPU)
     grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
     args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-            state["anchors"], state["steps"], 0.01, 0.9, 0.999, 1e-8, 1.0)
+            state["anchors"], state["steps"], 0.01, 0.9, 0.999, 1e-8, 1.0, float("inf"))
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_step.default, args,
         test_utils=("test_schema", "test_faketensor"),
@@ -151,3 +151,10 @@ def test_inner_loops_were_vectorized():
     asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
                          check=True).stdout
     assert "sqrtps" in asm and "divps" in asm
+
+
+@needs_kernel
+def test_capped_projection_matches_reference():
+    # lam = 40 makes lam * r exceed 1 often: the cap must bind, in the kernel as in the reference
+    run_step_parity(_cpu.adam_spd_cpu_step, SIZES, (torch.float32, torch.float32, False, False), CPU, steps=10, lam=40.0,
+                    max_scale=1.0)

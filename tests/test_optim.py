@@ -8,7 +8,7 @@ import torch
 
 from spd_kernels import AdamSPD
 from spd_kernels.reference import adam_spd_step_, compute_dtype
-from spd_kernels.stats import STAT_C, STAT_R
+from spd_kernels.stats import STAT_C, STAT_R, to_log_dict
 
 from .helpers import clone_params, make_anchors, make_params, set_grads, signed_grad
 
@@ -269,3 +269,54 @@ def test_deepcopy_keeps_settings():
     opt = AdamSPD(make_params([(3,)]), weight_decay=1.0, impl="reference", anchor_dtype=torch.bfloat16)
     twin = copy.deepcopy(opt)
     assert twin.impl == "reference" and twin.anchor_dtype == torch.bfloat16
+
+
+def test_cap_projection_never_passes_the_anchor():
+    gen = torch.Generator().manual_seed(12)
+    params = make_params([(50,), (8, 8)], generator=gen)
+    pre = make_anchors(params, generator=gen)
+    opt = AdamSPD([{"params": params, "pre": pre}], lr=0.1, weight_decay=50.0, cap_projection=True)
+    capped = 0
+    for t in range(15):
+        # three steps away from the anchor build momentum, then c < 0 while q still moves away: r > 0
+        set_grads(params, pre, [-1.0 if t % 4 == 3 else 1.0] * 2, gen)
+        opt.step()
+        for p, a in zip(params, pre):
+            row = opt.last_step_stats()[p]
+            assert row[4] <= 1.0
+            if row[4] == 1.0:  # s = 1 lands exactly on the anchor
+                capped += 1
+                torch.testing.assert_close(p.detach(), a, rtol=0, atol=1e-6)
+    assert capped > 0
+
+
+def test_spd_stats_by_name_and_counts_match_the_reference():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    twin = copy.deepcopy(model)
+    opt = AdamSPD(model.named_parameters(), lr=0.05, weight_decay=1.0)
+    anchors = [p.detach().clone() for p in twin.parameters()]
+    loop = ReferenceLoop(list(twin.parameters()), anchors, 0.05, (0.9, 0.999), 1e-8, 1.0, False)
+    fired = {name: 0 for name, _ in model.named_parameters()}
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    for _ in range(12):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref = loop.step()
+        stats = opt.spd_stats()
+        assert list(stats) == [name for name, _ in model.named_parameters()]
+        for (name, _), q in zip(model.named_parameters(), twin.parameters()):
+            want = ref[q]
+            for i, key in enumerate(("c", "norm_p_a", "norm_q_a", "r", "scale")):
+                assert abs(float(stats[name][key]) - float(want[i])) <= 1e-5 * (1 + abs(float(want[i]))), key
+            fired[name] += int(want[STAT_C] < 0)
+            assert bool(stats[name]["projected"]) == bool(want[STAT_C] < 0)
+    for name, count in fired.items():
+        assert float(opt.spd_stats()[name]["projections"]) == count
+    assert sum(fired.values()) > 0
+    log = to_log_dict(opt.spd_stats())
+    assert log["spd/0.weight/projections"] == fired["0.weight"]
+    assert 0.0 <= log["spd/projected_fraction"] <= 1.0

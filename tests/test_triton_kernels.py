@@ -129,3 +129,9 @@ def test_zero_betas_and_q_on_the_anchor():
                                              beta2=0.0, eps=0.0, weight_decay=1.0, amsgrad=False)).cpu()
     assert stats[0, STAT_C] < 0 and stats[0, STAT_NORM_Q_A] == 0 and stats[0, STAT_R] == 0
     assert state["params"][0].item() == 0.0
+
+
+def test_capped_projection_matches_reference():
+    # lam = 40 makes lam * r exceed 1 often: the cap must bind, in the kernel as in the reference
+    run_step_parity(k.adam_spd_triton_step, SIZES, (torch.float32, torch.float32, False, False), DEVICE, steps=10, lam=40.0,
+                    max_scale=1.0)

@@ -8,7 +8,7 @@ Math (DESIGN.md section 1), per tensor p with grad g, moments m, v, anchor a
     q  = p - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
     partial sums over the tensor: sum g*(p-a), sum (p-a)^2, sum (q-a)^2
     c = -sum g*(p-a);  r = clamp((|q-a| - |p-a|)/|q-a|, 0, 1) (0 if |q-a| = 0)
-    s = lam*r if c < 0 else 0;   p = q - s*(q - a)
+    s = min(lam*r, max_scale) if c < 0 else 0;   p = q - s*(q - a)
 
 Memory layout. Every tensor of the bucket is contiguous and reached through a
 pointer table ``ptrs`` (int64 data_ptrs, shape [7, n], rows ``ROW_*``), its
@@ -168,7 +168,7 @@ def _project_tile(
 
 
 @triton.jit
-def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, stats_ptr, tid, step_ptr, t):
+def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, tid, step_ptr, t):
     """From a tensor's three sums: write its stats row and step t; return the scale s."""
     c = -sum_gd
     norm_p_a = tl.sqrt(sum_dd)
@@ -176,7 +176,7 @@ def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, stats_ptr, tid, step_ptr, t)
     fired = c < 0.0
     ratio = tl.where(norm_q_a > 0.0, (norm_q_a - norm_p_a) / norm_q_a, 0.0)
     ratio = tl.where(fired, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 0.0)
-    scale = tl.where(fired, weight_decay * ratio, 0.0)
+    scale = tl.where(fired, tl.minimum(weight_decay * ratio, max_scale), 0.0)
     row = stats_ptr + tid * 5
     tl.store(row + 0, c)
     tl.store(row + 1, norm_p_a)
@@ -205,6 +205,7 @@ def _phase1_kernel(
     ln_beta2,  # ln(beta2), host: math.log(beta2)
     eps,
     weight_decay,  # SPD lambda
+    max_scale,  # cap on s = lam * r (inf: the paper's rule)
     P_DTYPE: tl.constexpr,  # storage dtype of p (and g)
     G_DTYPE: tl.constexpr,
     A_DTYPE: tl.constexpr,  # storage dtype of the anchors
@@ -259,7 +260,7 @@ def _phase1_kernel(
     sum_dd = tl.sum(acc_dd, axis=0)
     sum_qq = tl.sum(acc_qq, axis=0)
     if single:
-        scale = _finalize(sum_gd, sum_dd, sum_qq, weight_decay, stats_ptr, tid, step_ptr, t)
+        scale = _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, tid, step_ptr, t)
         if AMSGRAD:
             v_ptr = vmax_ptr  # q is built from vmax
         if STORE_Q:
@@ -296,6 +297,7 @@ def _finalize_kernel(
     n_tensors,
     n_multi,
     weight_decay,
+    max_scale,
     FINALIZE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -315,7 +317,7 @@ def _finalize_kernel(
     t = tl.load(step_ptr) + 1.0
     _finalize(
         tl.sum(acc_gd, axis=0), tl.sum(acc_dd, axis=0), tl.sum(acc_qq, axis=0),
-        weight_decay, stats_ptr, tid, step_ptr, t,
+        weight_decay, max_scale, stats_ptr, tid, step_ptr, t,
     )
 
 
@@ -478,7 +480,7 @@ def adam_spd_triton_step(
     _phase1_kernel[(plan.n_chunks,)](
         plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, lr_buf,
         plan.n_tensors, plan.n_chunks, lr_value, 1.0 - bucket.beta1, bucket.beta2, 1.0 - bucket.beta2, ln_b1, ln_b2,
-        bucket.eps, bucket.weight_decay,
+        bucket.eps, bucket.weight_decay, bucket.max_scale,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored,
         AMSGRAD=bucket.amsgrad, LR_IS_TENSOR=lr_is_tensor, STORE_Q=store_q, ALIGNED=plan.aligned,
         BLOCK=block, TILES=tiles, num_warps=num_warps,
@@ -486,7 +488,7 @@ def adam_spd_triton_step(
     if plan.n_multi:
         _finalize_kernel[(plan.n_multi,)](
             plan.ptrs, plan.multi, plan.partials, plan.stats, plan.n_tensors, plan.n_multi,
-            bucket.weight_decay, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
+            bucket.weight_decay, bucket.max_scale, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
         )
         _phase2_kernel[(plan.n_multi_chunks,)](
             plan.ptrs, plan.numels, plan.chunks, plan.stats, lr_buf,
