@@ -38,7 +38,10 @@ setup(
         "torch>=2.11,<2.14",
         "triton>=3.6,<3.10; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy>=1.26"]},
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy>=1.26"],
+        "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,10 +1,10 @@
-"""Command line: ``python -m spd_kernels {verify,bench} [...]``."""
+"""Command line: ``python -m spd_kernels {demo,verify,bench} [...]``."""
 from __future__ import annotations
 
 import os
 import sys
 
-COMMANDS = ("verify", "bench")
+COMMANDS = ("demo", "verify", "bench")
 
 
 def main(argv=None) -> int:
@@ -23,6 +23,10 @@ def main(argv=None) -> int:
         from .verify import main as verify_main
 
         return verify_main(rest)
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
     if command == "bench":
         from .bench import main as bench_main
 
