@@ -43,7 +43,7 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 struct Scalars {
-  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, weight_decay, max_scale;
+  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, weight_decay, max_scale, inv_grad_scale;
 };
 
 struct Sums {
@@ -60,9 +60,10 @@ Sums adam_chunk(P* __restrict p, const P* __restrict g, float* __restrict m, flo
   double gd = 0.0, dd = 0.0, qq = 0.0;
   const float w1 = s.one_minus_beta1, b2 = s.beta2, w2 = s.one_minus_beta2;
   const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
+  const float inv_grad_scale = s.inv_grad_scale;  // AMP: 1/loss scale (1 without a GradScaler)
 #pragma omp simd reduction(+ : gd, dd, qq)
   for (int64_t i = begin; i < end; ++i) {
-    const float gi = to_float(g[i]);
+    const float gi = to_float(g[i]) * inv_grad_scale;
     const float pi = to_float(p[i]);
     const float mi = m[i] + w1 * (gi - m[i]);  // torch's lerp for a weight < 0.5
     float vi = b2 * v[i] + w2 * gi * gi;
@@ -126,7 +127,7 @@ void finalize(const Sums& sums, float weight_decay, float max_scale, float* row)
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, double lr, double beta1,
-                double beta2, double eps, double weight_decay, double max_scale, float* stats) {
+                double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once
 
@@ -139,7 +140,8 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     scalars[t] = Scalars{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
                          static_cast<float>(1.0 - beta2), static_cast<float>(eps),
                          static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
-                         static_cast<float>(weight_decay), static_cast<float>(max_scale)};
+                         static_cast<float>(weight_decay), static_cast<float>(max_scale),
+                         static_cast<float>(inv_grad_scale)};
   }
   auto ptrs = [&](int64_t t) {
     return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
@@ -224,12 +226,12 @@ void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList ex
 template <typename P, typename A>
 void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                       at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale,
+                       at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale,
                        float* stats) {
   const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
 #define SPD_RUN(AMS, ANC)                                                                                         \
   return run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, \
-                                    beta1, beta2, eps, weight_decay, max_scale, stats)
+                                    beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale, stats)
   if (amsgrad && anchored) SPD_RUN(true, true);
   if (amsgrad) SPD_RUN(true, false);
   if (anchored) SPD_RUN(false, true);
@@ -240,20 +242,20 @@ void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorLi
 template <typename P>
 void dispatch_anchor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale,
+                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale,
                      float* stats) {
   // anchor-free buckets take the first case: their anchor type is never used
   const auto a_type = anchors.empty() ? at::kFloat : anchors[0].scalar_type();
   switch (a_type) {
     case at::kFloat:
       return dispatch_switches<P, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                  beta2, eps, weight_decay, max_scale, stats);
+                                  beta2, eps, weight_decay, max_scale, inv_grad_scale, stats);
     case at::kBFloat16:
       return dispatch_switches<P, c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
-                                          beta1, beta2, eps, weight_decay, max_scale, stats);
+                                          beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale, stats);
     case at::kHalf:
       return dispatch_switches<P, c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
-                                      beta1, beta2, eps, weight_decay, max_scale, stats);
+                                      beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale, stats);
     default:
       TORCH_CHECK(false, "adam_spd_step: anchors must be fp32, bf16 or fp16, got ", a_type);
   }
@@ -262,7 +264,7 @@ void dispatch_anchor(at::TensorList params, at::TensorList grads, at::TensorList
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                          at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, double max_scale) {
+                         double weight_decay, double max_scale, double inv_grad_scale) {
   check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, 5}, at::TensorOptions().dtype(at::kFloat));
@@ -271,15 +273,15 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
   switch (params[0].scalar_type()) {
     case at::kFloat:
       dispatch_anchor<float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2,
-                             eps, weight_decay, max_scale, out);
+                             eps, weight_decay, max_scale, inv_grad_scale, out);
       break;
     case at::kBFloat16:
       dispatch_anchor<c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                     beta2, eps, weight_decay, max_scale, out);
+                                     beta2, eps, weight_decay, max_scale, inv_grad_scale, out);
       break;
     case at::kHalf:
       dispatch_anchor<c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                 beta2, eps, weight_decay, max_scale, out);
+                                 beta2, eps, weight_decay, max_scale, inv_grad_scale, out);
       break;
     default:
       TORCH_CHECK(false, "adam_spd_step: params must be fp32, bf16 or fp16, got ", params[0].scalar_type());
@@ -293,7 +295,7 @@ TORCH_LIBRARY(spd_kernels, m) {
   m.def(
       "adam_spd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, float max_scale) -> Tensor");
+      "float eps, float weight_decay, float max_scale, float inv_grad_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spd_kernels, CPU, m) { m.impl("adam_spd_step", &adam_spd_step); }

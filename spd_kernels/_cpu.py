@@ -51,7 +51,7 @@ if hasattr(torch.library, "register_fake"):
 
         @torch.library.register_fake("spd_kernels::adam_spd_step")
         def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, eps,
-              weight_decay, max_scale):
+              weight_decay, max_scale, inv_grad_scale):
             return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 else:  # pragma: no cover - torch older than we support
     def _register_fake() -> None:
@@ -60,9 +60,13 @@ else:  # pragma: no cover - torch older than we support
 
 def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
     """One AdamSPD step of a bucket of CPU tensors with the compiled kernel; returns stats [n, 5]."""
+    if bucket.skipped():  # found_inf lives on the CPU here: reading it syncs nothing
+        return bucket.last_stats()
     lr = bucket.lr
     if isinstance(lr, Tensor):
         lr = float(lr.item())
+    # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
+    inv_scale = 1.0 if bucket.grad_scale is None else float(bucket.grad_scale.double().reciprocal().float())
     grads = bucket.grads
     if not all(map(Tensor.is_contiguous, grads)):
         grads = [g.contiguous() for g in grads]
@@ -70,7 +74,7 @@ def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if bucket.amsgrad else [],
         bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale,
+        bucket.steps, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale, inv_scale,
     )
 
 

@@ -22,6 +22,8 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def run_reference(bucket: Bucket) -> Tensor:
+    if bucket.skipped():
+        return bucket.last_stats()
     return reference_step(
         bucket.params,
         bucket.grads,
@@ -37,6 +39,7 @@ def run_reference(bucket: Bucket) -> Tensor:
         weight_decay=bucket.weight_decay,
         amsgrad=bucket.amsgrad,
         max_scale=bucket.max_scale,
+        grad_scale=bucket.grad_scale,
     )
 
 

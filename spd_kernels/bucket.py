@@ -40,8 +40,23 @@ class Bucket:
     amsgrad: bool = False
     #: cap on the projection scale s = min(lam * r, max_scale); inf keeps the paper's rule
     max_scale: float = math.inf
+    #: AMP (torch.amp.GradScaler): grads are divided by grad_scale; a nonzero
+    #: found_inf skips the step (0-d fp32 tensors, read on the device)
+    grad_scale: Optional[Tensor] = None
+    found_inf: Optional[Tensor] = None
+    #: the stats of the last step the backend ran (returned again when a step is skipped)
+    stats: Optional[Tensor] = None
     #: private to the backend: what it derived from this bucket (e.g. device tables)
     backend_cache: Optional[object] = None
+
+    def skipped(self) -> bool:
+        """Host-side check of found_inf, for the backends that run on the host (reference, CPU)."""
+        return self.found_inf is not None and bool(self.found_inf.item() != 0)
+
+    def last_stats(self) -> Tensor:
+        if self.stats is not None:
+            return self.stats
+        return torch.zeros((len(self.params), 5), dtype=torch.float32, device=self.device)
 
     def __len__(self) -> int:
         return len(self.params)

@@ -38,6 +38,10 @@ _SNAPSHOT = object()
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
 def _max_scale(group: Dict[str, Any]) -> float:
     """The cap on s = lambda * r for a group: 1 with cap_projection, else none."""
     return 1.0 if group.get("cap_projection", False) else math.inf
@@ -103,6 +107,9 @@ class AdamSPD(Optimizer):
             lambda * r > 2 moves the layer farther from it than before: turn
             this on when you sweep lambda above 1.
     """
+
+    #: torch.amp.GradScaler hands us grad_scale / found_inf instead of unscaling grads itself
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -360,21 +367,28 @@ class AdamSPD(Optimizer):
             self._bucket_cache = None
             work = self._gather()
             cached = self._bucket_cache = (key, self._buckets(work))
+        # Set by torch.amp.GradScaler.step around this call (device tensors, never read here).
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         self._last_buckets = []
         for impl, _, bucket in cached[1]:
-            stats = backends.run(impl, bucket)
+            bucket.grad_scale = _on(grad_scale, bucket.device)
+            bucket.found_inf = _on(found_inf, bucket.device)
+            stats = bucket.stats = backends.run(impl, bucket)
             self._last_buckets.append((bucket.params, stats))
-            self._count_projections(bucket.params, stats)
+            self._count_projections(bucket.params, stats, bucket.found_inf)
         return loss
 
-    def _count_projections(self, params: List[Tensor], stats: Tensor) -> None:
-        """Add this step's fired flags to the per-param counts: two device ops per bucket, no sync."""
+    def _count_projections(self, params: List[Tensor], stats: Tensor, found_inf: Optional[Tensor]) -> None:
+        """Add this step's fired flags to the per-param counts: a few device ops per bucket, no sync."""
         counts = [self._projection_counts.get(p) for p in params]
         if any(c is None for c in counts):
             for i, p in enumerate(params):
                 if counts[i] is None:
                     counts[i] = self._projection_counts[p] = torch.zeros((), dtype=torch.float32, device=stats.device)
         fired = (stats[:, STAT_C] < 0).to(torch.float32)
+        if found_inf is not None:  # a skipped step fired nothing
+            fired = fired * (found_inf == 0).to(torch.float32)
         torch._foreach_add_(counts, list(fired.unbind(0)))
 
     def spd_stats(self) -> Dict[str, Dict[str, Tensor]]:

@@ -52,10 +52,12 @@ def adam_spd_step_(
     weight_decay: float,
     amsgrad: bool,
     max_scale: float = math.inf,
+    grad_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """One AdamSPD step of one tensor, in place. Returns its stats row.
 
     ``max_scale`` caps s = lam * r (1.0: a projection never moves past the anchor).
+    ``grad_scale`` (AMP) divides the grad first, as ``GradScaler.unscale_`` would.
 
     ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` hold the moments in the
     compute dtype; ``step`` is a 0-d tensor incremented here. The returned
@@ -69,6 +71,9 @@ def adam_spd_step_(
 
     p = param.detach().to(cdt)
     g = grad.to(cdt)
+    if grad_scale is not None:
+        # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
+        g = g * grad_scale.double().reciprocal().to(cdt)
 
     # Adam, as torch.optim.Adam's single-tensor path writes it.
     exp_avg.lerp_(g, 1.0 - beta1)
@@ -125,6 +130,7 @@ def reference_step(
     weight_decay: float,
     amsgrad: bool,
     max_scale: float = math.inf,
+    grad_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """The reference over a list of tensors: returns stats of shape ``[n, NUM_STATS]``."""
     if isinstance(lr, Tensor):
@@ -147,6 +153,7 @@ def reference_step(
                 weight_decay=weight_decay,
                 amsgrad=amsgrad,
                 max_scale=max_scale,
+                grad_scale=grad_scale,
             )
         )
     if not rows:

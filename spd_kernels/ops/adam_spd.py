@@ -116,14 +116,14 @@ def _store(ptr, x, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _phase1_tile(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, mask,
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, mask, inv_scale,
     one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2,
     HAS_ANCHOR: tl.constexpr, AMSGRAD: tl.constexpr, STORE_Q: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Adam on one tile: stores m, v (vmax) and, if STORE_Q, q; returns the three
     per-element terms g*(p-a), (p-a)^2, (q-a)^2 (zero on masked lanes)."""
     p = _load(p_ptr + offs, mask, MASKED)
-    g = _load(g_ptr + offs, mask, MASKED)
+    g = _load(g_ptr + offs, mask, MASKED) * inv_scale
     m = _load(m_ptr + offs, mask, MASKED)
     v = _load(v_ptr + offs, mask, MASKED)
     m = m + one_minus_beta1 * (g - m)  # torch's lerp for a weight < 0.5
@@ -195,6 +195,8 @@ def _phase1_kernel(
     partials_ptr,  # fp32 [n_chunks, 3]: this program's sums g.(p-a), |p-a|^2, |q-a|^2
     stats_ptr,  # fp32 [n_tensors, 5]: written here for single-chunk tensors
     lr_ptr,  # fp32 [1] device lr, read when LR_IS_TENSOR
+    grad_scale_ptr,  # fp32 [1] AMP loss scale: grads are multiplied by 1/scale (1 when no scaler)
+    found_inf_ptr,  # fp32 [1] AMP: nonzero means inf/NaN grads, and the whole step is skipped
     n_tensors,
     n_chunks,
     lr,  # host lr (float), used unless LR_IS_TENSOR
@@ -217,11 +219,14 @@ def _phase1_kernel(
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,
 ):
+    if tl.load(found_inf_ptr) != 0.0:
+        return  # AMP found inf/NaN grads: params, states, steps and stats stay as they are
     pid = tl.program_id(0)
     tid = tl.load(chunks_ptr + pid)
     start = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), BLOCK)  # chunks start on tile bounds
     numel = tl.load(numels_ptr + tid)
     single = numel <= BLOCK * TILES  # this program owns the whole tensor
+    inv_scale = tl.math.div_rn(1.0, tl.load(grad_scale_ptr))  # rounded as torch's unscale_ rounds it
 
     p_ptr = _table_ptr(ptrs_ptr, 0, n_tensors, tid, P_DTYPE, ALIGNED)
     g_ptr = _table_ptr(ptrs_ptr, 1, n_tensors, tid, G_DTYPE, ALIGNED)
@@ -244,12 +249,12 @@ def _phase1_kernel(
         offs = tile_start + tl.arange(0, BLOCK)
         if tile_start + BLOCK <= numel:
             gd, dd, qq = _phase1_tile(
-                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, None,
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, None, inv_scale,
                 one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, False,
             )
         else:
             gd, dd, qq = _phase1_tile(
-                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, offs < numel,
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, offs < numel, inv_scale,
                 one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, True,
             )
         acc_gd += gd
@@ -294,12 +299,15 @@ def _finalize_kernel(
     multi_ptr,  # int64 [3, n_multi]: (tensor index, first chunk, chunk count) per multi-chunk tensor
     partials_ptr,  # fp32 [n_chunks, 3]
     stats_ptr,  # fp32 [n_tensors, 5]
+    found_inf_ptr,  # fp32 [1] AMP: nonzero skips the step
     n_tensors,
     n_multi,
     weight_decay,
     max_scale,
     FINALIZE_BLOCK: tl.constexpr,
 ):
+    if tl.load(found_inf_ptr) != 0.0:
+        return
     pid = tl.program_id(0)
     tid = tl.load(multi_ptr + pid)
     first = tl.load(multi_ptr + n_multi + pid)
@@ -328,6 +336,7 @@ def _phase2_kernel(
     chunks_ptr,  # int64 [2, n_chunks]: this grid covers its first n_multi_chunks columns
     stats_ptr,  # fp32 [n_tensors, 5]: s in column 4, t already incremented by finalize
     lr_ptr,
+    found_inf_ptr,  # fp32 [1] AMP: nonzero skips the step (stats are last step's then)
     n_tensors,
     n_chunks,
     lr,
@@ -344,6 +353,8 @@ def _phase2_kernel(
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,
 ):
+    if tl.load(found_inf_ptr) != 0.0:
+        return
     pid = tl.program_id(0)
     tid = tl.load(chunks_ptr + pid)
     start = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), BLOCK)  # chunks start on tile bounds
@@ -426,6 +437,8 @@ class _Plan:
         self.multi = upload([[m[i] for m in multi] for i in range(3)] if multi else [[], [], []])
         self.partials = torch.empty((max(self.n_multi_chunks, 1), 3), dtype=torch.float32, device=device)
         self.stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
+        # (grad_scale, found_inf) when no GradScaler drives the step: scale 1, nothing found
+        self.amp_default = torch.tensor([1.0, 0.0], dtype=torch.float32).to(device)
 
 
 def _get_plan(bucket: Bucket, chunk: int) -> _Plan:
@@ -433,8 +446,21 @@ def _get_plan(bucket: Bucket, chunk: int) -> _Plan:
     key = (chunk, tuple(map(ptr, bucket.params)), tuple(map(ptr, bucket.grads)))
     plan = bucket.backend_cache
     if not isinstance(plan, _Plan) or plan.key != key:
+        old = plan
         plan = bucket.backend_cache = _Plan(bucket, chunk, key)
+        if isinstance(old, _Plan):
+            # a step that AMP skips must leave the last stats in place: carry them over
+            plan.stats.copy_(old.stats)
     return plan
+
+
+def _amp_arg(value, default: Tensor) -> Tensor:
+    """A GradScaler tensor as a one-element fp32 buffer on the bucket's device (no sync)."""
+    if value is None:
+        return default
+    if value.dtype != torch.float32 or value.device != default.device:
+        value = value.to(device=default.device, dtype=torch.float32, non_blocking=True)
+    return value.reshape(1)
 
 
 def _ln(beta: float) -> float:
@@ -473,12 +499,14 @@ def adam_spd_triton_step(
     if lr_is_tensor and lr.device.type == "cpu" and bucket.device.type != "cpu":
         lr, lr_is_tensor = float(lr.item()), False
     lr_buf = lr.reshape(1).to(torch.float32) if lr_is_tensor else plan.stats
+    grad_scale = _amp_arg(bucket.grad_scale, plan.amp_default[0:1])
+    found_inf = _amp_arg(bucket.found_inf, plan.amp_default[1:2])
     lr_value = 0.0 if lr_is_tensor else float(lr)
     ln_b1, ln_b2 = _ln(bucket.beta1), _ln(bucket.beta2)
     store_q = p_dtype == tl.float32
 
     _phase1_kernel[(plan.n_chunks,)](
-        plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, lr_buf,
+        plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, lr_buf, grad_scale, found_inf,
         plan.n_tensors, plan.n_chunks, lr_value, 1.0 - bucket.beta1, bucket.beta2, 1.0 - bucket.beta2, ln_b1, ln_b2,
         bucket.eps, bucket.weight_decay, bucket.max_scale,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored,
@@ -487,11 +515,11 @@ def adam_spd_triton_step(
     )
     if plan.n_multi:
         _finalize_kernel[(plan.n_multi,)](
-            plan.ptrs, plan.multi, plan.partials, plan.stats, plan.n_tensors, plan.n_multi,
+            plan.ptrs, plan.multi, plan.partials, plan.stats, found_inf, plan.n_tensors, plan.n_multi,
             bucket.weight_decay, bucket.max_scale, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
         )
         _phase2_kernel[(plan.n_multi_chunks,)](
-            plan.ptrs, plan.numels, plan.chunks, plan.stats, lr_buf,
+            plan.ptrs, plan.numels, plan.chunks, plan.stats, lr_buf, found_inf,
             plan.n_tensors, plan.n_chunks, lr_value, ln_b1, ln_b2, bucket.eps,
             P_DTYPE=p_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored, AMSGRAD=bucket.amsgrad,
             LR_IS_TENSOR=lr_is_tensor, RECOMPUTE_Q=not store_q, ALIGNED=plan.aligned,
