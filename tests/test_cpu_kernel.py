@@ -123,7 +123,7 @@ def test_op_schema_and_fake_impl():
     state = new_state([5, 20000], torch.float32, torch.float32, True, gen, CPU)
     grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
     args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-            state["anchors"], state["steps"], 0.01, 0.9, 0.999, 1e-8, 1.0, float("inf"))
+            state["anchors"], state["steps"], 0.01, 0.9, 0.999, 1e-8, 1.0, float("inf"), 1.0)
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_step.default, args,
         test_utils=("test_schema", "test_faketensor"),

@@ -226,7 +226,8 @@ def _phase1_kernel(
     start = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), BLOCK)  # chunks start on tile bounds
     numel = tl.load(numels_ptr + tid)
     single = numel <= BLOCK * TILES  # this program owns the whole tensor
-    inv_scale = tl.math.div_rn(1.0, tl.load(grad_scale_ptr))  # rounded as torch's unscale_ rounds it
+    # GradScaler's scales are powers of two, so 1/scale is exact however the division rounds
+    inv_scale = 1.0 / tl.load(grad_scale_ptr)
 
     p_ptr = _table_ptr(ptrs_ptr, 0, n_tensors, tid, P_DTYPE, ALIGNED)
     g_ptr = _table_ptr(ptrs_ptr, 1, n_tensors, tid, G_DTYPE, ALIGNED)
