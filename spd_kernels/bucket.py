@@ -46,6 +46,8 @@ class Bucket:
     found_inf: Optional[Tensor] = None
     #: the stats of the last step the backend ran (returned again when a step is skipped)
     stats: Optional[Tensor] = None
+    #: per tensor, how many steps fired the projection condition (kept by the optimizer)
+    projections: Optional[Tensor] = None
     #: private to the backend: what it derived from this bucket (e.g. device tables)
     backend_cache: Optional[object] = None
 

@@ -149,10 +149,11 @@ class AdamSPD(Optimizer):
             raise TypeError(f"AdamSPD: anchor_dtype must be a floating-point torch.dtype, got {anchor_dtype!r}")
         self.impl = impl
         self.anchor_dtype = anchor_dtype
-        self._last_buckets: List[Tuple[List[Tensor], Tensor]] = []
+        self._last_buckets: List[Tuple[List[Tensor], Tensor, Tensor]] = []
         # (key, buckets) of the last step: reused while the same params have grads
         self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[str, int, Bucket]]]] = None
-        # per param: how many steps fired the projection condition (c < 0), on its device
+        # How many steps fired the projection condition (c < 0): a vector per live
+        # bucket (one add per step); per param here for params whose bucket was retired.
         self._projection_counts: Dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
 
@@ -198,7 +199,7 @@ class AdamSPD(Optimizer):
         group["params"] = params
         group["anchor_free"] = pre is None
         super().add_param_group(group)  # raises on duplicates before any state is written
-        self._bucket_cache = None
+        self._retire_buckets()
         if anchors is not None:
             for p, a in zip(tensors, anchors):
                 self.state[p]["anchor"] = a
@@ -364,8 +365,8 @@ class AdamSPD(Optimizer):
         key = self._cache_key()
         cached = self._bucket_cache
         if cached is None or cached[0] != key or not self._refresh(cached[1]):
-            self._bucket_cache = None
             work = self._gather()
+            self._retire_buckets()
             cached = self._bucket_cache = (key, self._buckets(work))
         # Set by torch.amp.GradScaler.step around this call (device tensors, never read here).
         grad_scale = getattr(self, "grad_scale", None)
@@ -375,21 +376,28 @@ class AdamSPD(Optimizer):
             bucket.grad_scale = _on(grad_scale, bucket.device)
             bucket.found_inf = _on(found_inf, bucket.device)
             stats = bucket.stats = backends.run(impl, bucket)
-            self._last_buckets.append((bucket.params, stats))
-            self._count_projections(bucket.params, stats, bucket.found_inf)
+            self._count_projections(bucket, stats)
+            self._last_buckets.append((bucket.params, stats, bucket.projections))
         return loss
 
-    def _count_projections(self, params: List[Tensor], stats: Tensor, found_inf: Optional[Tensor]) -> None:
-        """Add this step's fired flags to the per-param counts: a few device ops per bucket, no sync."""
-        counts = [self._projection_counts.get(p) for p in params]
-        if any(c is None for c in counts):
-            for i, p in enumerate(params):
-                if counts[i] is None:
-                    counts[i] = self._projection_counts[p] = torch.zeros((), dtype=torch.float32, device=stats.device)
+    def _count_projections(self, bucket: Bucket, stats: Tensor) -> None:
+        """Add this step's fired flags to the bucket's counts: a couple of device ops, no sync."""
+        if bucket.projections is None:
+            zero = torch.zeros((), dtype=torch.float32, device=stats.device)
+            bucket.projections = torch.stack([self._projection_counts.pop(p, zero) for p in bucket.params])
         fired = (stats[:, STAT_C] < 0).to(torch.float32)
-        if found_inf is not None:  # a skipped step fired nothing
-            fired = fired * (found_inf == 0).to(torch.float32)
-        torch._foreach_add_(counts, list(fired.unbind(0)))
+        if bucket.found_inf is not None:  # a skipped step fired nothing
+            fired = fired * (bucket.found_inf == 0).to(torch.float32)
+        bucket.projections += fired
+
+    def _retire_buckets(self) -> None:
+        """Drop the cached buckets, keeping their projection counts per param."""
+        if self._bucket_cache is not None:
+            for _, _, bucket in self._bucket_cache[1]:
+                if bucket.projections is not None:
+                    for p, count in zip(bucket.params, bucket.projections.unbind(0)):
+                        self._projection_counts[p] = count
+        self._bucket_cache = None
 
     def spd_stats(self) -> Dict[str, Dict[str, Tensor]]:
         """Per-layer SPD stats of the last ``step()``, keyed by parameter name.
@@ -403,6 +411,7 @@ class AdamSPD(Optimizer):
         turns the result into plain floats for a logger.
         """
         last = self.last_step_stats()
+        counts = {p: c for params, _, cs in self._last_buckets for p, c in zip(params, cs.unbind(0))}
         out: Dict[str, Dict[str, Tensor]] = {}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
@@ -412,7 +421,7 @@ class AdamSPD(Optimizer):
                     continue
                 entry = {name: row[i] for i, name in enumerate(STAT_NAMES)}
                 entry["projected"] = row[STAT_C] < 0
-                entry["projections"] = self._projection_counts[p]
+                entry["projections"] = counts[p]
                 out[names[pi] if names else f"{gi}.{pi}"] = entry
         return out
 
@@ -422,7 +431,7 @@ class AdamSPD(Optimizer):
         Rows stay on the params' device; reading them is what syncs, not ``step()``.
         """
         out = {}
-        for params, stats in self._last_buckets:
+        for params, stats, _ in self._last_buckets:
             for i, p in enumerate(params):
                 out[p] = stats[i]
         return out

@@ -320,3 +320,25 @@ def test_spd_stats_by_name_and_counts_match_the_reference():
     log = to_log_dict(opt.spd_stats())
     assert log["spd/0.weight/projections"] == fired["0.weight"]
     assert 0.0 <= log["spd/projected_fraction"] <= 1.0
+
+
+def test_projection_counts_survive_bucket_rebuilds():
+    gen = torch.Generator().manual_seed(13)
+    params = make_params([(9,), (4, 4), (3,)], generator=gen)
+    pre = make_anchors(params, generator=gen)
+    opt = AdamSPD([{"params": params, "pre": pre}], lr=0.05, weight_decay=1.0)
+    expected = [0, 0, 0]
+    for t in range(12):
+        set_grads(params, pre, [(-1.0) ** (t + i) for i in range(3)], gen)
+        if 4 <= t < 6:
+            params[1].grad = None  # the set with grads changes: buckets are rebuilt twice
+        if t == 8:
+            opt.add_param_group({"params": make_params([(2,)], generator=gen), "pre": None})
+        opt.step()
+        last = opt.last_step_stats()
+        for i, p in enumerate(params):
+            if p in last:
+                expected[i] += int(last[p][STAT_C] < 0)
+    stats = opt.spd_stats()
+    assert [int(stats[f"0.{i}"]["projections"]) for i in range(3)] == expected
+    assert sum(expected) > 3
