@@ -375,16 +375,22 @@ class AdamSPD(Optimizer):
         for impl, _, bucket in cached[1]:
             bucket.grad_scale = _on(grad_scale, bucket.device)
             bucket.found_inf = _on(found_inf, bucket.device)
+            if bucket.projections is None:
+                self._start_counts(bucket)
             stats = bucket.stats = backends.run(impl, bucket)
-            self._count_projections(bucket, stats)
+            if impl != "triton":  # the Triton kernels count in place, with no extra launch
+                self._count_projections(bucket, stats)
             self._last_buckets.append((bucket.params, stats, bucket.projections))
         return loss
 
+    def _start_counts(self, bucket: Bucket) -> None:
+        """A new bucket's projection counts, continuing those its params had."""
+        zero = torch.zeros((), dtype=torch.float32, device=bucket.device)
+        counts = [self._projection_counts.pop(p, zero).to(bucket.device) for p in bucket.params]
+        bucket.projections = torch.stack(counts)
+
     def _count_projections(self, bucket: Bucket, stats: Tensor) -> None:
-        """Add this step's fired flags to the bucket's counts: a couple of device ops, no sync."""
-        if bucket.projections is None:
-            zero = torch.zeros((), dtype=torch.float32, device=stats.device)
-            bucket.projections = torch.stack([self._projection_counts.pop(p, zero) for p in bucket.params])
+        """Add this step's fired flags to the bucket's counts: a couple of ops, no sync."""
         fired = (stats[:, STAT_C] < 0).to(torch.float32)
         if bucket.found_inf is not None:  # a skipped step fired nothing
             fired = fired * (bucket.found_inf == 0).to(torch.float32)

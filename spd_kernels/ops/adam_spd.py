@@ -26,7 +26,8 @@ bitwise identical):
    right there: the program reduces, finalizes and projects before it exits
    (the re-read of q hits cache), so small tensors take one launch.
 2. ``_finalize_kernel``, one program per multi-chunk tensor: sums its partials
-   in chunk order; writes stats [n, 5] (c, |p-a|, |q-a|, r, s) and t + 1.
+   in chunk order; writes stats [n, 5] (c, |p-a|, |q-a|, r, s) and t + 1, and
+   adds 1 to the tensor's projection count [n] when c < 0.
 3. ``_phase2_kernel``, one program per multi-chunk chunk: exits at once when
    s == 0, else applies p = q - s*(q - a). For bf16/fp16 params phase 1 does not
    store q (that would round it twice); phase 2 recomputes q from the old p and
@@ -168,8 +169,8 @@ def _project_tile(
 
 
 @triton.jit
-def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, tid, step_ptr, t):
-    """From a tensor's three sums: write its stats row and step t; return the scale s."""
+def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t):
+    """From a tensor's three sums: write its stats row, step t and projection count; return the scale s."""
     c = -sum_gd
     norm_p_a = tl.sqrt(sum_dd)
     norm_q_a = tl.sqrt(sum_qq)
@@ -184,6 +185,7 @@ def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, tid, s
     tl.store(row + 3, ratio)
     tl.store(row + 4, scale)
     tl.store(step_ptr, t)
+    tl.store(counts_ptr + tid, tl.load(counts_ptr + tid) + tl.where(fired, 1.0, 0.0))
     return scale
 
 
@@ -194,6 +196,7 @@ def _phase1_kernel(
     chunks_ptr,  # int64 [2, n_chunks]: (tensor index, first element) of each program's chunk
     partials_ptr,  # fp32 [n_chunks, 3]: this program's sums g.(p-a), |p-a|^2, |q-a|^2
     stats_ptr,  # fp32 [n_tensors, 5]: written here for single-chunk tensors
+    counts_ptr,  # fp32 [n_tensors]: steps whose condition fired, incremented here for single-chunk tensors
     lr_ptr,  # fp32 [1] device lr, read when LR_IS_TENSOR
     grad_scale_ptr,  # fp32 [1] AMP loss scale: grads are multiplied by 1/scale (1 when no scaler)
     found_inf_ptr,  # fp32 [1] AMP: nonzero means inf/NaN grads, and the whole step is skipped
@@ -266,7 +269,7 @@ def _phase1_kernel(
     sum_dd = tl.sum(acc_dd, axis=0)
     sum_qq = tl.sum(acc_qq, axis=0)
     if single:
-        scale = _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, tid, step_ptr, t)
+        scale = _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t)
         if AMSGRAD:
             v_ptr = vmax_ptr  # q is built from vmax
         if STORE_Q:
@@ -300,6 +303,7 @@ def _finalize_kernel(
     multi_ptr,  # int64 [3, n_multi]: (tensor index, first chunk, chunk count) per multi-chunk tensor
     partials_ptr,  # fp32 [n_chunks, 3]
     stats_ptr,  # fp32 [n_tensors, 5]
+    counts_ptr,  # fp32 [n_tensors]: steps whose condition fired
     found_inf_ptr,  # fp32 [1] AMP: nonzero skips the step
     n_tensors,
     n_multi,
@@ -326,7 +330,7 @@ def _finalize_kernel(
     t = tl.load(step_ptr) + 1.0
     _finalize(
         tl.sum(acc_gd, axis=0), tl.sum(acc_dd, axis=0), tl.sum(acc_qq, axis=0),
-        weight_decay, max_scale, stats_ptr, tid, step_ptr, t,
+        weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t,
     )
 
 
@@ -440,6 +444,7 @@ class _Plan:
         self.stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
         # (grad_scale, found_inf) when no GradScaler drives the step: scale 1, nothing found
         self.amp_default = torch.tensor([1.0, 0.0], dtype=torch.float32).to(device)
+        self.counts = torch.zeros(n, dtype=torch.float32, device=device)
 
 
 def _get_plan(bucket: Bucket, chunk: int) -> _Plan:
@@ -500,6 +505,8 @@ def adam_spd_triton_step(
     if lr_is_tensor and lr.device.type == "cpu" and bucket.device.type != "cpu":
         lr, lr_is_tensor = float(lr.item()), False
     lr_buf = lr.reshape(1).to(torch.float32) if lr_is_tensor else plan.stats
+    # projection counts: the optimizer's vector for this bucket, else a scratch one of the plan
+    counts = bucket.projections if bucket.projections is not None else plan.counts
     grad_scale = _amp_arg(bucket.grad_scale, plan.amp_default[0:1])
     found_inf = _amp_arg(bucket.found_inf, plan.amp_default[1:2])
     lr_value = 0.0 if lr_is_tensor else float(lr)
@@ -507,7 +514,7 @@ def adam_spd_triton_step(
     store_q = p_dtype == tl.float32
 
     _phase1_kernel[(plan.n_chunks,)](
-        plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, lr_buf, grad_scale, found_inf,
+        plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, counts, lr_buf, grad_scale, found_inf,
         plan.n_tensors, plan.n_chunks, lr_value, 1.0 - bucket.beta1, bucket.beta2, 1.0 - bucket.beta2, ln_b1, ln_b2,
         bucket.eps, bucket.weight_decay, bucket.max_scale,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored,
@@ -516,7 +523,7 @@ def adam_spd_triton_step(
     )
     if plan.n_multi:
         _finalize_kernel[(plan.n_multi,)](
-            plan.ptrs, plan.multi, plan.partials, plan.stats, found_inf, plan.n_tensors, plan.n_multi,
+            plan.ptrs, plan.multi, plan.partials, plan.stats, counts, found_inf, plan.n_tensors, plan.n_multi,
             bucket.weight_decay, bucket.max_scale, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
         )
         _phase2_kernel[(plan.n_multi_chunks,)](

@@ -31,14 +31,15 @@ _DTYPE_NAMES = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
 
 _PHASE1_SIG = {
     "ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunks_ptr": "*i64", "partials_ptr": "*fp32",
-    "stats_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+    "stats_ptr": "*fp32", "counts_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+    "found_inf_ptr": "*fp32",
     "n_tensors": "i32", "n_chunks": "i32", "lr": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
     "one_minus_beta2": "fp32", "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32",
     "weight_decay": "fp32", "max_scale": "fp32",
 }
 _FINALIZE_SIG = {
     "ptrs_ptr": "*i64", "multi_ptr": "*i64", "partials_ptr": "*fp32", "stats_ptr": "*fp32",
-    "found_inf_ptr": "*fp32", "n_tensors": "i32", "n_multi": "i32", "weight_decay": "fp32",
+    "counts_ptr": "*fp32", "found_inf_ptr": "*fp32", "n_tensors": "i32", "n_multi": "i32", "weight_decay": "fp32",
     "max_scale": "fp32",
 }
 _PHASE2_SIG = {
