@@ -1,7 +1,9 @@
 """``python -m spd_kernels verify``: each backend here against the reference.
 
-Fine-tunes a small MLP (anchored SPD) with an anchor-free LoRA-style adapter
-on a synthetic regression task for N steps with ``AdamSPD(impl=backend)``. At
+On CUDA it runs a realistic parameter set (vit_b by default, ``--set``) with
+random grads of either sign of the condition; on a CPU (where Triton runs under
+its slow interpreter) a small MLP (anchored SPD) with an anchor-free LoRA-style
+adapter on a synthetic regression task, for N steps with ``AdamSPD(impl=backend)``. At
 every step a twin copy of the params and state, synced from the backend's
 before the step, takes the same gradients through ``reference_step``; the table
 shows the worst relative error per state over all steps, how often the
@@ -17,7 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import backends
+from . import backends, param_sets
 from .optim import AdamSPD
 from .reference import reference_step
 from .stats import STAT_C
@@ -72,17 +74,63 @@ def _rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))
 
 
-def run_backend(impl: str, dtype: torch.dtype, device: torch.device, steps: int, seed: int = 0) -> Row:
-    torch.manual_seed(seed)
-    model = TinyFineTune().to(device=device, dtype=dtype)
-    x = torch.randn(256, 32, device=device, dtype=dtype)
-    y = torch.randn(256, 10, device=device, dtype=dtype)
-    opt = AdamSPD(model.groups(), lr=1e-2, weight_decay=1.0, impl=impl)
+class ParamSetTask:
+    """A parameter set (spd_kernels.param_sets) with random grads: the realistic-size check.
+
+    Each tensor's grad has a random sign of c = -sum(g (p - a)), well away from
+    the tie, so both branches are taken on every step; the last quarter of the
+    set is an anchor-free group (LoRA-like new params).
+    """
+
+    def __init__(self, name: str, device, dtype, seed: int):
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        shapes = param_sets.get(name)
+        self.params = [torch.nn.Parameter(torch.randn(s, device=device, generator=self.gen).to(dtype) * 0.02)
+                       for s in shapes]
+        cut = len(self.params) - len(self.params) // 4
+        self.anchors = [(p.detach().float() + 0.01 * torch.randn(p.shape, device=device, generator=self.gen))
+                        .to(dtype) for p in self.params[:cut]]
+        self.cut = cut
+
+    def groups(self):
+        return [{"params": self.params[: self.cut], "pre": self.anchors},
+                {"params": self.params[self.cut:], "pre": None}]
+
+    def backward(self):
+        for i, p in enumerate(self.params):
+            d = p.detach().float() - (self.anchors[i].float() if i < self.cut else 0.0)
+            noise = torch.randn(p.shape, device=p.device, generator=self.gen)
+            sign = 1.0 if torch.rand((), device=p.device, generator=self.gen) < 0.5 else -1.0
+            k = 3.0 * float(noise.norm()) / max(float(d.norm()), 1e-12)
+            p.grad = (noise - sign * k * d).to(p.dtype)
+
+
+class ModelTask:
+    """The small fine-tuning run: an MLP plus an anchor-free adapter on random regression data."""
+
+    def __init__(self, device, dtype, seed: int):
+        torch.manual_seed(seed)
+        self.model = TinyFineTune().to(device=device, dtype=dtype)
+        self.x = torch.randn(256, 32, device=device, dtype=dtype)
+        self.y = torch.randn(256, 10, device=device, dtype=dtype)
+
+    def groups(self):
+        return self.model.groups()
+
+    def backward(self):
+        for p in self.model.parameters():
+            p.grad = None
+        torch.nn.functional.mse_loss(self.model(self.x).float(), self.y.float()).backward()
+
+
+def run_backend(impl: str, dtype: torch.dtype, device: torch.device, steps: int, seed: int = 0,
+                param_set: str = "mlp") -> Row:
+    task = ModelTask(device, dtype, seed) if param_set == "mlp" else ParamSetTask(param_set, device, dtype, seed)
+    opt = AdamSPD(task.groups(), lr=1e-2, weight_decay=1.0, impl=impl)
     errors = {key: 0.0 for key in STATE_KEYS}
     fired = total = 0
     for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        task.backward()
         twins = [_twin(opt, group) for group in opt.param_groups]
         opt.step()
         stats = opt.last_step_stats()
@@ -153,12 +201,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spd_kernels verify", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--set", dest="param_set", default=None,
+        help="'mlp' (the small fine-tuning run) or a parameter set of spd_kernels.param_sets "
+             "(vit_b, many_small, lora, llama_like) with random grads; default vit_b on CUDA, mlp on CPU "
+             "(where Triton runs under its slow interpreter)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print(f"device: {device}, torch {torch.__version__}; worst relative error per state over {args.steps} steps")
+    param_set = args.param_set or ("vit_b" if device.type == "cuda" else "mlp")
+    print(f"device: {device}, torch {torch.__version__}; set {param_set}; "
+          f"worst relative error per state over {args.steps} steps")
     if device.type == "cpu" and backends.triton_runs_on(device):
         print("triton runs under TRITON_INTERPRET=1 (no GPU): the real kernels, slowly")
-    rows = [run_backend(impl, dtype, device, args.steps) for impl, dtype in plan(device)]
+    rows = [run_backend(impl, dtype, device, args.steps, param_set=param_set) for impl, dtype in plan(device)]
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")

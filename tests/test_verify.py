@@ -59,3 +59,10 @@ def test_bench_command_writes_table_json_csv_png(tmp_path):
     assert (tmp_path / "bench.csv").read_text().count("\n") == len(data["rows"]) + 1
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "vs fused" in out.stdout
+
+
+def test_verify_on_a_parameter_set_takes_both_branches():
+    impl = "cpu" if not backends.cpu_kernel_error() else "reference"
+    row = verify.run_backend(impl, torch.float32, torch.device("cpu"), steps=3, param_set="lora")
+    assert row.passed, row
+    assert 0 < row.fired < row.total
