@@ -41,6 +41,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy>=1.26"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
+        "hf": ["transformers>=4.40,<6", "peft>=0.10", "accelerate>=0.26"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
