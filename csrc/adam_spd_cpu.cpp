@@ -43,7 +43,8 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 struct Scalars {
-  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, weight_decay, max_scale, inv_grad_scale;
+  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2;
+  float weight_decay, max_scale, inv_grad_scale;
 };
 
 struct Sums {
@@ -127,7 +128,8 @@ void finalize(const Sums& sums, float weight_decay, float max_scale, float* row)
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, double lr, double beta1,
-                double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale, float* stats) {
+                double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale,
+                float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once
 
@@ -226,7 +228,8 @@ void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList ex
 template <typename P, typename A>
 void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                       at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale,
+                       at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, double max_scale, double inv_grad_scale,
                        float* stats) {
   const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
 #define SPD_RUN(AMS, ANC)                                                                                         \
@@ -242,7 +245,8 @@ void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorLi
 template <typename P>
 void dispatch_anchor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale,
+                     at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, double max_scale, double inv_grad_scale,
                      float* stats) {
   // anchor-free buckets take the first case: their anchor type is never used
   const auto a_type = anchors.empty() ? at::kFloat : anchors[0].scalar_type();

@@ -19,6 +19,8 @@ from typing import List, Optional, Union
 import torch
 from torch import Tensor
 
+from .stats import NUM_STATS
+
 
 @dataclass
 class Bucket:
@@ -58,7 +60,7 @@ class Bucket:
     def last_stats(self) -> Tensor:
         if self.stats is not None:
             return self.stats
-        return torch.zeros((len(self.params), 5), dtype=torch.float32, device=self.device)
+        return torch.zeros((len(self.params), NUM_STATS), dtype=torch.float32, device=self.device)
 
     def __len__(self) -> int:
         return len(self.params)
