@@ -47,6 +47,14 @@ def _max_scale(group: Dict[str, Any]) -> float:
     return 1.0 if group.get("cap_projection", False) else math.inf
 
 
+def _set_hyperparameters(bucket: Bucket, group: Dict[str, Any]) -> None:
+    bucket.lr = group["lr"]
+    bucket.beta1, bucket.beta2 = group["betas"]
+    bucket.eps = group["eps"]
+    bucket.weight_decay = group["weight_decay"]
+    bucket.max_scale = _max_scale(group)
+
+
 def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
     """Raise ValueError naming ``where`` if a hyperparameter is out of range."""
     lr = group["lr"]
@@ -281,7 +289,6 @@ class AdamSPD(Optimizer):
         buckets: Dict[Tuple, Tuple[str, int, Bucket]] = {}
         for gi, group, params in work:
             anchored = not group["anchor_free"]
-            beta1, beta2 = group["betas"]
             for p in params:
                 anchor = self.state[p].get("anchor") if anchored else None
                 impl = backends.choose(self.impl, p, anchor.dtype if anchor is not None else None)
@@ -289,21 +296,13 @@ class AdamSPD(Optimizer):
                 state = self._init_state(p, group, p.device if on_device else torch.device("cpu"))
                 key = (gi, impl, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None)
                 if key not in buckets:
-                    buckets[key] = (
-                        impl,
-                        gi,
-                        Bucket(
-                            max_exp_avg_sqs=[] if group["amsgrad"] else None,
-                            anchors=[] if anchored else None,
-                            lr=group["lr"],
-                            beta1=beta1,
-                            beta2=beta2,
-                            eps=group["eps"],
-                            weight_decay=group["weight_decay"],
-                            amsgrad=group["amsgrad"],
-                            max_scale=_max_scale(group),
-                        ),
+                    bucket = Bucket(
+                        max_exp_avg_sqs=[] if group["amsgrad"] else None,
+                        anchors=[] if anchored else None,
+                        amsgrad=group["amsgrad"],
                     )
+                    _set_hyperparameters(bucket, group)
+                    buckets[key] = (impl, gi, bucket)
                 b = buckets[key][2]
                 b.params.append(p)
                 b.grads.append(p.grad)
@@ -332,8 +331,8 @@ class AdamSPD(Optimizer):
     def _refresh(self, buckets: List[Tuple[str, int, Bucket]]) -> bool:
         """Point cached buckets at this step's grads and hyperparameters.
 
-        Returns False, changing nothing, if a grad needs the full checks of
-        ``_gather`` (sparse, or a layout a backend cannot take as it is).
+        Returns False, changing nothing, if a grad is sparse: ``_gather`` then
+        raises the named error.
         """
         fresh = []
         for _, _, bucket in buckets:
@@ -342,13 +341,8 @@ class AdamSPD(Optimizer):
                 return False
             fresh.append(grads)
         for (_, gi, bucket), grads in zip(buckets, fresh):
-            group = self.param_groups[gi]
             bucket.grads = grads
-            bucket.lr = group["lr"]
-            bucket.beta1, bucket.beta2 = group["betas"]
-            bucket.eps = group["eps"]
-            bucket.weight_decay = group["weight_decay"]
-            bucket.max_scale = _max_scale(group)
+            _set_hyperparameters(bucket, self.param_groups[gi])  # an lr scheduler may have changed them
         return True
 
     @torch.no_grad()

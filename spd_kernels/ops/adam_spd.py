@@ -504,6 +504,7 @@ def adam_spd_triton_step(
     lr_is_tensor = isinstance(lr, Tensor)
     if lr_is_tensor and lr.device.type == "cpu" and bucket.device.type != "cpu":
         lr, lr_is_tensor = float(lr.item()), False
+    # a float lr travels as a scalar argument; the pointer argument then only needs to be valid
     lr_buf = lr.reshape(1).to(torch.float32) if lr_is_tensor else plan.stats
     # projection counts: the optimizer's vector for this bucket, else a scratch one of the plan
     counts = bucket.projections if bucket.projections is not None else plan.counts
