@@ -20,6 +20,14 @@
 // chunks while the tensor is still in the last-level cache, where it fits.
 // Each chunk's sums have a fixed order (fp64 accumulators), so results are
 // bitwise the same for any thread count.
+//
+// Sharded parameters (FSDP2: each rank holds a slice of every tensor) need the
+// sums over the whole logical tensor, so the step is also offered in two ops
+// with a seam for the caller's all-reduce between them:
+//   adam_spd_partials: Adam on every chunk of every local shard; each tensor's
+//                      three sums (fp64) into sums [n, 3]; steps += 1
+//   adam_spd_project:  from the all-reduced sums, the stats rows and
+//                      p = q - s (q - a) (bf16/fp16: q rebuilt and rounded once)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,7 +37,9 @@
 
 #include <Python.h>
 
+#include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace spd_kernels {
@@ -46,6 +56,16 @@ struct Scalars {
   float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2;
   float weight_decay, max_scale, inv_grad_scale;
 };
+
+// Per-tensor scalars for step count ``count`` (already incremented); bias corrections in double.
+Scalars make_scalars(double count, double lr, double beta1, double beta2, double eps, double weight_decay,
+                     double max_scale, double inv_grad_scale) {
+  const double bc1 = 1.0 - std::pow(beta1, count), bc2 = 1.0 - std::pow(beta2, count);
+  return Scalars{static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                 static_cast<float>(eps), static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
+                 static_cast<float>(weight_decay), static_cast<float>(max_scale),
+                 static_cast<float>(inv_grad_scale)};
+}
 
 struct Sums {
   double gd = 0.0, dd = 0.0, qq = 0.0;
@@ -138,12 +158,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     float* step = steps[t].data_ptr<float>();
     const double count = static_cast<double>(*step) + 1.0;
     *step = static_cast<float>(count);
-    const double bc1 = 1.0 - std::pow(beta1, count), bc2 = 1.0 - std::pow(beta2, count);
-    scalars[t] = Scalars{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
-                         static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                         static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
-                         static_cast<float>(weight_decay), static_cast<float>(max_scale),
-                         static_cast<float>(inv_grad_scale)};
+    scalars[t] = make_scalars(count, lr, beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale);
   }
   auto ptrs = [&](int64_t t) {
     return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
@@ -196,102 +211,228 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
   }
 }
 
-void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                  at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps) {
+// The chunks of a bucket's tensors as one flat list, so one parallel_for covers them
+// all: tensor t owns entries [first[t], first[t + 1]), each (tensor, begin, end).
+struct ChunkList {
+  std::vector<std::array<int64_t, 3>> chunks;
+  std::vector<int64_t> first;
+};
+
+template <typename Keep>
+ChunkList chunk_list(at::TensorList params, Keep keep) {
+  ChunkList out;
+  const int64_t n = static_cast<int64_t>(params.size());
+  out.first.reserve(n + 1);
+  for (int64_t t = 0; t < n; ++t) {
+    out.first.push_back(static_cast<int64_t>(out.chunks.size()));
+    if (!keep(t)) continue;
+    const int64_t numel = params[t].numel();
+    for (int64_t b = 0; b < numel; b += CHUNK) out.chunks.push_back({t, b, std::min(b + CHUNK, numel)});
+  }
+  out.first.push_back(static_cast<int64_t>(out.chunks.size()));
+  return out;
+}
+
+// Split step, first half: Adam on every chunk of every tensor (steps += 1) and
+// each tensor's three sums, summed over its chunks in order, into sums [n, 3].
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
+void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
+                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double inv_grad_scale,
+                     double* sums) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once in the project op
+  std::vector<Scalars> scalars(n);
+  for (int64_t t = 0; t < n; ++t) {
+    float* step = steps[t].data_ptr<float>();
+    const double count = static_cast<double>(*step) + 1.0;
+    *step = static_cast<float>(count);
+    scalars[t] = make_scalars(count, lr, beta1, beta2, eps, 0.0, 0.0, inv_grad_scale);
+  }
+  const ChunkList work = chunk_list(params, [](int64_t) { return true; });
+  std::vector<Sums> partials(work.chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const auto [t, begin, end] = work.chunks[k];
+      partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
+          params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
+          exp_avg_sqs[t].data_ptr<float>(), AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
+          HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end, scalars[t]);
+    }
+  });
+  for (int64_t t = 0; t < n; ++t) {
+    Sums total;  // an empty shard contributes zeros
+    for (int64_t k = work.first[t]; k < work.first[t + 1]; ++k) total.add(partials[k]);
+    sums[3 * t + 0] = total.gd;
+    sums[3 * t + 1] = total.dd;
+    sums[3 * t + 2] = total.qq;
+  }
+}
+
+// Split step, second half: stats from the (all-reduced) sums, then the projection
+// of the tensors with s > 0 (every tensor for bf16/fp16, whose q was not stored).
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
+void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
+                    const double* sums, double lr, double beta1, double beta2, double eps, double weight_decay,
+                    double max_scale, float* stats) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  constexpr bool STORE_Q = std::is_same<P, float>::value;
+  std::vector<Scalars> scalars(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const double count = static_cast<double>(*steps[t].data_ptr<float>());  // incremented by the partials op
+    scalars[t] = make_scalars(count, lr, beta1, beta2, eps, weight_decay, max_scale, 1.0);
+    Sums total;
+    total.gd = sums[3 * t + 0];
+    total.dd = sums[3 * t + 1];
+    total.qq = sums[3 * t + 2];
+    finalize(total, scalars[t].weight_decay, scalars[t].max_scale, stats + 5 * t);
+  }
+  const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[5 * t + 4] != 0.0f; });
+  at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const auto [t, begin, end] = work.chunks[k];
+      float* v = (AMSGRAD ? max_exp_avg_sqs[t] : exp_avg_sqs[t]).data_ptr<float>();  // q is built from vmax
+      project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(), v,
+                                                HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
+                                                scalars[t], stats[5 * t + 4]);
+    }
+  });
+}
+
+void check_inputs(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
+                  at::TensorList steps, bool with_grads) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
-              "adam_spd_step: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
-  TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, "adam_spd_step: max_exp_avg_sqs length");
-  TORCH_CHECK(anchors.empty() || anchors.size() == n, "adam_spd_step: anchors length");
+  TORCH_CHECK((!with_grads || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  steps.size() == n,
+              op, ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
+  TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, op, ": max_exp_avg_sqs length");
+  TORCH_CHECK(anchors.empty() || anchors.size() == n, op, ": anchors length");
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "adam_spd_step: param ", i, " must be a contiguous CPU tensor");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "adam_spd_step: param ", i, " dtype differs in the bucket");
-    TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].scalar_type() == p.scalar_type() && grads[i].is_contiguous(),
-                "adam_spd_step: grad ", i, " must be contiguous, with its param's shape and dtype");
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), op, ": param ", i, " must be a contiguous CPU tensor");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": param ", i, " dtype differs in the bucket");
+    if (with_grads)
+      TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].scalar_type() == p.scalar_type() &&
+                      grads[i].is_contiguous(),
+                  op, ": grad ", i, " must be contiguous, with its param's shape and dtype");
     for (const auto* t : {&exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == p.numel(),
-                  "adam_spd_step: moments of tensor ", i, " must be contiguous fp32 of its param's size");
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == p.numel(), op,
+                  ": moments of tensor ", i, " must be contiguous fp32 of its param's size");
     if (!max_exp_avg_sqs.empty())
       TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == at::kFloat && max_exp_avg_sqs[i].is_contiguous() &&
                       max_exp_avg_sqs[i].numel() == p.numel(),
-                  "adam_spd_step: max_exp_avg_sq ", i, " must be contiguous fp32 of its param's size");
+                  op, ": max_exp_avg_sq ", i, " must be contiguous fp32 of its param's size");
     if (!anchors.empty())
       TORCH_CHECK(anchors[i].is_contiguous() && anchors[i].numel() == p.numel() &&
                       anchors[i].scalar_type() == anchors[0].scalar_type(),
-                  "adam_spd_step: anchor ", i, " must be contiguous, of its param's size, one dtype per bucket");
-    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1 && steps[i].device().is_cpu(),
-                "adam_spd_step: step ", i, " must be a one-element fp32 CPU tensor");
+                  op, ": anchor ", i, " must be contiguous, of its param's size, one dtype per bucket");
+    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1 && steps[i].device().is_cpu(), op,
+                ": step ", i, " must be a one-element fp32 CPU tensor");
   }
 }
 
-template <typename P, typename A>
-void dispatch_switches(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                       at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                       double weight_decay, double max_scale, double inv_grad_scale,
-                       float* stats) {
+void check_sums(const char* op, const at::Tensor& sums, int64_t n) {
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
+                  sums.dim() == 2 && sums.size(0) == n && sums.size(1) == 3,
+              op, ": sums must be a contiguous fp64 CPU tensor of shape [", n, ", 3]");
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls f(Type<P>, Type<A>, AMSGRAD, HAS_ANCHOR) with the storage types and switches
+// of a bucket as compile-time values: one instantiation per combination.
+template <typename F>
+void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
+              F&& f) {
   const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
-#define SPD_RUN(AMS, ANC)                                                                                         \
-  return run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, \
-                                    beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale, stats)
-  if (amsgrad && anchored) SPD_RUN(true, true);
-  if (amsgrad) SPD_RUN(true, false);
-  if (anchored) SPD_RUN(false, true);
-  SPD_RUN(false, false);
-#undef SPD_RUN
-}
-
-template <typename P>
-void dispatch_anchor(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, double max_scale, double inv_grad_scale,
-                     float* stats) {
-  // anchor-free buckets take the first case: their anchor type is never used
-  const auto a_type = anchors.empty() ? at::kFloat : anchors[0].scalar_type();
-  switch (a_type) {
-    case at::kFloat:
-      return dispatch_switches<P, float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                  beta2, eps, weight_decay, max_scale, inv_grad_scale, stats);
-    case at::kBFloat16:
-      return dispatch_switches<P, c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
-                                          beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale, stats);
-    case at::kHalf:
-      return dispatch_switches<P, c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
-                                      beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale, stats);
-    default:
-      TORCH_CHECK(false, "adam_spd_step: anchors must be fp32, bf16 or fp16, got ", a_type);
+  auto switches = [&](auto p_type, auto a_type) {
+    if (amsgrad && anchored) return f(p_type, a_type, std::true_type{}, std::true_type{});
+    if (amsgrad) return f(p_type, a_type, std::true_type{}, std::false_type{});
+    if (anchored) return f(p_type, a_type, std::false_type{}, std::true_type{});
+    return f(p_type, a_type, std::false_type{}, std::false_type{});
+  };
+  auto anchor_type = [&](auto p_type) {
+    // anchor-free buckets take the first case: their anchor type is never used
+    const auto a = anchors.empty() ? at::kFloat : anchors[0].scalar_type();
+    switch (a) {
+      case at::kFloat: return switches(p_type, Type<float>{});
+      case at::kBFloat16: return switches(p_type, Type<c10::BFloat16>{});
+      case at::kHalf: return switches(p_type, Type<c10::Half>{});
+      default: TORCH_CHECK(false, op, ": anchors must be fp32, bf16 or fp16, got ", a);
+    }
+  };
+  switch (params[0].scalar_type()) {
+    case at::kFloat: return anchor_type(Type<float>{});
+    case at::kBFloat16: return anchor_type(Type<c10::BFloat16>{});
+    case at::kHalf: return anchor_type(Type<c10::Half>{});
+    default: TORCH_CHECK(false, op, ": params must be fp32, bf16 or fp16, got ", params[0].scalar_type());
   }
 }
+
+#define SPD_TYPES(p_type, a_type, ams, anc)     \
+  using P = typename decltype(p_type)::type;    \
+  using A = typename decltype(a_type)::type;    \
+  constexpr bool AMS = decltype(ams)::value;    \
+  constexpr bool ANC = decltype(anc)::value
 
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                          at::TensorList steps, double lr, double beta1, double beta2, double eps,
                          double weight_decay, double max_scale, double inv_grad_scale) {
-  check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps);
+  check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, 5}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
   float* out = stats.data_ptr<float>();
-  switch (params[0].scalar_type()) {
-    case at::kFloat:
-      dispatch_anchor<float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2,
-                             eps, weight_decay, max_scale, inv_grad_scale, out);
-      break;
-    case at::kBFloat16:
-      dispatch_anchor<c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                     beta2, eps, weight_decay, max_scale, inv_grad_scale, out);
-      break;
-    case at::kHalf:
-      dispatch_anchor<c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                                 beta2, eps, weight_decay, max_scale, inv_grad_scale, out);
-      break;
-    default:
-      TORCH_CHECK(false, "adam_spd_step: params must be fp32, bf16 or fp16, got ", params[0].scalar_type());
-  }
+  dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
+    SPD_TYPES(p_type, a_type, ams, anc);
+    run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
+                               beta2, eps, weight_decay, max_scale, inv_grad_scale, out);
+  });
   return stats;
 }
+
+void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
+                       at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                       double inv_grad_scale, const at::Tensor& sums) {
+  check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
+  const int64_t n = static_cast<int64_t>(params.size());
+  check_sums("adam_spd_partials", sums, n);
+  if (n == 0) return;
+  double* out = sums.data_ptr<double>();
+  dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
+    SPD_TYPES(p_type, a_type, ams, anc);
+    partials_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
+                                    beta1, beta2, eps, inv_grad_scale, out);
+  });
+}
+
+at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
+                            const at::Tensor& sums, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, double max_scale) {
+  check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, false);
+  const int64_t n = static_cast<int64_t>(params.size());
+  check_sums("adam_spd_project", sums, n);
+  at::Tensor stats = at::empty({n, 5}, at::TensorOptions().dtype(at::kFloat));
+  if (n == 0) return stats;
+  const double* in = sums.data_ptr<double>();
+  float* out = stats.data_ptr<float>();
+  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
+    SPD_TYPES(p_type, a_type, ams, anc);
+    project_bucket<P, A, AMS, ANC>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, lr, beta1,
+                                   beta2, eps, weight_decay, max_scale, out);
+  });
+  return stats;
+}
+
+#undef SPD_TYPES
 
 }  // namespace
 
@@ -300,13 +441,25 @@ TORCH_LIBRARY(spd_kernels, m) {
       "adam_spd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, float max_scale, float inv_grad_scale) -> Tensor");
+  m.def(
+      "adam_spd_partials(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
+      "float eps, float inv_grad_scale, Tensor(f!) sums) -> ()");
+  m.def(
+      "adam_spd_project(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
+      "Tensor[] anchors, Tensor[] steps, Tensor sums, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, float max_scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(spd_kernels, CPU, m) { m.impl("adam_spd_step", &adam_spd_step); }
+TORCH_LIBRARY_IMPL(spd_kernels, CPU, m) {
+  m.impl("adam_spd_step", &adam_spd_step);
+  m.impl("adam_spd_partials", &adam_spd_partials);
+  m.impl("adam_spd_project", &adam_spd_project);
+}
 
 }  // namespace spd_kernels
 
-// Importing spd_kernels._C loads this library, which registers the op above.
+// Importing spd_kernels._C loads this library, which registers the ops above.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "AdamSPD CPU kernel (torch.ops.spd_kernels)", -1,
                                       nullptr};

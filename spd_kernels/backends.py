@@ -1,19 +1,21 @@
 """Backend registry: which function runs a bucket, and which one ``'auto'`` picks.
 
-Each backend is ``fn(bucket) -> stats`` (see ``spd_kernels.bucket``). The
-optimizer only ever talks to this module, never to a kernel directly.
+Each backend is ``fn(bucket) -> stats`` for a whole step, and
+``start(bucket) -> finish`` for a split step around an all-reduce of
+``bucket.sums`` (see ``spd_kernels.bucket``). The optimizer only ever talks to
+this module, never to a kernel directly.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 from torch import Tensor
 
 from .bucket import Bucket
-from .reference import reference_step
+from .reference import adam_q_, reference_step, spd_finalize, spd_project_, spd_sums
 
 IMPLS = ("auto", "reference", "triton", "cpu")
 
@@ -43,6 +45,34 @@ def run_reference(bucket: Bucket) -> Tensor:
     )
 
 
+def start_reference(bucket: Bucket) -> Callable[[], Tensor]:
+    """Split step on the reference: the Adam half now, the projection in ``finish``."""
+    if bucket.skipped():
+        bucket.sums.zero_()  # still joins the all-reduce: the other ranks skip too
+        return bucket.last_stats
+    lr = float(bucket.lr.item()) if isinstance(bucket.lr, Tensor) else bucket.lr
+    qs: List[Tensor] = []
+    for i, param in enumerate(bucket.params):
+        p, g, q = adam_q_(
+            param, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i],
+            bucket.max_exp_avg_sqs[i] if bucket.amsgrad else None, bucket.steps[i],
+            lr=lr, beta1=bucket.beta1, beta2=bucket.beta2, eps=bucket.eps, amsgrad=bucket.amsgrad,
+            grad_scale=bucket.grad_scale,
+        )
+        bucket.sums[i] = spd_sums(p, g, q, bucket.anchors[i] if bucket.anchors is not None else None)
+        qs.append(q)
+
+    def finish() -> Tensor:
+        rows = []
+        for i, (param, q) in enumerate(zip(bucket.params, qs)):
+            row = spd_finalize(bucket.sums[i], bucket.weight_decay, bucket.max_scale)
+            spd_project_(param, q, bucket.anchors[i] if bucket.anchors is not None else None, row)
+            rows.append(row.float())
+        return torch.stack(rows)
+
+    return finish
+
+
 def run_triton(bucket: Bucket) -> Tensor:
     from .ops.adam_spd import adam_spd_triton_step
 
@@ -54,6 +84,24 @@ def run_cpu(bucket: Bucket) -> Tensor:
 
     return adam_spd_cpu_step(bucket)
 
+
+def start_triton(bucket: Bucket) -> Callable[[], Tensor]:
+    from .ops.adam_spd import adam_spd_triton_partials
+
+    return adam_spd_triton_partials(bucket)
+
+
+def start_cpu(bucket: Bucket) -> Callable[[], Tensor]:
+    from ._cpu import adam_spd_cpu_partials
+
+    return adam_spd_cpu_partials(bucket)
+
+
+_STARTERS: Dict[str, Callable[[Bucket], Callable[[], Tensor]]] = {
+    "reference": start_reference,
+    "triton": start_triton,
+    "cpu": start_cpu,
+}
 
 _RUNNERS: Dict[str, Callable[[Bucket], Tensor]] = {
     "reference": run_reference,
@@ -121,3 +169,8 @@ def choose(impl: str, param: Tensor, anchor_dtype) -> str:
 
 def run(name: str, bucket: Bucket) -> Tensor:
     return _RUNNERS[name](bucket)
+
+
+def start(name: str, bucket: Bucket) -> Callable[[], Tensor]:
+    """The first half of a split step; call the returned ``finish`` after all-reducing ``bucket.sums``."""
+    return _STARTERS[name](bucket)

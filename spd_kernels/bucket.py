@@ -9,6 +9,11 @@ backend is one function ``fn(bucket) -> stats`` that updates ``params``,
 ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs`` and ``steps`` in place and
 returns the per-tensor stats (``spd_kernels.stats``) as an ``[n, NUM_STATS]``
 fp32 tensor on the bucket's device.
+
+A bucket of sharded tensors (each rank holds a slice; ``sums`` is set) runs as
+a split step instead: ``start(bucket)`` does the Adam half and writes each
+tensor's three local sums into ``sums``; the optimizer all-reduces them; the
+``finish()`` that ``start`` returned projects and returns the stats.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from .stats import NUM_STATS
 
 @dataclass
 class Bucket:
+    #: the tensors the backend updates: the params themselves, or their local shards
     params: List[Tensor] = field(default_factory=list)
     grads: List[Tensor] = field(default_factory=list)
     exp_avgs: List[Tensor] = field(default_factory=list)
@@ -50,6 +56,10 @@ class Bucket:
     stats: Optional[Tensor] = None
     #: per tensor, how many steps fired the projection condition (kept by the optimizer)
     projections: Optional[Tensor] = None
+    #: the optimizer's params these entries belong to (DTensors for sharded params)
+    owners: List[Tensor] = field(default_factory=list)
+    #: split step only: fp64 [n, 3], each tensor's sum g*(p-a), |p-a|^2, |q-a|^2 (local, then all-reduced)
+    sums: Optional[Tensor] = None
     #: private to the backend: what it derived from this bucket (e.g. device tables)
     backend_cache: Optional[object] = None
 

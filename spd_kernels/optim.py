@@ -15,6 +15,11 @@ State per parameter follows ``torch.optim.Adam``: ``step`` (0-d fp32 tensor),
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), all in fp32 (or the
 param dtype when wider), plus ``anchor`` for anchored groups, so that
 ``state_dict()`` saves it and sharded checkpointing shards it.
+
+DTensor params (FSDP2, HSDP) are updated through their local shards; the
+per-tensor sums are all-reduced between the two halves of the step (see
+``spd_kernels.distributed``), and states and anchors are DTensors placed like
+their params, so ``torch.distributed.checkpoint`` saves and loads them.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, distributed
 from .bucket import Bucket
 from .reference import compute_dtype
 from .stats import STAT_C, STAT_NAMES
@@ -159,7 +164,7 @@ class AdamSPD(Optimizer):
         self.anchor_dtype = anchor_dtype
         self._last_buckets: List[Tuple[List[Tensor], Tensor, Tensor]] = []
         # (key, buckets) of the last step: reused while the same params have grads
-        self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[str, int, Bucket]]]] = None
+        self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[str, int, Bucket]], List[Any]]] = None
         # How many steps fired the projection condition (c < 0): a vector per live
         # bucket (one add per step); per param here for params whose bucket was retired.
         self._projection_counts: Dict[Tensor, Tensor] = {}
@@ -191,16 +196,17 @@ class AdamSPD(Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"{where}['params'][{i}]: expected a Tensor, got {type(p).__name__}")
             _check_param_dtype(p, f"{where}['params'][{i}]")
+            distributed.reduce_key(p, f"{where}['params'][{i}]")  # raises for placements we cannot reduce
         merged = {**self.defaults, **group}
         if isinstance(merged["betas"], list):
             group["betas"] = merged["betas"] = tuple(merged["betas"])
         _check_hyperparameters(merged, where)
         if self.impl in ("triton", "cpu"):
             for i, p in enumerate(tensors):
-                if not backends.fused_supports(p, self.anchor_dtype):
+                if not backends.fused_supports(distributed.local(p), self.anchor_dtype):
                     raise ValueError(
                         f"{where}['params'][{i}]: impl={self.impl!r} takes contiguous fp32/bf16/fp16 params "
-                        f"(and anchors), got dtype {p.dtype}, contiguous={p.is_contiguous()}"
+                        f"(and anchors), got dtype {p.dtype}, contiguous={distributed.local(p).is_contiguous()}"
                     )
         anchors = self._check_anchors(pre, tensors, where)
 
@@ -211,6 +217,13 @@ class AdamSPD(Optimizer):
         if anchors is not None:
             for p, a in zip(tensors, anchors):
                 self.state[p]["anchor"] = a
+        # State is complete from the start (step 0, zero moments) for every param
+        # that can get a grad: torch.distributed.checkpoint treats a non-empty
+        # state (ours holds anchors) as fully initialized when it loads.
+        group = self.param_groups[-1]
+        for p in tensors:
+            if p.requires_grad:
+                self._init_state(p, group, self._step_device(p, group))
 
     def _check_anchors(self, pre: Any, params: List[Tensor], where: str) -> Optional[List[Tensor]]:
         """Validate ``pre`` against ``params``; return the anchors to store (None if anchor-free)."""
@@ -234,11 +247,12 @@ class AdamSPD(Optimizer):
                 raise ValueError(f"{at}: shape {tuple(a.shape)} does not match its param's {tuple(p.shape)}")
             if a.device != p.device:
                 raise ValueError(f"{at}: on {a.device}, its param is on {p.device}")
-            if p.numel() > 0 and a.data_ptr() == p.data_ptr():
+            a = distributed.place_like(p, a.detach(), at)
+            a_local, p_local = distributed.local(a), distributed.local(p)
+            if p_local.numel() > 0 and a_local.data_ptr() == p_local.data_ptr():
                 raise ValueError(f"{at}: the anchor shares storage with its param; pass a copy (p.detach().clone())")
             if self.impl in ("triton", "cpu") and a.dtype not in backends.FUSED_DTYPES and self.anchor_dtype is None:
                 raise ValueError(f"{at}: impl={self.impl!r} takes fp32/bf16/fp16 anchors, got {a.dtype}")
-            a = a.detach()
             if self.anchor_dtype is not None and a.dtype != self.anchor_dtype:
                 a = a.to(self.anchor_dtype)
             anchors.append(a)
@@ -264,12 +278,22 @@ class AdamSPD(Optimizer):
                     raise RuntimeError(f"{where}: grad on {g.device}, param on {p.device}")
                 if not g.is_floating_point():
                     raise RuntimeError(f"{where}: grad dtype {g.dtype} is not floating-point")
+                distributed.check_grad(p, g, where)
                 if not group["anchor_free"] and "anchor" not in self.state[p]:
                     raise RuntimeError(f"{where}: anchored group but the param has no anchor in state")
                 with_grad.append(p)
             if with_grad:
                 work.append((gi, group, with_grad))
         return work
+
+    def _impl_for(self, p: Tensor, group: Dict[str, Any]) -> str:
+        anchor = self.state[p].get("anchor") if not group["anchor_free"] else None
+        return backends.choose(self.impl, distributed.local(p), anchor.dtype if anchor is not None else None)
+
+    def _step_device(self, p: Tensor, group: Dict[str, Any], impl: Optional[str] = None) -> torch.device:
+        """Where ``step`` lives: on the param's device for Triton or capturable, else on the CPU."""
+        impl = impl or self._impl_for(p, group)
+        return p.device if impl == "triton" or group["capturable"] else torch.device("cpu")
 
     def _init_state(self, p: Tensor, group: Dict[str, Any], step_device: torch.device) -> Dict[str, Any]:
         state = self.state[p]
@@ -285,16 +309,23 @@ class AdamSPD(Optimizer):
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
         return state
 
-    def _buckets(self, work) -> List[Tuple[str, int, Bucket]]:
+    def _buckets(self, work) -> Tuple[List[Tuple[str, int, Bucket]], List[distributed.SumsReduction]]:
+        """The buckets of this step's params, and the all-reduces their split steps need.
+
+        Params of one bucket share a group, a backend, a device, dtypes and (for
+        sharded params) a reduction; the backend sees their local shards.
+        """
         buckets: Dict[Tuple, Tuple[str, int, Bucket]] = {}
+        sharded_rows: Dict[Tuple, List[int]] = defaultdict(list)  # bucket key -> rows in its reduction
+        n_rows: Dict[distributed.ReduceKey, int] = defaultdict(int)
         for gi, group, params in work:
             anchored = not group["anchor_free"]
-            for p in params:
+            for pi, p in enumerate(params):
                 anchor = self.state[p].get("anchor") if anchored else None
-                impl = backends.choose(self.impl, p, anchor.dtype if anchor is not None else None)
-                on_device = impl == "triton" or group["capturable"]
-                state = self._init_state(p, group, p.device if on_device else torch.device("cpu"))
-                key = (gi, impl, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None)
+                impl = self._impl_for(p, group)
+                state = self._init_state(p, group, self._step_device(p, group, impl))
+                reduce = distributed.reduce_key(p, f"param_groups[{gi}]['params'][{pi}]")
+                key = (gi, impl, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None, reduce)
                 if key not in buckets:
                     bucket = Bucket(
                         max_exp_avg_sqs=[] if group["amsgrad"] else None,
@@ -304,16 +335,23 @@ class AdamSPD(Optimizer):
                     _set_hyperparameters(bucket, group)
                     buckets[key] = (impl, gi, bucket)
                 b = buckets[key][2]
-                b.params.append(p)
-                b.grads.append(p.grad)
-                b.exp_avgs.append(state["exp_avg"])
-                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.owners.append(p)
+                b.params.append(distributed.local(p))
+                b.grads.append(distributed.local(p.grad))
+                b.exp_avgs.append(distributed.local(state["exp_avg"]))
+                b.exp_avg_sqs.append(distributed.local(state["exp_avg_sq"]))
                 b.steps.append(state["step"])
                 if group["amsgrad"]:
-                    b.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                    b.max_exp_avg_sqs.append(distributed.local(state["max_exp_avg_sq"]))
                 if anchored:
-                    b.anchors.append(anchor)
-        return list(buckets.values())
+                    b.anchors.append(distributed.local(anchor))
+                if reduce is not None:
+                    sharded_rows[key].append(n_rows[reduce])
+                    n_rows[reduce] += 1
+        reductions = distributed.plan_reductions(
+            [(buckets[key][2], key[-1], rows) for key, rows in sharded_rows.items()], n_rows
+        )
+        return list(buckets.values()), reductions
 
     def _cache_key(self) -> Tuple:
         """What decides the buckets: each group's params, which of them have grads, its switches."""
@@ -331,15 +369,16 @@ class AdamSPD(Optimizer):
     def _refresh(self, buckets: List[Tuple[str, int, Bucket]]) -> bool:
         """Point cached buckets at this step's grads and hyperparameters.
 
-        Returns False, changing nothing, if a grad is sparse: ``_gather`` then
-        raises the named error.
+        Returns False, changing nothing, if a grad is sparse or not placed like
+        its param: ``_gather`` then raises the named error.
         """
         fresh = []
         for _, _, bucket in buckets:
-            grads = [p.grad for p in bucket.params]
-            if any(g.is_sparse for g in grads):
+            grads = [p.grad for p in bucket.owners]
+            if any(g.is_sparse or distributed.is_dtensor(g) != distributed.is_dtensor(p)
+                   for g, p in zip(grads, bucket.owners)):
                 return False
-            fresh.append(grads)
+            fresh.append([distributed.local(g) for g in grads])
         for (_, gi, bucket), grads in zip(buckets, fresh):
             bucket.grads = grads
             _set_hyperparameters(bucket, self.param_groups[gi])  # an lr scheduler may have changed them
@@ -361,26 +400,38 @@ class AdamSPD(Optimizer):
         if cached is None or cached[0] != key or not self._refresh(cached[1]):
             work = self._gather()
             self._retire_buckets()
-            cached = self._bucket_cache = (key, self._buckets(work))
+            cached = self._bucket_cache = (key, *self._buckets(work))
+        _, buckets, reductions = cached
         # Set by torch.amp.GradScaler.step around this call (device tensors, never read here).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         self._last_buckets = []
-        for impl, _, bucket in cached[1]:
+        finishes = []
+        for impl, _, bucket in buckets:
             bucket.grad_scale = _on(grad_scale, bucket.device)
             bucket.found_inf = _on(found_inf, bucket.device)
             if bucket.projections is None:
                 self._start_counts(bucket)
-            stats = bucket.stats = backends.run(impl, bucket)
-            if impl != "triton":  # the Triton kernels count in place, with no extra launch
-                self._count_projections(bucket, stats)
-            self._last_buckets.append((bucket.params, stats, bucket.projections))
+            if bucket.sums is None:
+                self._finish(impl, bucket, backends.run(impl, bucket))
+            else:  # sharded: the Adam half and local sums now, the projection after the all-reduce
+                finishes.append((impl, bucket, backends.start(impl, bucket)))
+        for reduction in reductions:
+            reduction.all_reduce_()
+        for impl, bucket, finish in finishes:
+            self._finish(impl, bucket, finish())
         return loss
+
+    def _finish(self, impl: str, bucket: Bucket, stats: Tensor) -> None:
+        bucket.stats = stats
+        if impl != "triton":  # the Triton kernels count in place, with no extra launch
+            self._count_projections(bucket, stats)
+        self._last_buckets.append((bucket.owners, stats, bucket.projections))
 
     def _start_counts(self, bucket: Bucket) -> None:
         """A new bucket's projection counts, continuing those its params had."""
         zero = torch.zeros((), dtype=torch.float32, device=bucket.device)
-        counts = [self._projection_counts.pop(p, zero).to(bucket.device) for p in bucket.params]
+        counts = [self._projection_counts.pop(p, zero).to(bucket.device) for p in bucket.owners]
         bucket.projections = torch.stack(counts)
 
     def _count_projections(self, bucket: Bucket, stats: Tensor) -> None:
@@ -395,7 +446,7 @@ class AdamSPD(Optimizer):
         if self._bucket_cache is not None:
             for _, _, bucket in self._bucket_cache[1]:
                 if bucket.projections is not None:
-                    for p, count in zip(bucket.params, bucket.projections.unbind(0)):
+                    for p, count in zip(bucket.owners, bucket.projections.unbind(0)):
                         self._projection_counts[p] = count
         self._bucket_cache = None
 
@@ -467,12 +518,15 @@ class AdamSPD(Optimizer):
     def _loaded_tensor(self, key: str, value: Tensor, p: Tensor) -> Tensor:
         if key == "step":
             # the first step moves it to where its backend wants it
-            return value.detach().to(dtype=torch.float32, device="cpu", copy=True)
+            return distributed.local(value).detach().to(dtype=torch.float32, device="cpu", copy=True)
         if key in _MOMENT_KEYS:
-            return value.detach().to(dtype=compute_dtype(value.dtype), device=p.device, copy=True)
-        if key == "anchor":
-            return value.detach().to(dtype=self.anchor_dtype or value.dtype, device=p.device, copy=True)
-        return value.detach().to(device=p.device, copy=True)
+            dtype = compute_dtype(value.dtype)
+        elif key == "anchor":
+            dtype = self.anchor_dtype or value.dtype
+        else:
+            dtype = value.dtype
+        value = value.detach().to(dtype=dtype, device=p.device, copy=True)
+        return distributed.place_like(p, value, f"load_state_dict: state {key!r} of a param")
 
     def _check_loadable(self, state_dict: Dict[str, Any]) -> None:
         """Raise before loading if the saved groups and anchors do not fit this optimizer."""

@@ -23,7 +23,7 @@ once on store. The three reductions accumulate in fp64. The Adam part uses the s
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -34,6 +34,94 @@ from .stats import NUM_STATS, STAT_C, STAT_NORM_P_A, STAT_NORM_Q_A, STAT_R, STAT
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math runs in for a tensor stored as ``dtype``: fp32 or wider."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def adam_q_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Optional[Tensor],
+    step: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    amsgrad: bool,
+    grad_scale: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The Adam half of a step: increments ``step``, updates the moments in place
+    and returns ``(p, g, q)`` in the compute dtype (p before the step, the
+    unscaled grad, the plain Adam step). ``param`` itself is not written."""
+    cdt = compute_dtype(param.dtype)
+    step += 1
+    t = float(step.item())
+    bias_correction1 = 1.0 - beta1**t
+    bias_correction2 = 1.0 - beta2**t
+
+    p = param.detach().to(cdt)
+    g = grad.to(cdt)
+    if grad_scale is not None:
+        # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
+        g = g * grad_scale.double().reciprocal().to(cdt)
+
+    # Adam, as torch.optim.Adam's single-tensor path writes it.
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    if amsgrad:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    else:
+        second_moment = exp_avg_sq
+    denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    q = p.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
+    return p, g, q
+
+
+def _minus_anchor(x: Tensor, anchor: Optional[Tensor]) -> Tensor:
+    return x - anchor.to(x.dtype) if anchor is not None else x
+
+
+def spd_sums(p: Tensor, g: Tensor, q: Tensor, anchor: Optional[Tensor]) -> Tensor:
+    """The three sums SPD needs, in fp64: ``[sum g*(p-a), ||p-a||^2, ||q-a||^2]``.
+
+    They add over pieces of a tensor: the sums of a sharded tensor are the sum
+    of its shards' sums (accumulated in fp64 so the oracle is more accurate than
+    any backend)."""
+    acc = torch.promote_types(p.dtype, torch.float64)
+    d = _minus_anchor(p, anchor).to(acc)
+    e = _minus_anchor(q, anchor).to(acc)
+    return torch.stack([(g.to(acc) * d).sum(), (d * d).sum(), (e * e).sum()])
+
+
+def spd_finalize(sums: Tensor, weight_decay: float, max_scale: float = math.inf) -> Tensor:
+    """The stats row (``spd_kernels.stats`` layout) of a tensor from its three
+    whole-tensor sums, in the sums' dtype (the backends' rows are fp32)."""
+    condition = -sums[0]
+    norm_p_a = sums[1].sqrt()
+    norm_q_a = sums[2].sqrt()
+    ratio = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    scale = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    if condition < 0:
+        if norm_q_a > 0:
+            ratio = ((norm_q_a - norm_p_a) / norm_q_a).clamp(0.0, 1.0)
+        scale = (weight_decay * ratio).clamp(max=max_scale)
+    stats = torch.empty(NUM_STATS, dtype=sums.dtype, device=sums.device)
+    stats[STAT_C] = condition
+    stats[STAT_NORM_P_A] = norm_p_a
+    stats[STAT_NORM_Q_A] = norm_q_a
+    stats[STAT_R] = ratio
+    stats[STAT_SCALE] = scale
+    return stats
+
+
+def spd_project_(param: Tensor, q: Tensor, anchor: Optional[Tensor], stats: Tensor) -> None:
+    """``param = q - s*(q - a)`` with s from ``stats`` (no change to q when s = 0)."""
+    scale = stats[STAT_SCALE]
+    if scale != 0:
+        q = q - scale.to(q.dtype) * _minus_anchor(q, anchor)
+    param.copy_(q)
 
 
 def adam_spd_step_(
@@ -63,55 +151,14 @@ def adam_spd_step_(
     compute dtype; ``step`` is a 0-d tensor incremented here. The returned
     1-d tensor has ``NUM_STATS`` entries (see ``spd_kernels.stats``).
     """
-    cdt = compute_dtype(param.dtype)
-    step += 1
-    t = float(step.item())
-    bias_correction1 = 1.0 - beta1**t
-    bias_correction2 = 1.0 - beta2**t
-
-    p = param.detach().to(cdt)
-    g = grad.to(cdt)
-    if grad_scale is not None:
-        # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
-        g = g * grad_scale.double().reciprocal().to(cdt)
-
-    # Adam, as torch.optim.Adam's single-tensor path writes it.
-    exp_avg.lerp_(g, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    if amsgrad:
-        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        second_moment = max_exp_avg_sq
-    else:
-        second_moment = exp_avg_sq
-    denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    q = p.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
-
-    # Selective projection: the three reductions use p before the step. They are
-    # accumulated in fp64 so the oracle is more accurate than any backend's sums.
-    a = anchor.to(cdt) if anchor is not None else torch.zeros((), dtype=cdt, device=p.device)
-    p_minus_a = p - a
-    q_minus_a = q - a
-    acc = torch.promote_types(cdt, torch.float64)
-    condition = -(g.to(acc) * p_minus_a.to(acc)).sum()
-    norm_p_a = torch.linalg.vector_norm(p_minus_a.to(acc))
-    norm_q_a = torch.linalg.vector_norm(q_minus_a.to(acc))
-
-    ratio = torch.zeros((), dtype=acc, device=p.device)
-    scale = torch.zeros((), dtype=acc, device=p.device)
-    if condition < 0:
-        if norm_q_a > 0:
-            ratio = ((norm_q_a - norm_p_a) / norm_q_a).clamp(0.0, 1.0)
-        scale = (weight_decay * ratio).clamp(max=max_scale)
-        q = q - scale.to(cdt) * q_minus_a
-
-    param.copy_(q)
-    stats = torch.empty(NUM_STATS, dtype=torch.float32, device=p.device)
-    stats[STAT_C] = condition
-    stats[STAT_NORM_P_A] = norm_p_a
-    stats[STAT_NORM_Q_A] = norm_q_a
-    stats[STAT_R] = ratio
-    stats[STAT_SCALE] = scale
-    return stats
+    p, g, q = adam_q_(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, grad_scale=grad_scale,
+    )
+    # The selective projection: its sums use p before the step.
+    stats = spd_finalize(spd_sums(p, g, q, anchor), weight_decay, max_scale)
+    spd_project_(param, q, anchor, stats)
+    return stats.float()
 
 
 def reference_step(

@@ -12,7 +12,7 @@ from spd_kernels import AdamSPD, _cpu, backends
 from spd_kernels.reference import reference_step
 
 from .helpers import clone_params, make_anchors, make_params, set_grads
-from .kernel_parity import CASES, bucket_of, new_state, run_step_parity
+from .kernel_parity import CASES, bucket_of, new_state, run_step_parity, two_shard_step
 
 needs_kernel = pytest.mark.skipif(not _cpu.available(), reason=f"CPU kernel not built: {_cpu.load_error()}")
 
@@ -158,3 +158,10 @@ def test_capped_projection_matches_reference():
     # lam = 40 makes lam * r exceed 1 often: the cap must bind, in the kernel as in the reference
     run_step_parity(_cpu.adam_spd_cpu_step, SIZES, (torch.float32, torch.float32, False, False), CPU, steps=10, lam=40.0,
                     max_scale=1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES[:6], ids=[f"p={c[0]}-a={c[1]}-amsgrad={c[2]}-lr_tensor={c[3]}" for c in CASES[:6]])
+def test_split_step_on_two_shards_matches_reference(case):
+    # the partials/project ops with the shards' sums added in between, as FSDP2 runs them
+    run_step_parity(two_shard_step(_cpu.adam_spd_cpu_partials), SIZES, case, CPU, steps=10)

@@ -204,7 +204,21 @@ def test_step_without_grads_changes_nothing():
     assert opt.step() is None
     for p, b in zip(params, before):
         assert torch.equal(p, b)
-        assert "step" not in opt.state[p]
+        assert opt.state[p]["step"].item() == 0
+        assert not opt.state[p]["exp_avg"].any()
+
+
+def test_state_is_complete_from_construction():
+    # torch.distributed.checkpoint loads into a fresh optimizer's state_dict: every
+    # trainable param must have its entry (frozen params get none, as in torch.optim.Adam)
+    trainable, frozen = make_params([(3,), (2, 2)])
+    frozen.requires_grad_(False)
+    opt = AdamSPD([{"params": [trainable, frozen]}, {"params": make_params([(4,)]), "pre": None}], amsgrad=True)
+    saved = opt.state_dict()["state"]
+    assert set(saved[0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "anchor"}
+    assert set(saved[1]) == {"anchor"}
+    assert set(saved[2]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert all(not v.any() for entry in (saved[0], saved[2]) for k, v in entry.items() if k != "anchor")
 
 
 def test_zero_size_params_only():

@@ -1,16 +1,19 @@
-"""The reference against an independent float64 re-derivation of DESIGN.md section 1."""
+"""The reference against an independent float64 re-derivation of DESIGN.md section 1; its split step."""
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spd_kernels import backends
 from spd_kernels.reference import adam_spd_step_
 from spd_kernels.stats import STAT_C, STAT_NORM_P_A, STAT_NORM_Q_A, STAT_R, STAT_SCALE
 
 from .helpers import signed_grad
+from .kernel_parity import CASES, run_step_parity, two_shard_step
 
 
 def spd_float64(p, g, m, v, vmax, a, t, lr, b1, b2, eps, lam, amsgrad):
@@ -126,3 +129,9 @@ def test_projection_pulls_toward_anchor_by_lambda_r():
     assert 0 < r < 1
     torch.testing.assert_close(p, torch.tensor([want, want]), rtol=1e-6, atol=0)
     assert abs(stats[STAT_R].item() - r) < 1e-5
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6]], ids=["fp32", "bf16-amsgrad", "bf16-anchor-free"])
+def test_split_reference_step_on_two_shards_matches_reference(case):
+    # the reference's split step (Adam half, sums, projection) where the sums of two shards are added
+    run_step_parity(two_shard_step(backends.start_reference), [1, 7, 0, 300, 64], case, torch.device("cpu"), steps=8)

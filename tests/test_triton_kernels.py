@@ -15,7 +15,7 @@ from spd_kernels.ops import adam_spd as k
 from spd_kernels.stats import STAT_C, STAT_NORM_Q_A, STAT_R
 
 from .helpers import clone_params, make_params, signed_grad
-from .kernel_parity import CASES, bucket_of, new_state, run_step_parity
+from .kernel_parity import CASES, bucket_of, new_state, run_step_parity, two_shard_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
@@ -135,3 +135,14 @@ def test_capped_projection_matches_reference():
     # lam = 40 makes lam * r exceed 1 often: the cap must bind, in the kernel as in the reference
     run_step_parity(k.adam_spd_triton_step, SIZES, (torch.float32, torch.float32, False, False), DEVICE, steps=10, lam=40.0,
                     max_scale=1.0)
+
+
+SPLIT_CASES = [CASES[i] for i in (0, 4, 8, 6)]  # fp32, bf16, fp16 + amsgrad, anchor-free with a tensor lr
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"p={c[0]}-a={c[1]}-amsgrad={c[2]}-lr_tensor={c[3]}"
+                                                   for c in SPLIT_CASES])
+def test_split_step_on_two_shards_matches_reference(case):
+    # phase 1 -> per-tensor sums -> (the shards' sums added, as FSDP2's all-reduce) -> finalize -> phase 2
+    sizes = [1, 7, 0, 2 * CHUNK + 5, 1025]
+    run_step_parity(two_shard_step(k.adam_spd_triton_partials), sizes, case, DEVICE, steps=8)

@@ -40,7 +40,7 @@ storage dtypes and feature switches are ``tl.constexpr``.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 import triton
@@ -202,6 +202,7 @@ def _phase1_kernel(
     found_inf_ptr,  # fp32 [1] AMP: nonzero means inf/NaN grads, and the whole step is skipped
     n_tensors,
     n_chunks,
+    single_max,  # tensors of at most this many elements finish here; -1 (split step): none do
     lr,  # host lr (float), used unless LR_IS_TENSOR
     one_minus_beta1,  # host: 1 - beta1 in fp64, as torch rounds it
     beta2,
@@ -228,7 +229,7 @@ def _phase1_kernel(
     tid = tl.load(chunks_ptr + pid)
     start = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), BLOCK)  # chunks start on tile bounds
     numel = tl.load(numels_ptr + tid)
-    single = numel <= BLOCK * TILES  # this program owns the whole tensor
+    single = numel <= single_max  # this program owns the whole tensor and may finish it
     # GradScaler's scales are powers of two, so 1/scale is exact however the division rounds
     inv_scale = 1.0 / tl.load(grad_scale_ptr)
 
@@ -298,6 +299,21 @@ def _phase1_kernel(
 
 
 @triton.jit
+def _sum_rows(partials_ptr, first, count, FINALIZE_BLOCK: tl.constexpr):
+    """The three column sums of partial rows [first, first + count), in row order."""
+    acc_gd = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
+    acc_dd = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
+    acc_qq = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
+    for i in tl.range(0, count, FINALIZE_BLOCK):
+        rows = first + i + tl.arange(0, FINALIZE_BLOCK)
+        mask = i + tl.arange(0, FINALIZE_BLOCK) < count
+        acc_gd += tl.load(partials_ptr + rows * 3 + 0, mask=mask, other=0.0)
+        acc_dd += tl.load(partials_ptr + rows * 3 + 1, mask=mask, other=0.0)
+        acc_qq += tl.load(partials_ptr + rows * 3 + 2, mask=mask, other=0.0)
+    return tl.sum(acc_gd, axis=0), tl.sum(acc_dd, axis=0), tl.sum(acc_qq, axis=0)
+
+
+@triton.jit
 def _finalize_kernel(
     ptrs_ptr,  # int64 [7, n_tensors]: data_ptrs (the step row is used here)
     multi_ptr,  # int64 [3, n_multi]: (tensor index, first chunk, chunk count) per multi-chunk tensor
@@ -317,21 +333,52 @@ def _finalize_kernel(
     tid = tl.load(multi_ptr + pid)
     first = tl.load(multi_ptr + n_multi + pid)
     count = tl.load(multi_ptr + 2 * n_multi + pid)
-    acc_gd = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
-    acc_dd = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
-    acc_qq = tl.zeros([FINALIZE_BLOCK], dtype=tl.float32)
-    for i in tl.range(0, count, FINALIZE_BLOCK):
-        rows = first + i + tl.arange(0, FINALIZE_BLOCK)
-        mask = i + tl.arange(0, FINALIZE_BLOCK) < count
-        acc_gd += tl.load(partials_ptr + rows * 3 + 0, mask=mask, other=0.0)
-        acc_dd += tl.load(partials_ptr + rows * 3 + 1, mask=mask, other=0.0)
-        acc_qq += tl.load(partials_ptr + rows * 3 + 2, mask=mask, other=0.0)
+    sum_gd, sum_dd, sum_qq = _sum_rows(partials_ptr, first, count, FINALIZE_BLOCK)
     step_ptr = tl.load(ptrs_ptr + 6 * n_tensors + tid).to(tl.pointer_type(tl.float32))
     t = tl.load(step_ptr) + 1.0
-    _finalize(
-        tl.sum(acc_gd, axis=0), tl.sum(acc_dd, axis=0), tl.sum(acc_qq, axis=0),
-        weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t,
-    )
+    _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    multi_ptr,  # int64 [3, n_tensors]: (tensor index, first chunk, chunk count); every tensor (split step)
+    partials_ptr,  # fp32 [n_chunks, 3]
+    sums_ptr,  # fp64 [n_tensors, 3]: each tensor's sums over its (local) chunks; 0 for an empty shard
+    n_tensors,
+    FINALIZE_BLOCK: tl.constexpr,
+):
+    """Split step: a tensor's sums over this rank's chunks, for the caller to all-reduce."""
+    pid = tl.program_id(0)
+    tid = tl.load(multi_ptr + pid)
+    first = tl.load(multi_ptr + n_tensors + pid)
+    count = tl.load(multi_ptr + 2 * n_tensors + pid)
+    sum_gd, sum_dd, sum_qq = _sum_rows(partials_ptr, first, count, FINALIZE_BLOCK)
+    tl.store(sums_ptr + tid * 3 + 0, sum_gd.to(tl.float64))
+    tl.store(sums_ptr + tid * 3 + 1, sum_dd.to(tl.float64))
+    tl.store(sums_ptr + tid * 3 + 2, sum_qq.to(tl.float64))
+
+
+@triton.jit
+def _finalize_sums_kernel(
+    ptrs_ptr,  # int64 [7, n_tensors]: data_ptrs (the step row is used here)
+    sums_ptr,  # fp64 [n_tensors, 3]: whole-tensor sums (all-reduced over the shards)
+    stats_ptr,  # fp32 [n_tensors, 5]
+    counts_ptr,  # fp32 [n_tensors]
+    found_inf_ptr,  # fp32 [1] AMP: nonzero skips the step
+    n_tensors,
+    weight_decay,
+    max_scale,
+):
+    """Split step: stats, step and projection count of one tensor from its whole-tensor sums."""
+    if tl.load(found_inf_ptr) != 0.0:
+        return
+    tid = tl.program_id(0)
+    sum_gd = tl.load(sums_ptr + tid * 3 + 0).to(tl.float32)
+    sum_dd = tl.load(sums_ptr + tid * 3 + 1).to(tl.float32)
+    sum_qq = tl.load(sums_ptr + tid * 3 + 2).to(tl.float32)
+    step_ptr = tl.load(ptrs_ptr + 6 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    t = tl.load(step_ptr) + 1.0
+    _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t)
 
 
 @triton.jit
@@ -400,9 +447,11 @@ class _Plan:
 
     The state tensors (m, v, vmax, anchors, steps) of a bucket never change
     storage: the optimizer builds a new bucket when its state is replaced.
+    For a split step (``split``) every tensor, whatever its size, goes through
+    partials, so its sums can be all-reduced before the finalize.
     """
 
-    def __init__(self, bucket: Bucket, chunk: int, key: Tuple) -> None:
+    def __init__(self, bucket: Bucket, chunk: int, key: Tuple, split: bool) -> None:
         _check_bucket(bucket)
         self.key = key
         device = bucket.device
@@ -419,11 +468,12 @@ class _Plan:
             [t.data_ptr() for t in bucket.steps],
         ]
         self.aligned = all(ptr % 16 == 0 for row in rows[:6] for ptr in row)
+        self.single_max = -1 if split else chunk
         multi_chunks, single_chunks, multi = [], [], []
         for tid, numel in enumerate(numels):
-            if numel <= chunk:
+            if numel <= self.single_max:
                 single_chunks.append((tid, 0))
-            else:
+            else:  # an empty shard has no chunks: its sums are 0
                 first = len(multi_chunks)
                 multi_chunks.extend((tid, s) for s in range(0, numel, chunk))
                 multi.append((tid, first, len(multi_chunks) - first))
@@ -447,13 +497,13 @@ class _Plan:
         self.counts = torch.zeros(n, dtype=torch.float32, device=device)
 
 
-def _get_plan(bucket: Bucket, chunk: int) -> _Plan:
+def _get_plan(bucket: Bucket, chunk: int, split: bool) -> _Plan:
     ptr = Tensor.data_ptr
-    key = (chunk, tuple(map(ptr, bucket.params)), tuple(map(ptr, bucket.grads)))
+    key = (chunk, split, tuple(map(ptr, bucket.params)), tuple(map(ptr, bucket.grads)))
     plan = bucket.backend_cache
     if not isinstance(plan, _Plan) or plan.key != key:
         old = plan
-        plan = bucket.backend_cache = _Plan(bucket, chunk, key)
+        plan = bucket.backend_cache = _Plan(bucket, chunk, key, split)
         if isinstance(old, _Plan):
             # a step that AMP skips must leave the last stats in place: carry them over
             plan.stats.copy_(old.stats)
@@ -485,6 +535,83 @@ def _check_bucket(bucket: Bucket) -> None:
                 raise ValueError(f"triton backend: {name} of tensor {i} must be contiguous fp32")
 
 
+class _Step:
+    """The launch arguments of one step of one bucket (host side, no sync)."""
+
+    def __init__(self, bucket: Bucket, plan: _Plan, block: int, tiles: int, num_warps: int) -> None:
+        self.bucket, self.plan = bucket, plan
+        self.block, self.tiles, self.num_warps = block, tiles, num_warps
+        self.p_dtype = _TORCH_TO_TL[bucket.params[0].dtype]
+        self.g_dtype = _TORCH_TO_TL[bucket.grads[0].dtype]
+        self.anchored = bucket.anchors is not None
+        self.a_dtype = _TORCH_TO_TL[bucket.anchors[0].dtype] if self.anchored else tl.float32
+        lr = bucket.lr
+        self.lr_is_tensor = isinstance(lr, Tensor)
+        if self.lr_is_tensor and lr.device.type == "cpu" and bucket.device.type != "cpu":
+            lr, self.lr_is_tensor = float(lr.item()), False
+        # a float lr travels as a scalar argument; the pointer argument then only needs to be valid
+        self.lr_buf = lr.reshape(1).to(torch.float32) if self.lr_is_tensor else plan.stats
+        self.lr_value = 0.0 if self.lr_is_tensor else float(lr)
+        # projection counts: the optimizer's vector for this bucket, else a scratch one of the plan
+        self.counts = bucket.projections if bucket.projections is not None else plan.counts
+        self.grad_scale = _amp_arg(bucket.grad_scale, plan.amp_default[0:1])
+        self.found_inf = _amp_arg(bucket.found_inf, plan.amp_default[1:2])
+        self.ln_b1, self.ln_b2 = _ln(bucket.beta1), _ln(bucket.beta2)
+        self.store_q = self.p_dtype == tl.float32
+
+    def phase1(self) -> None:
+        b, plan = self.bucket, self.plan
+        if plan.n_chunks == 0:  # every tensor an empty shard
+            return
+        _phase1_kernel[(plan.n_chunks,)](
+            plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, self.counts, self.lr_buf,
+            self.grad_scale, self.found_inf, plan.n_tensors, plan.n_chunks, plan.single_max, self.lr_value,
+            1.0 - b.beta1, b.beta2, 1.0 - b.beta2, self.ln_b1, self.ln_b2, b.eps, b.weight_decay, b.max_scale,
+            P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, A_DTYPE=self.a_dtype, HAS_ANCHOR=self.anchored,
+            AMSGRAD=b.amsgrad, LR_IS_TENSOR=self.lr_is_tensor, STORE_Q=self.store_q, ALIGNED=plan.aligned,
+            BLOCK=self.block, TILES=self.tiles, num_warps=self.num_warps,
+        )
+
+    def finalize(self) -> None:
+        b, plan = self.bucket, self.plan
+        _finalize_kernel[(plan.n_multi,)](
+            plan.ptrs, plan.multi, plan.partials, plan.stats, self.counts, self.found_inf, plan.n_tensors,
+            plan.n_multi, b.weight_decay, b.max_scale, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
+        )
+
+    def sum_partials(self, sums: Tensor) -> None:
+        plan = self.plan
+        _sum_partials_kernel[(plan.n_tensors,)](
+            plan.multi, plan.partials, sums, plan.n_tensors, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
+        )
+
+    def finalize_sums(self, sums: Tensor) -> None:
+        b, plan = self.bucket, self.plan
+        _finalize_sums_kernel[(plan.n_tensors,)](
+            plan.ptrs, sums, plan.stats, self.counts, self.found_inf, plan.n_tensors, b.weight_decay, b.max_scale,
+            num_warps=1,
+        )
+
+    def phase2(self) -> None:
+        b, plan = self.bucket, self.plan
+        if plan.n_multi_chunks == 0:
+            return
+        _phase2_kernel[(plan.n_multi_chunks,)](
+            plan.ptrs, plan.numels, plan.chunks, plan.stats, self.lr_buf, self.found_inf,
+            plan.n_tensors, plan.n_chunks, self.lr_value, self.ln_b1, self.ln_b2, b.eps,
+            P_DTYPE=self.p_dtype, A_DTYPE=self.a_dtype, HAS_ANCHOR=self.anchored, AMSGRAD=b.amsgrad,
+            LR_IS_TENSOR=self.lr_is_tensor, RECOMPUTE_Q=not self.store_q, ALIGNED=plan.aligned,
+            BLOCK=self.block, TILES=self.tiles, num_warps=self.num_warps,
+        )
+
+
+def _prepare(bucket: Bucket, split: bool, block: int, tiles: int, num_warps: int) -> _Step:
+    # grads may come in another layout (e.g. transposed); the kernels need them dense like p
+    if not all(map(Tensor.is_contiguous, bucket.grads)):
+        bucket.grads = [g.contiguous() for g in bucket.grads]
+    return _Step(bucket, _get_plan(bucket, block * tiles, split), block, tiles, num_warps)
+
+
 def adam_spd_triton_step(
     bucket: Bucket, *, block: int = BLOCK, tiles: int = TILES, num_warps: int = NUM_WARPS
 ) -> Tensor:
@@ -492,46 +619,27 @@ def adam_spd_triton_step(
 
     No host-device sync: step counts and lr (if a tensor) stay on the device.
     """
-    # grads may come in another layout (e.g. transposed); the kernels need them dense like p
-    if not all(map(Tensor.is_contiguous, bucket.grads)):
-        bucket.grads = [g.contiguous() for g in bucket.grads]
-    plan = _get_plan(bucket, block * tiles)
-    p_dtype = _TORCH_TO_TL[bucket.params[0].dtype]
-    g_dtype = _TORCH_TO_TL[bucket.grads[0].dtype]
-    anchored = bucket.anchors is not None
-    a_dtype = _TORCH_TO_TL[bucket.anchors[0].dtype] if anchored else tl.float32
-    lr = bucket.lr
-    lr_is_tensor = isinstance(lr, Tensor)
-    if lr_is_tensor and lr.device.type == "cpu" and bucket.device.type != "cpu":
-        lr, lr_is_tensor = float(lr.item()), False
-    # a float lr travels as a scalar argument; the pointer argument then only needs to be valid
-    lr_buf = lr.reshape(1).to(torch.float32) if lr_is_tensor else plan.stats
-    # projection counts: the optimizer's vector for this bucket, else a scratch one of the plan
-    counts = bucket.projections if bucket.projections is not None else plan.counts
-    grad_scale = _amp_arg(bucket.grad_scale, plan.amp_default[0:1])
-    found_inf = _amp_arg(bucket.found_inf, plan.amp_default[1:2])
-    lr_value = 0.0 if lr_is_tensor else float(lr)
-    ln_b1, ln_b2 = _ln(bucket.beta1), _ln(bucket.beta2)
-    store_q = p_dtype == tl.float32
+    step = _prepare(bucket, False, block, tiles, num_warps)
+    step.phase1()
+    if step.plan.n_multi:
+        step.finalize()
+        step.phase2()
+    return step.plan.stats
 
-    _phase1_kernel[(plan.n_chunks,)](
-        plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, counts, lr_buf, grad_scale, found_inf,
-        plan.n_tensors, plan.n_chunks, lr_value, 1.0 - bucket.beta1, bucket.beta2, 1.0 - bucket.beta2, ln_b1, ln_b2,
-        bucket.eps, bucket.weight_decay, bucket.max_scale,
-        P_DTYPE=p_dtype, G_DTYPE=g_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored,
-        AMSGRAD=bucket.amsgrad, LR_IS_TENSOR=lr_is_tensor, STORE_Q=store_q, ALIGNED=plan.aligned,
-        BLOCK=block, TILES=tiles, num_warps=num_warps,
-    )
-    if plan.n_multi:
-        _finalize_kernel[(plan.n_multi,)](
-            plan.ptrs, plan.multi, plan.partials, plan.stats, counts, found_inf, plan.n_tensors, plan.n_multi,
-            bucket.weight_decay, bucket.max_scale, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
-        )
-        _phase2_kernel[(plan.n_multi_chunks,)](
-            plan.ptrs, plan.numels, plan.chunks, plan.stats, lr_buf, found_inf,
-            plan.n_tensors, plan.n_chunks, lr_value, ln_b1, ln_b2, bucket.eps,
-            P_DTYPE=p_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored, AMSGRAD=bucket.amsgrad,
-            LR_IS_TENSOR=lr_is_tensor, RECOMPUTE_Q=not store_q, ALIGNED=plan.aligned,
-            BLOCK=block, TILES=tiles, num_warps=num_warps,
-        )
-    return plan.stats
+
+def adam_spd_triton_partials(
+    bucket: Bucket, *, block: int = BLOCK, tiles: int = TILES, num_warps: int = NUM_WARPS
+) -> Callable[[], Tensor]:
+    """First half of a split step: Adam on every tensor and its three sums into
+    ``bucket.sums`` (fp64 [n, 3]). Returns ``finish``, to call once the caller has
+    all-reduced ``bucket.sums``: it finalizes, projects and returns the stats."""
+    step = _prepare(bucket, True, block, tiles, num_warps)
+    step.phase1()
+    step.sum_partials(bucket.sums)
+
+    def finish() -> Tensor:
+        step.finalize_sums(bucket.sums)
+        step.phase2()
+        return step.plan.stats
+
+    return finish

@@ -33,7 +33,8 @@ _PHASE1_SIG = {
     "ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunks_ptr": "*i64", "partials_ptr": "*fp32",
     "stats_ptr": "*fp32", "counts_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
     "found_inf_ptr": "*fp32",
-    "n_tensors": "i32", "n_chunks": "i32", "lr": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
+    "n_tensors": "i32", "n_chunks": "i32", "single_max": "i32", "lr": "fp32", "one_minus_beta1": "fp32",
+    "beta2": "fp32",
     "one_minus_beta2": "fp32", "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32",
     "weight_decay": "fp32", "max_scale": "fp32",
 }
@@ -41,6 +42,11 @@ _FINALIZE_SIG = {
     "ptrs_ptr": "*i64", "multi_ptr": "*i64", "partials_ptr": "*fp32", "stats_ptr": "*fp32",
     "counts_ptr": "*fp32", "found_inf_ptr": "*fp32", "n_tensors": "i32", "n_multi": "i32", "weight_decay": "fp32",
     "max_scale": "fp32",
+}
+_SUM_PARTIALS_SIG = {"multi_ptr": "*i64", "partials_ptr": "*fp32", "sums_ptr": "*fp64", "n_tensors": "i32"}
+_FINALIZE_SUMS_SIG = {
+    "ptrs_ptr": "*i64", "sums_ptr": "*fp64", "stats_ptr": "*fp32", "counts_ptr": "*fp32", "found_inf_ptr": "*fp32",
+    "n_tensors": "i32", "weight_decay": "fp32", "max_scale": "fp32",
 }
 _PHASE2_SIG = {
     "ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunks_ptr": "*i64", "stats_ptr": "*fp32",
@@ -86,6 +92,11 @@ def variants() -> Iterator[Variant]:
             dict(common, RECOMPUTE_Q=p_dtype != tl.float32), k.NUM_WARPS, all_fp32,
         )
     yield Variant("finalize", k._finalize_kernel, _FINALIZE_SIG, dict(FINALIZE_BLOCK=k.FINALIZE_BLOCK), 4, False)
+    # the split step (sharded params) adds these two around the caller's all-reduce
+    yield Variant(
+        "sum_partials", k._sum_partials_kernel, _SUM_PARTIALS_SIG, dict(FINALIZE_BLOCK=k.FINALIZE_BLOCK), 4, False
+    )
+    yield Variant("finalize_sums", k._finalize_sums_kernel, _FINALIZE_SUMS_SIG, {}, 1, False)
 
 
 @dataclass

@@ -1,0 +1,235 @@
+"""What each rank runs in the multi-process tests (tests/test_distributed.py).
+
+Every rank builds the same model from the same seed and trains on the same
+batch, so FSDP2's averaged gradients equal the single-process gradients
+exactly: what remains to compare is the optimizer. Each scenario returns plain
+tensors; the parent process asserts on them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spd_kernels import AdamSPD
+
+STEPS = 6
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    """Uneven shards on 2 ranks: 5 and 1 rows split 3/2 and 1/0 (an empty shard);
+    the 1000 x 40 weight is more than one CPU-kernel chunk per shard."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 1000), nn.Tanh(), nn.Linear(1000, 1)
+    )
+
+
+def batch(step: int):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 7, generator=gen), torch.randn(16, 1, generator=gen)
+
+
+def pretrained_anchors(model: nn.Sequential) -> List[torch.Tensor]:
+    """Full-tensor anchors for the first layer, away from its init so projections fire from step 2."""
+    gen = torch.Generator().manual_seed(77)
+    return [p.detach() + 0.3 * torch.randn(p.shape, generator=gen) for p in model[0].parameters()]
+
+
+def param_groups(model: nn.Sequential, anchors: List[torch.Tensor]):
+    """Given anchors (full tensors), snapshot anchors, and an anchor-free bias."""
+    return [
+        {"params": list(model[0].parameters()), "pre": anchors},
+        {"params": [model[2].weight, model[2].bias, model[4].weight, model[4].bias, model[6].weight]},
+        {"params": [model[6].bias], "pre": None},
+    ]
+
+
+def make_optimizer(model, anchors, impl):
+    return AdamSPD(param_groups(model, anchors), lr=0.05, weight_decay=1.0, impl=impl)
+
+
+def train(model, opt, steps, first_step=0, count_comms=False) -> Dict[str, object]:
+    """``steps`` steps on the batches of steps ``first_step`` on; optionally the
+    collectives each ``opt.step()`` issued (CommDebugMode)."""
+    fired = 0
+    comms = []
+    for step in range(first_step, first_step + steps):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        if count_comms:
+            from torch.distributed.tensor.debug import CommDebugMode
+
+            with CommDebugMode() as mode:
+                opt.step()
+            comms.append({str(op): n for op, n in mode.get_comm_counts().items()})
+        else:
+            opt.step()
+        fired += sum(int(s["projected"]) for s in opt.spd_stats().values())
+    return {"fired": fired, "comms": comms}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def snapshot(model, opt) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) params and optimizer states, by parameter name."""
+    out = {}
+    names = {p: n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = names[p]
+            out[f"param/{name}"] = full(p)
+            for key in ("exp_avg", "exp_avg_sq", "anchor"):
+                if key in opt.state[p]:
+                    out[f"{key}/{name}"] = full(opt.state[p][key])
+            out[f"step/{name}"] = opt.state[p]["step"].detach().clone()
+    # the last step's per-layer stats: c and the norms scale with the sums (r does not)
+    stats = opt.spd_stats()
+    for name, entry in stats.items():
+        out[f"stats/{name}"] = torch.stack([entry[k].float() for k in ("c", "norm_p_a", "norm_q_a", "r", "scale")])
+    return out
+
+
+def single_process(impl: str) -> Dict[str, torch.Tensor]:
+    model = make_model()
+    opt = make_optimizer(model, pretrained_anchors(model), impl)
+    result = train(model, opt, STEPS)
+    return {**snapshot(model, opt), "fired": torch.tensor(result["fired"])}
+
+
+def fsdp_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    anchors = pretrained_anchors(model)  # full tensors, as every rank loads the pre-trained weights
+    for i in (0, 2, 4, 6):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, anchors
+
+
+def fsdp(impl: str, mesh) -> Dict[str, torch.Tensor]:
+    model, anchors = fsdp_model(mesh)
+    opt = make_optimizer(model, anchors, impl)
+    result = train(model, opt, STEPS, count_comms=True)
+    locals_ = {f"local/{n}": p.to_local().clone() for n, p in model.named_parameters()}
+    return {**snapshot(model, opt), **locals_, "fired": torch.tensor(result["fired"]), "comms": result["comms"]}
+
+
+def ddp(impl: str) -> Dict[str, torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model()
+    anchors = pretrained_anchors(model)
+    wrapped = DistributedDataParallel(model)
+    opt = make_optimizer(model, anchors, impl)
+    result = train(wrapped, opt, STEPS, count_comms=True)
+    return {**snapshot(model, opt), "fired": torch.tensor(result["fired"]), "comms": result["comms"]}
+
+
+def checkpoint_resume(mesh, ckpt_dir: str) -> Dict[str, torch.Tensor]:
+    """Save with DCP mid-run, load into a fresh model and optimizer, finish the run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    half = STEPS // 2
+    model, anchors = fsdp_model(mesh)
+    opt = make_optimizer(model, anchors, "auto")
+    train(model, opt, half)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
+    train(model, opt, STEPS - half, first_step=half)
+    uninterrupted = snapshot(model, opt)
+
+    # a fresh model from another seed, with other anchors: everything must come from the checkpoint
+    from torch.distributed.fsdp import fully_shard
+
+    fresh = make_model(seed=123)
+    other_anchors = [a + 1.0 for a in pretrained_anchors(fresh)]
+    for i in (0, 2, 4, 6):
+        fully_shard(fresh[i], mesh=mesh)
+    fully_shard(fresh, mesh=mesh)
+    fresh_opt = make_optimizer(fresh, other_anchors, "auto")
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    anchor_kinds = sorted({type(fresh_opt.state[p]["anchor"]).__name__ for p in fresh_opt.state
+                           if "anchor" in fresh_opt.state[p]})
+    train(fresh, fresh_opt, STEPS - half, first_step=half)
+    resumed = snapshot(fresh, fresh_opt)
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "anchor_kinds": anchor_kinds}
+
+
+def errors(mesh) -> Dict[str, str]:
+    """The messages of bad sharded inputs, and whether a failed step changed anything."""
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+
+    def message(fn):
+        try:
+            fn()
+        except (ValueError, TypeError, RuntimeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    full = torch.randn(4, 3)
+    param = nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+    col_sharded = distribute_tensor(full + 1.0, mesh, [Shard(1)])
+    out["anchor_placement"] = message(lambda: AdamSPD([{"params": [param], "pre": [col_sharded]}]))
+    out["anchor_full_shape"] = message(lambda: AdamSPD([{"params": [param], "pre": [torch.randn(3, 4)]}]))
+    plain = nn.Parameter(torch.randn(4, 3))
+    out["dtensor_anchor_plain_param"] = message(
+        lambda: AdamSPD([{"params": [plain], "pre": [distribute_tensor(full, mesh, [Replicate()])]}])
+    )
+    partial = nn.Parameter(DTensor.from_local(torch.randn(4, 3), mesh, [Partial()]))
+    out["partial_param"] = message(lambda: AdamSPD([partial]))
+
+    opt = AdamSPD([{"params": [param], "pre": [full + 0.5]}], weight_decay=1.0)
+    before = param.detach().to_local().clone()
+    param.grad = torch.randn(4, 3)  # a plain grad for a sharded param
+    out["plain_grad"] = message(opt.step)
+    out["plain_grad_changed_nothing"] = str(
+        torch.equal(param.detach().to_local(), before) and opt.state[param]["step"].item() == 0
+    )
+    return out
+
+
+def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str]) -> None:
+    """Entry point of one spawned rank: runs ``scenarios`` and saves what they return."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        results = {}
+        for name in scenarios:
+            if name.startswith("fsdp:"):
+                mesh = init_device_mesh("cpu", (world,))
+                results[name] = fsdp(name.split(":", 1)[1], mesh)
+            elif name.startswith("hsdp:"):
+                mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+                results[name] = fsdp(name.split(":", 1)[1], mesh)
+            elif name.startswith("single:"):
+                results[name] = single_process(name.split(":", 1)[1])
+            elif name.startswith("ddp:"):
+                results[name] = ddp(name.split(":", 1)[1])
+            elif name == "errors":
+                results[name] = errors(init_device_mesh("cpu", (world,)))
+            elif name == "dcp":
+                results[name] = checkpoint_resume(init_device_mesh("cpu", (world,)), os.path.join(out_dir, "ckpt"))
+            else:
+                raise ValueError(f"unknown scenario {name!r}")
+            dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,140 @@
+"""AdamSPD under FSDP2 / HSDP / DDP: several processes on one machine (gloo, 127.0.0.1).
+
+A sharded step must equal the single-process step on the full tensors (the
+per-tensor sums are all-reduced, once per step), and a DCP checkpoint must
+resume a run bit for bit. The ranks run tests/distributed_scenarios.py and save
+what they saw; the assertions are here.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from spd_kernels import _cpu, backends
+
+from . import distributed_scenarios as sc
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
+
+FSDP_IMPLS = ["reference"] + (["cpu"] if _cpu.available() else []) + (
+    ["triton"] if backends.triton_runs_on(torch.device("cpu")) else []
+)
+#: what impl='auto' runs on CPU tensors here
+AUTO = "cpu" if _cpu.available() else "reference"
+
+#: fp32 params and states after the run; the stats rows (c and the norms carry the
+#: sums' rounding, and c cancels) get a looser bound
+STATE_TOL = 1e-6
+STATS_TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, scenarios, tmp_path):
+    mp.start_processes(sc.run_rank, args=(world, _free_port(), str(tmp_path), scenarios), nprocs=world,
+                       start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    scenarios = [f"fsdp:{impl}" for impl in FSDP_IMPLS] + [f"single:{impl}" for impl in FSDP_IMPLS]
+    scenarios += [f"ddp:{AUTO}", "dcp", "errors"]
+    return run_ranks(2, scenarios, tmp_path_factory.mktemp("two_ranks"))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+def assert_matches_single_process(sharded, single):
+    assert sharded.keys() - {"comms"} >= single.keys() - {"fired"}
+    for key, want in single.items():
+        if key == "fired":
+            continue
+        got = sharded[key]
+        assert got.shape == want.shape, key
+        if key.startswith("step/"):
+            assert torch.equal(got, want), key
+        else:
+            tol = STATS_TOL if key.startswith("stats/") else STATE_TOL
+            assert relative_error(got, want) <= tol, (key, relative_error(got, want))
+    # projections fired on both sides, and on the same (layer, step) count
+    assert int(single["fired"]) > 3
+    assert int(sharded["fired"]) == int(single["fired"])
+
+
+@pytest.mark.parametrize("impl", FSDP_IMPLS)
+def test_fsdp2_equals_single_process(two_ranks, impl):
+    for rank in two_ranks:
+        assert_matches_single_process(rank[f"fsdp:{impl}"], rank[f"single:{impl}"])
+
+
+def test_uneven_and_empty_shards_were_exercised(two_ranks):
+    r0, r1 = (r["fsdp:reference"] for r in two_ranks)
+    assert r0["local/0.weight"].shape == (3, 7) and r1["local/0.weight"].shape == (2, 7)
+    assert r0["local/6.weight"].shape == (1, 1000) and r1["local/6.weight"].shape == (0, 1000)
+    assert r1["local/6.bias"].numel() == 0
+
+
+@pytest.mark.parametrize("impl", FSDP_IMPLS)
+def test_one_all_reduce_per_step(two_ranks, impl):
+    # three param groups, several buckets, one mesh: one collective per step() on every rank
+    for rank in two_ranks:
+        comms = rank[f"fsdp:{impl}"]["comms"]
+        assert len(comms) == sc.STEPS
+        assert all(c == {"c10d.allreduce_": 1} for c in comms), comms
+
+
+def test_ddp_equals_single_process_without_collectives(two_ranks):
+    for rank in two_ranks:
+        ddp = rank[f"ddp:{AUTO}"]
+        assert all(c == {} for c in ddp["comms"]), ddp["comms"]  # DDP's replicas need no reduction of sums
+        assert_matches_single_process(ddp, rank[f"single:{AUTO}"])
+    for key, value in two_ranks[0][f"ddp:{AUTO}"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, two_ranks[1][f"ddp:{AUTO}"][key]), key  # the replicas stay identical
+
+
+def test_dcp_checkpoint_resumes_bitwise(two_ranks):
+    for rank in two_ranks:
+        dcp = rank["dcp"]
+        assert dcp["anchor_kinds"] == ["DTensor"]
+        want, got = dcp["uninterrupted"], dcp["resumed"]
+        assert want.keys() == got.keys() and any(k.startswith("anchor/") for k in want)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_hsdp_2x2_mesh_reduces_over_the_shard_dim_only(tmp_path):
+    # (replicate, shard) mesh of 4 ranks: all-reducing over all 4 would double every sum
+    ranks = run_ranks(4, [f"hsdp:{AUTO}", f"single:{AUTO}"], tmp_path)
+    for rank in ranks:
+        hsdp = rank[f"hsdp:{AUTO}"]
+        assert all(c == {"c10d.allreduce_": 1} for c in hsdp["comms"]), hsdp["comms"]
+        assert_matches_single_process(hsdp, rank[f"single:{AUTO}"])
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("anchor_placement", r"ValueError: param_groups\[0\]\['pre'\]\[0\]: DTensor placed as \(Shard\(dim=1\),\)"),
+    ("anchor_full_shape", r"ValueError: param_groups\[0\]\['pre'\]\[0\]: shape \(3, 4\) does not match"),
+    ("dtensor_anchor_plain_param", r"ValueError: param_groups\[0\]\['pre'\]\[0\]: a DTensor for a param that is a plain"),
+    ("partial_param", r"ValueError: param_groups\[0\]\['params'\]\[0\]: a DTensor param with a Partial placement"),
+    ("plain_grad", r"RuntimeError: param_groups\[0\]\['params'\]\[0\]: the param is a DTensor but its grad is Tensor"),
+])
+def test_bad_sharded_inputs_raise_named_errors(two_ranks, case, pattern):
+    import re
+
+    for rank in two_ranks:
+        assert re.match(pattern, rank["errors"][case]), rank["errors"][case]
+        assert rank["errors"]["plain_grad_changed_nothing"] == "True"
