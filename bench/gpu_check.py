@@ -12,6 +12,10 @@
    reference, on vit_b, many_small, llama_like and lora; GB/s at the minimal
    byte count (32 B/param SPD fp32, 28 AdamW) and % of the device-to-device
    copy bandwidth measured in the same run.
+4. The split step (sharded params): two-shard emulation on vit_b against the
+   reference; its kernels' time next to the fused step's; a one-rank FSDP2 run
+   over NCCL (DTensor params, the all-reduce on the GPU) against the
+   single-process optimizer, with the collectives counted.
 """
 from __future__ import annotations
 
@@ -121,6 +125,91 @@ def determinism():
     same = all(torch.equal(a, b) for a, b in zip(outs[0]["params"], outs[1]["params"]))
     log(f"determinism: two runs bitwise equal = {same}")
     return same
+
+
+def split_parity(name, shapes, p_dtype, a_dtype, steps=3):
+    """The split step on two halves of every tensor (sums added between), against the reference."""
+    from tests.kernel_parity import two_shard_step
+
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1.0, amsgrad=False)
+    state = make_state(shapes, p_dtype, a_dtype, False)
+    split = two_shard_step(k.adam_spd_triton_partials)
+    worst, mismatch = 0.0, 0
+    for step in range(steps):
+        grads = signed_grads(state["params"], state["anchors"], step + 11)
+        want = {key: None if v is None else [t.clone() for t in v] for key, v in state.items()}
+        want_stats = reference_step(grads=grads, **want, **hp)
+        got_stats = split(Bucket(grads=grads, **state, **hp)).clone()
+        worst = max([worst] + [rel(p, q) for p, q in zip(state["params"], want["params"])])
+        mismatch += int(((got_stats[:, STAT_C] < 0) != (want_stats[:, STAT_C] < 0)).sum())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[p_dtype]
+    ok = worst <= tol and mismatch == 0
+    log(f"split parity {name} p={p_dtype} a={a_dtype}: param={worst:.2e} branch_mismatch={mismatch} "
+        f"{'PASS' if ok else 'FAIL'}")
+    return dict(set=name, p=str(p_dtype), a=str(a_dtype), param=worst, branch_mismatch=mismatch, ok=ok)
+
+
+def split_timing(name, shapes, bw, reps_ms=200):
+    """Kernels of the split step (no collective) next to the fused step's, same bucket."""
+    n = param_sets.numel(shapes)
+    state = make_state(shapes, torch.float32, torch.float32, False, seed=5)
+    grads = signed_grads(state["params"], state["anchors"], 3)
+    bucket = Bucket(grads=grads, **state, lr=1e-3, weight_decay=1.0)
+    fused = do_bench(lambda: k.adam_spd_triton_step(bucket), warmup=50, rep=reps_ms, return_mode="median")
+    bucket.backend_cache = None
+    bucket.sums = torch.zeros((len(shapes), 3), dtype=torch.float64, device=DEV)
+    split = do_bench(lambda: k.adam_spd_triton_partials(bucket)(), warmup=50, rep=reps_ms, return_mode="median")
+    row = dict(set=name, fused_ms=fused, split_ms=split, split_vs_fused=split / fused,
+               split_pct_copy=100 * n * 32 / split / 1e6 / bw)
+    log(f"split timing {name}: fused {fused:.3f} ms, split {split:.3f} ms ({split / fused:.2f}x), "
+        f"{row['split_pct_copy']:.1f}% of copy")
+    return row
+
+
+def fsdp_one_rank():
+    """FSDP2 on a one-rank NCCL mesh: DTensor params, the sums all-reduced on the GPU."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        def model():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.GELU(), torch.nn.Linear(512, 8)).to(DEV)
+
+        x = torch.randn(32, 64, device=DEV)
+        results = []
+        comms = []
+        for sharded in (False, True):
+            m = model()
+            anchors = [p.detach() + 0.01 for p in m.parameters()]  # full tensors, placed like their params
+            if sharded:
+                fully_shard(m, mesh=init_device_mesh("cuda", (1,)))
+            opt = AdamSPD([{"params": list(m.parameters()), "pre": anchors}], lr=1e-2, weight_decay=1.0)
+            for _ in range(5):
+                opt.zero_grad()
+                m(x).square().mean().backward()
+                with CommDebugMode() as mode:
+                    opt.step()
+                if sharded:
+                    comms.append(mode.get_total_counts())
+            results.append([(p.full_tensor() if sharded else p).detach().clone() for p in m.parameters()])
+        worst = max(rel(a, b) for a, b in zip(results[1], results[0]))
+        ok = worst <= 1e-6 and comms == [1] * 5
+        log(f"fsdp one rank (nccl): worst rel err {worst:.2e}, collectives per step {comms} "
+            f"{'PASS' if ok else 'FAIL'}")
+        return ok
+    finally:
+        dist.destroy_process_group()
 
 
 def make_params(shapes, dtype=torch.float32, seed=0):
@@ -339,6 +428,13 @@ def main():
         section(f"timing_{name}", lambda name=name: timing.extend(time_set(name, param_sets.get(name), bw)) or True)
     RESULTS["timing"] = timing
     section("configs", lambda: kernel_configs("vit_b", vit, bw) + kernel_configs("llama_like", param_sets.llama_like(), bw))
+    section("split_parity", lambda: [
+        split_parity("vit_b", vit, torch.float32, torch.float32),
+        split_parity("vit_b", vit, torch.bfloat16, None),
+    ])
+    section("split_timing", lambda: [split_timing("vit_b", vit, bw)] + (
+        [] if args.quick else [split_timing("llama_like", param_sets.llama_like(), bw)]))
+    section("fsdp_one_rank", fsdp_one_rank)
 
     log("")
     log(f"{'set':11s} {'impl':20s} {'ms/step':>9s} {'GB/s':>7s} {'%copy':>6s} {'vs fused':>8s} {'x ref':>7s}")
@@ -350,7 +446,9 @@ def main():
         with open(args.out, "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)
     parity_ok = isinstance(RESULTS.get("parity"), list) and all(r["ok"] for r in RESULTS["parity"])
-    checks_ok = all(RESULTS.get(name) is True for name in ("determinism", "cuda_graph", "amp"))
+    checks_ok = all(RESULTS.get(name) is True for name in ("determinism", "cuda_graph", "amp", "fsdp_one_rank"))
+    checks_ok = checks_ok and isinstance(RESULTS.get("split_parity"), list) and all(
+        r["ok"] for r in RESULTS["split_parity"])
     return 0 if parity_ok and checks_ok else 1
 
 
