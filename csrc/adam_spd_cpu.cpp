@@ -38,6 +38,7 @@
 #include <Python.h>
 
 #include <array>
+#include <optional>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -333,6 +334,14 @@ void check_inputs(const char* op, at::TensorList params, at::TensorList grads, a
   }
 }
 
+// A tensor lr (a 0-d CPU tensor: torch.compile passes it to the op unchanged, so
+// changing it recompiles nothing) overrides the float.
+double resolve_lr(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  if (!lr_tensor.has_value()) return lr;
+  TORCH_CHECK(lr_tensor->device().is_cpu() && lr_tensor->numel() == 1, op, ": lr_tensor must be a one-element CPU tensor");
+  return lr_tensor->item<double>();
+}
+
 void check_sums(const char* op, const at::Tensor& sums, int64_t n) {
   TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
                   sums.dim() == 2 && sums.size(0) == n && sums.size(1) == 3,
@@ -383,12 +392,14 @@ void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                          at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, double max_scale, double inv_grad_scale) {
+                         double weight_decay, double max_scale, double inv_grad_scale,
+                         const std::optional<at::Tensor>& lr_tensor) {
   check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, 5}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
   float* out = stats.data_ptr<float>();
+  lr = resolve_lr("adam_spd_step", lr, lr_tensor);
   dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
     SPD_TYPES(p_type, a_type, ams, anc);
     run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
@@ -400,12 +411,13 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
 void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                        at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                       double inv_grad_scale, const at::Tensor& sums) {
+                       double inv_grad_scale, const at::Tensor& sums, const std::optional<at::Tensor>& lr_tensor) {
   check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_partials", sums, n);
   if (n == 0) return;
   double* out = sums.data_ptr<double>();
+  lr = resolve_lr("adam_spd_partials", lr, lr_tensor);
   dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
     SPD_TYPES(p_type, a_type, ams, anc);
     partials_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
@@ -416,7 +428,7 @@ void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorLi
 at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                             at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
                             const at::Tensor& sums, double lr, double beta1, double beta2, double eps,
-                            double weight_decay, double max_scale) {
+                            double weight_decay, double max_scale, const std::optional<at::Tensor>& lr_tensor) {
   check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, false);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_project", sums, n);
@@ -424,6 +436,7 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
   if (n == 0) return stats;
   const double* in = sums.data_ptr<double>();
   float* out = stats.data_ptr<float>();
+  lr = resolve_lr("adam_spd_project", lr, lr_tensor);
   dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
     SPD_TYPES(p_type, a_type, ams, anc);
     project_bucket<P, A, AMS, ANC>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, lr, beta1,
@@ -440,15 +453,15 @@ TORCH_LIBRARY(spd_kernels, m) {
   m.def(
       "adam_spd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, float max_scale, float inv_grad_scale) -> Tensor");
+      "float eps, float weight_decay, float max_scale, float inv_grad_scale, Tensor? lr_tensor=None) -> Tensor");
   m.def(
       "adam_spd_partials(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float inv_grad_scale, Tensor(f!) sums) -> ()");
+      "float eps, float inv_grad_scale, Tensor(f!) sums, Tensor? lr_tensor=None) -> ()");
   m.def(
       "adam_spd_project(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
       "Tensor[] anchors, Tensor[] steps, Tensor sums, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float max_scale) -> Tensor");
+      "float weight_decay, float max_scale, Tensor? lr_tensor=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spd_kernels, CPU, m) {

@@ -52,17 +52,17 @@ if hasattr(torch.library, "register_fake"):
 
         @torch.library.register_fake("spd_kernels::adam_spd_step")
         def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, eps,
-              weight_decay, max_scale, inv_grad_scale):
+              weight_decay, max_scale, inv_grad_scale, lr_tensor=None):
             return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 
         @torch.library.register_fake("spd_kernels::adam_spd_partials")
         def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, eps,
-              inv_grad_scale, sums):
+              inv_grad_scale, sums, lr_tensor=None):
             return None
 
         @torch.library.register_fake("spd_kernels::adam_spd_project")
         def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, sums, lr, beta1, beta2, eps,
-              weight_decay, max_scale):
+              weight_decay, max_scale, lr_tensor=None):
             return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 else:  # pragma: no cover - torch older than we support
     def _register_fake() -> None:
@@ -70,28 +70,33 @@ else:  # pragma: no cover - torch older than we support
 
 
 def _host_args(bucket: Bucket):
-    """(lr, 1/grad_scale, contiguous grads) as the ops take them."""
-    lr = bucket.lr
+    """(lr, lr_tensor, 1/grad_scale, contiguous grads) as the ops take them.
+
+    A tensor lr goes to the op as it is (read there, on the CPU): under
+    torch.compile it stays a graph input, so changing it recompiles nothing.
+    """
+    lr, lr_tensor = bucket.lr, None
     if isinstance(lr, Tensor):
-        lr = float(lr.item())
+        lr, lr_tensor = 0.0, lr.detach().reshape(()).to("cpu")
     # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
     inv_scale = 1.0 if bucket.grad_scale is None else float(bucket.grad_scale.double().reciprocal().float())
     grads = bucket.grads
     if not all(map(Tensor.is_contiguous, grads)):
         grads = [g.contiguous() for g in grads]
-    return lr, inv_scale, grads
+    return lr, lr_tensor, inv_scale, grads
 
 
 def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
     """One AdamSPD step of a bucket of CPU tensors with the compiled kernel; returns stats [n, 5]."""
     if bucket.skipped():  # found_inf lives on the CPU here: reading it syncs nothing
         return bucket.last_stats()
-    lr, inv_scale, grads = _host_args(bucket)
+    lr, lr_tensor, inv_scale, grads = _host_args(bucket)
     return torch.ops.spd_kernels.adam_spd_step(
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if bucket.amsgrad else [],
         bucket.anchors if bucket.anchors is not None else [],
         bucket.steps, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale, inv_scale,
+        lr_tensor,
     )
 
 
@@ -101,18 +106,19 @@ def adam_spd_cpu_partials(bucket: Bucket) -> Callable[[], Tensor]:
     if bucket.skipped():
         bucket.sums.zero_()  # still joins the all-reduce: the other ranks skip too
         return bucket.last_stats
-    lr, inv_scale, grads = _host_args(bucket)
+    lr, lr_tensor, inv_scale, grads = _host_args(bucket)
     max_exp_avg_sqs = bucket.max_exp_avg_sqs if bucket.amsgrad else []
     anchors = bucket.anchors if bucket.anchors is not None else []
     torch.ops.spd_kernels.adam_spd_partials(
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, max_exp_avg_sqs, anchors, bucket.steps,
-        lr, bucket.beta1, bucket.beta2, bucket.eps, inv_scale, bucket.sums,
+        lr, bucket.beta1, bucket.beta2, bucket.eps, inv_scale, bucket.sums, lr_tensor,
     )
 
     def finish() -> Tensor:
         return torch.ops.spd_kernels.adam_spd_project(
             bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, max_exp_avg_sqs, anchors, bucket.steps,
             bucket.sums, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale,
+            lr_tensor,
         )
 
     return finish

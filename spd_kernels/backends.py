@@ -74,6 +74,11 @@ def start_reference(bucket: Bucket) -> Callable[[], Tensor]:
 
 
 def run_triton(bucket: Bucket) -> Tensor:
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the launcher's pointer tables: the compiled graph calls an opaque op
+        from .ops.triton_custom_op import run_bucket
+
+        return run_bucket(bucket)
     from .ops.adam_spd import adam_spd_triton_step
 
     return adam_spd_triton_step(bucket)

@@ -66,7 +66,8 @@ def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"{where}: lr as a tensor must have one element, got shape {tuple(lr.shape)}")
-        if lr.device.type == "cpu":  # a device lr is not read back: that would sync
+        # a device lr is not read back (that would sync), nor one being traced by torch.compile
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
             lr = lr.item()
     if not isinstance(lr, Tensor) and not (lr >= 0.0):
         raise ValueError(f"{where}: lr must be >= 0, got {lr}")

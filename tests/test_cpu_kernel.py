@@ -165,3 +165,36 @@ def test_capped_projection_matches_reference():
 def test_split_step_on_two_shards_matches_reference(case):
     # the partials/project ops with the shards' sums added in between, as FSDP2 runs them
     run_step_parity(two_shard_step(_cpu.adam_spd_cpu_partials), SIZES, case, CPU, steps=10)
+
+
+@needs_kernel
+def test_split_ops_schema_and_fake_impl():
+    gen = torch.Generator().manual_seed(6)
+    state = new_state([5, 20000], torch.float32, torch.float32, True, gen, CPU)
+    grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
+    sums = torch.zeros((2, 3), dtype=torch.float64)
+    lr = torch.tensor(0.01)
+    torch.library.opcheck(
+        torch.ops.spd_kernels.adam_spd_partials.default,
+        (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
+         state["anchors"], state["steps"], 0.0, 0.9, 0.999, 1e-8, 1.0, sums, lr),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.spd_kernels.adam_spd_project.default,
+        (state["params"], state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"], state["anchors"],
+         state["steps"], sums, 0.0, 0.9, 0.999, 1e-8, 1.0, float("inf"), lr),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@needs_kernel
+def test_ops_name_bad_sums_and_lr_tensor():
+    state = new_state([5], torch.float32, None, False, torch.Generator().manual_seed(1), CPU)
+    grads = [torch.randn(5)]
+    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], [], state["steps"], 0.01, 0.9,
+            0.999, 1e-8, 1.0)
+    with pytest.raises(RuntimeError, match=r"adam_spd_partials: sums must be a contiguous fp64 CPU tensor of shape \[1, 3\]"):
+        torch.ops.spd_kernels.adam_spd_partials(*args, torch.zeros((1, 3)))
+    with pytest.raises(RuntimeError, match="adam_spd_step: lr_tensor must be a one-element CPU tensor"):
+        torch.ops.spd_kernels.adam_spd_step(*args, float("inf"), 1.0, torch.ones(2))

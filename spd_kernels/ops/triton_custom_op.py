@@ -1,0 +1,106 @@
+"""The fused Triton step as a ``torch.library`` custom op, for ``torch.compile``.
+
+Eager ``step()`` calls the launcher in ``adam_spd.py`` directly. Under
+``torch.compile`` that launcher cannot be traced: its kernels reach every tensor
+through a device table of raw ``data_ptr()`` values, which Dynamo cannot see
+through, and for the same reason ``torch.library.triton_op`` / ``wrap_triton``
+(which need the compiler to see each tensor a kernel touches) do not apply. So
+the compiled step calls this opaque op instead: the graph records which tensors
+it mutates, a fake impl gives the stats' shape, and at run time the op runs the
+same kernels. A tensor ``lr`` is an op input, so changing it recompiles nothing.
+
+Plans (the device tables) are cached by every pointer they hold, since the op,
+unlike the optimizer's buckets, cannot know when a state tensor was replaced.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ..bucket import Bucket
+from ..stats import NUM_STATS
+
+#: how many bucket plans the op keeps (a model's buckets, several optimizers)
+_MAX_PLANS = 64
+_plans: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def _cached_plan(bucket: Bucket):
+    ptr = Tensor.data_ptr
+    key = tuple(
+        tuple(map(ptr, ts))
+        for ts in (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+                   bucket.max_exp_avg_sqs or [], bucket.anchors or [], bucket.steps)
+    )
+    plan = _plans.get(key)
+    if plan is not None:
+        _plans.move_to_end(key)
+    return key, plan
+
+
+@torch.library.custom_op(
+    "spd_kernels::adam_spd_triton_step",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "counts"),
+)
+def adam_spd_triton_step_op(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    max_exp_avg_sqs: List[Tensor],
+    anchors: List[Tensor],
+    steps: List[Tensor],
+    counts: Tensor,
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    max_scale: float,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+) -> Tensor:
+    """One fused step of a bucket (empty ``max_exp_avg_sqs``: no amsgrad; empty
+    ``anchors``: anchor-free); returns a fresh copy of the stats [n, 5]."""
+    from .adam_spd import adam_spd_triton_step
+
+    bucket = Bucket(
+        params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs or None, anchors=anchors or None, steps=steps,
+        lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, amsgrad=bool(max_exp_avg_sqs), max_scale=max_scale,
+        grad_scale=grad_scale, found_inf=found_inf, projections=counts,
+    )
+    key, bucket.backend_cache = _cached_plan(bucket)
+    stats = adam_spd_triton_step(bucket)
+    _plans[key] = bucket.backend_cache
+    while len(_plans) > _MAX_PLANS:
+        _plans.popitem(last=False)
+    # the plan's stats buffer is reused by the next step: an op output must be its own
+    return stats.clone()
+
+
+@adam_spd_triton_step_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, counts, lr, lr_tensor, beta1, beta2,
+      eps, weight_decay, max_scale, grad_scale, found_inf):
+    return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
+
+
+def run_bucket(bucket: Bucket) -> Tensor:
+    """The compiled step's call: the bucket's tensors through the op."""
+    lr = bucket.lr
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    counts = bucket.projections
+    if counts is None:
+        counts = torch.zeros(len(bucket), dtype=torch.float32, device=bucket.device)
+    return adam_spd_triton_step_op(
+        bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+        bucket.max_exp_avg_sqs if bucket.amsgrad else [], bucket.anchors if bucket.anchors is not None else [],
+        bucket.steps, counts, 0.0 if lr_tensor is not None else float(lr), lr_tensor,
+        bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale,
+        bucket.grad_scale, bucket.found_inf,
+    )
