@@ -16,6 +16,7 @@
    reference; its kernels' time next to the fused step's; a one-rank FSDP2 run
    over NCCL (DTensor params, the all-reduce on the GPU) against the
    single-process optimizer, with the collectives counted.
+5. The Hugging Face examples on the GPU, if transformers/peft are installed.
 """
 from __future__ import annotations
 
@@ -210,6 +211,28 @@ def fsdp_one_rank():
         return ok
     finally:
         dist.destroy_process_group()
+
+
+def hf_examples():
+    """The Hugging Face examples on the GPU (Trainer + scheduler; PEFT LoRA), when installed."""
+    import importlib.util
+    import os
+
+    if not all(importlib.util.find_spec(m) for m in ("transformers", "peft", "accelerate")):
+        log("hf examples: transformers/peft/accelerate not installed here, skipped")
+        return "skipped"
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import hf_trainer
+    import peft_lora
+
+    losses, _ = hf_trainer.main(max_steps=60)
+    lora_losses, opt = peft_lora.main(steps=80)
+    lora_first, lora_last = sum(lora_losses[:10]) / 10, sum(lora_losses[-10:]) / 10
+    on_gpu = all(p.is_cuda for g in opt.param_groups for p in g["params"])
+    ok = losses[-1] < 0.7 * losses[0] and lora_last < 0.8 * lora_first and on_gpu
+    log(f"hf examples: trainer loss {losses[0]:.3f} -> {losses[-1]:.3f}; lora {lora_first:.3f} -> {lora_last:.3f};"
+        f" params on GPU {on_gpu} {'PASS' if ok else 'FAIL'}")
+    return ok
 
 
 def make_params(shapes, dtype=torch.float32, seed=0):
@@ -435,6 +458,7 @@ def main():
     section("split_timing", lambda: [split_timing("vit_b", vit, bw)] + (
         [] if args.quick else [split_timing("llama_like", param_sets.llama_like(), bw)]))
     section("fsdp_one_rank", fsdp_one_rank)
+    section("hf_examples", hf_examples)
 
     log("")
     log(f"{'set':11s} {'impl':20s} {'ms/step':>9s} {'GB/s':>7s} {'%copy':>6s} {'vs fused':>8s} {'x ref':>7s}")
@@ -447,6 +471,7 @@ def main():
             json.dump(RESULTS, f, indent=1, default=str)
     parity_ok = isinstance(RESULTS.get("parity"), list) and all(r["ok"] for r in RESULTS["parity"])
     checks_ok = all(RESULTS.get(name) is True for name in ("determinism", "cuda_graph", "amp", "fsdp_one_rank"))
+    checks_ok = checks_ok and RESULTS.get("hf_examples") in (True, "skipped")
     checks_ok = checks_ok and isinstance(RESULTS.get("split_parity"), list) and all(
         r["ok"] for r in RESULTS["split_parity"])
     return 0 if parity_ok and checks_ok else 1

@@ -16,16 +16,18 @@ import torch  # noqa: E402
 from spd_kernels import AdamSPD, fine_tuning_param_groups  # noqa: E402
 
 
-def main(steps: int = 80, seed: int = 0):
+def main(steps: int = 80, seed: int = 0, device: str | None = None):
+    """Train the LoRA factors (and the new head) on CUDA when there is a GPU, else on the CPU."""
     from peft import LoraConfig, get_peft_model
     from transformers import BertForSequenceClassification
 
     from _synthetic import ContainsTokenDataset, tiny_bert_config
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     base = BertForSequenceClassification(tiny_bert_config())
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                             modules_to_save=["classifier"]))
+                                             modules_to_save=["classifier"])).to(device)
     groups = fine_tuning_param_groups(model, new=("lora_", "classifier"), new_policy="anchor_free")
     assert len(groups) == 1, "the base is frozen: only new params train"
     optimizer = AdamSPD(groups, lr=1e-2, weight_decay=0.5)
@@ -35,7 +37,7 @@ def main(steps: int = 80, seed: int = 0):
     losses, step = [], 0
     while step < steps:
         for batch in loader:
-            loss = model(**batch).loss
+            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
