@@ -33,6 +33,14 @@ bitwise identical):
    store q (that would round it twice); phase 2 recomputes q from the old p and
    the new m, v and rounds once on store.
 
+Split step (sharded params: each rank holds a slice of every tensor, and the
+sums must cover the whole tensor). Phase 1 runs with ``single_max = -1`` so no
+tensor finishes in place; ``_sum_partials_kernel`` (one program per tensor)
+writes each tensor's local sums to an fp64 [n, 3] buffer that the caller
+all-reduces; ``_finalize_sums_kernel`` turns the reduced sums into the stats,
+steps and counts; phase 2 then covers every chunk. An empty shard has no
+chunks and sums to 0.
+
 Per element, fp32 params move p, g, m, v, a in and p, m, v out: 32 bytes.
 Hyperparameters are runtime scalars (one compile serves every lr); only the
 storage dtypes and feature switches are ``tl.constexpr``.
