@@ -61,6 +61,9 @@ def train(model, opt, steps, first_step=0, count_comms=False) -> Dict[str, objec
         x, y = batch(step)
         opt.zero_grad(set_to_none=True)
         nn.functional.mse_loss(model(x), y).backward()
+        if step == 3:  # a param without a grad for one step (as if unused), the same on every rank
+            params = dict(model.named_parameters())
+            params[next(n for n in params if n.endswith("2.bias"))].grad = None
         if count_comms:
             from torch.distributed.tensor.debug import CommDebugMode
 
