@@ -9,8 +9,10 @@ sums of all sharded tensors that share a reduction (the same mesh and the
 same sharded mesh dims) travel in ONE ``[num_tensors, 3]`` fp64 buffer, over
 the mesh's own process group for those dims: one collective per step for
 FSDP2, none for replicated dims (HSDP's replicas already agree), none for
-plain tensors (DDP). Rows follow the param groups' order, which every rank
-shares; an empty shard adds zeros.
+plain tensors (DDP). Several sharded dims of a named mesh (2-D FSDP + TP
+sharding) reduce over their flattened sub-mesh, still one collective; an
+unnamed mesh cannot be flattened and takes one per sharded dim. Rows follow
+the param groups' order, which every rank shares; an empty shard adds zeros.
 """
 from __future__ import annotations
 
@@ -95,6 +97,21 @@ def place_like(param: Tensor, value: Tensor, where: str) -> Tensor:
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
+def process_groups(key: ReduceKey) -> List[Any]:
+    """The groups whose all-reduce sums over the sharded dims of ``key``: one if it can be.
+
+    Flattening creates a process group, a collective call: it happens when the
+    buckets are built, at the same point of the same step on every rank.
+    """
+    mesh, dims = key
+    if len(dims) == 1:
+        return [mesh.get_group(dims[0])]
+    names = mesh.mesh_dim_names
+    if names is not None and hasattr(mesh, "_flatten"):
+        return [mesh[tuple(names[d] for d in dims)]._flatten().get_group()]
+    return [mesh.get_group(d) for d in dims]
+
+
 @dataclass
 class SumsReduction:
     """One all-reduce of the split-step sums of every bucket sharing a ``ReduceKey``.
@@ -106,15 +123,15 @@ class SumsReduction:
 
     key: ReduceKey
     buffer: Tensor
+    groups: List[Any]
     parts: List[Tuple[Any, Optional[Tensor]]] = field(default_factory=list)
 
     def all_reduce_(self) -> None:
         for bucket, rows in self.parts:
             if rows is not None:
                 self.buffer.index_copy_(0, rows, bucket.sums)
-        mesh, dims = self.key
-        for dim in dims:  # one collective for FSDP2 and HSDP (one sharded dim)
-            dist.all_reduce(self.buffer, group=mesh.get_group(dim))
+        for group in self.groups:  # one, unless an unnamed mesh has several sharded dims
+            dist.all_reduce(self.buffer, group=group)
         for bucket, rows in self.parts:
             if rows is not None:
                 torch.index_select(self.buffer, 0, rows, out=bucket.sums)
@@ -132,7 +149,7 @@ def plan_reductions(sharded: List[Tuple[Any, ReduceKey, List[int]]], n_rows: dic
         red = reductions.get(key)
         if red is None:
             buffer = torch.zeros((n_rows[key], 3), dtype=torch.float64, device=bucket.device)
-            red = reductions[key] = SumsReduction(key, buffer)
+            red = reductions[key] = SumsReduction(key, buffer, process_groups(key))
         red.parts.append((bucket, rows))
     for red in reductions.values():
         parts = red.parts

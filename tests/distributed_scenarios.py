@@ -206,6 +206,42 @@ def errors(mesh) -> Dict[str, str]:
     return out
 
 
+def two_dim_sharding(mesh, impl: str) -> Dict[str, torch.Tensor]:
+    """DTensor params sharded over both dims of a named 2 x 2 mesh, over one, over the other; every
+    rank sets the same full grads. Returns full params and stats, sharded and single-process."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    layouts = [(Shard(0), Shard(1)), (Shard(0), Replicate()), (Replicate(), Shard(0)), (Shard(1), Shard(0))]
+    shapes = [(6, 5), (5, 3), (7,), (3, 9)]
+    gen = torch.Generator().manual_seed(5)
+    fulls = [torch.randn(s, generator=gen) for s in shapes]
+    anchors = [f + 0.3 * torch.randn(f.shape, generator=gen) for f in fulls]
+    out: Dict[str, object] = {"comms": []}
+    for sharded in (True, False):
+        params = [nn.Parameter(distribute_tensor(f, mesh, lay) if sharded else f.clone())
+                  for f, lay in zip(fulls, layouts)]
+        opt = AdamSPD([{"params": params, "pre": anchors}], lr=0.05, weight_decay=1.0, impl=impl)
+        grad_gen = torch.Generator().manual_seed(6)
+        fired = 0
+        for _ in range(STEPS):
+            for p, lay in zip(params, layouts):
+                g = torch.randn(p.shape, generator=grad_gen)
+                p.grad = distribute_tensor(g, mesh, lay) if sharded else g
+            with CommDebugMode() as mode:
+                opt.step()
+            if sharded:
+                out["comms"].append({str(op): n for op, n in mode.get_comm_counts().items()})
+            fired += sum(int(s["projected"]) for s in opt.spd_stats().values())
+        tag = "sharded" if sharded else "single"
+        for i, p in enumerate(params):
+            out[f"{tag}/param/{i}"] = full(p)
+        for name, entry in opt.spd_stats().items():
+            out[f"{tag}/stats/{name}"] = torch.stack([entry[k].float() for k in ("c", "norm_p_a", "norm_q_a")])
+        out[f"{tag}/fired"] = fired
+    return out
+
+
 def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str]) -> None:
     """Entry point of one spawned rank: runs ``scenarios`` and saves what they return."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
@@ -222,6 +258,9 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str
             elif name.startswith("hsdp:"):
                 mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
                 results[name] = fsdp(name.split(":", 1)[1], mesh)
+            elif name.startswith("2d:"):
+                mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+                results[name] = two_dim_sharding(mesh, name.split(":", 1)[1])
             elif name.startswith("single:"):
                 results[name] = single_process(name.split(":", 1)[1])
             elif name.startswith("ddp:"):

@@ -116,10 +116,14 @@ def test_dcp_checkpoint_resumes_bitwise(two_ranks):
             assert torch.equal(got[key], want[key]), key
 
 
-def test_hsdp_2x2_mesh_reduces_over_the_shard_dim_only(tmp_path):
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return run_ranks(4, [f"hsdp:{AUTO}", f"single:{AUTO}", f"2d:{AUTO}"], tmp_path_factory.mktemp("four_ranks"))
+
+
+def test_hsdp_2x2_mesh_reduces_over_the_shard_dim_only(four_ranks):
     # (replicate, shard) mesh of 4 ranks: all-reducing over all 4 would double every sum
-    ranks = run_ranks(4, [f"hsdp:{AUTO}", f"single:{AUTO}"], tmp_path)
-    for rank in ranks:
+    for rank in four_ranks:
         hsdp = rank[f"hsdp:{AUTO}"]
         assert all(c == {"c10d.allreduce_": 1} for c in hsdp["comms"]), hsdp["comms"]
         assert_matches_single_process(hsdp, rank[f"single:{AUTO}"])
@@ -138,3 +142,17 @@ def test_bad_sharded_inputs_raise_named_errors(two_ranks, case, pattern):
     for rank in two_ranks:
         assert re.match(pattern, rank["errors"][case]), rank["errors"][case]
         assert rank["errors"]["plain_grad_changed_nothing"] == "True"
+
+
+def test_each_sharded_dim_set_reduces_once_over_its_own_group(four_ranks):
+    # a 2 x 2 mesh; params sharded over both dims (twice, in both orders), over dim 0 only, over dim 1
+    # only: three (mesh, sharded dims) keys, three collectives per step, and the single-process result
+    for rank in four_ranks:
+        out = rank[f"2d:{AUTO}"]
+        assert all(c == {"c10d.allreduce_": 3} for c in out["comms"]), out["comms"]
+        assert out["sharded/fired"] == out["single/fired"] > 3
+        for key in out:
+            if key.startswith("single/") and key != "single/fired":
+                got = out["sharded/" + key[len("single/"):]]
+                tol = STATS_TOL if "/stats/" in key else STATE_TOL
+                assert relative_error(got, out[key]) <= tol, key
