@@ -87,3 +87,29 @@ def test_injected_inf_skips_the_step_bit_for_bit(impl):
     for name, entry in opt.spd_stats().items():
         for key, value in entry.items():
             assert torch.equal(value, stats[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_split_step_skips_on_found_inf_and_still_yields_sums(impl):
+    # sharded params: a skipped step must change nothing, yet give the all-reduce a
+    # buffer (every rank joins the collective whether or not it skips)
+    from spd_kernels.bucket import Bucket
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = (5000, 7)
+    bucket = Bucket(
+        params=[torch.randn(n, generator=gen) for n in sizes], grads=[torch.randn(n, generator=gen) for n in sizes],
+        exp_avgs=[torch.randn(n, generator=gen).abs() for n in sizes],
+        exp_avg_sqs=[torch.randn(n, generator=gen).abs() for n in sizes],
+        anchors=[torch.randn(n, generator=gen) for n in sizes], steps=[torch.full((), 4.0) for _ in sizes],
+        lr=0.1, weight_decay=1.0, found_inf=torch.ones(()), grad_scale=torch.full((), 1024.0),
+        sums=torch.full((2, 3), float("nan"), dtype=torch.float64),
+    )
+    before = copy.deepcopy(bucket)
+    finish = backends.start(impl, bucket)
+    assert bucket.sums.isfinite().all()  # what the all-reduce gets
+    stats = finish()
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for got, want in zip(getattr(bucket, key), getattr(before, key)):
+            assert torch.equal(got, want), key
+    assert not stats.any()  # no earlier step: the stats stay zero

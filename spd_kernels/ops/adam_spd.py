@@ -498,7 +498,8 @@ class _Plan:
         self.numels = upload(numels)
         self.chunks = upload([[c[0] for c in chunks], [c[1] for c in chunks]])
         self.multi = upload([[m[i] for m in multi] for i in range(3)] if multi else [[], [], []])
-        self.partials = torch.empty((max(self.n_multi_chunks, 1), 3), dtype=torch.float32, device=device)
+        # zeros: a split step that AMP skips still hands finite sums (from here) to the all-reduce
+        self.partials = torch.zeros((max(self.n_multi_chunks, 1), 3), dtype=torch.float32, device=device)
         self.stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
         # (grad_scale, found_inf) when no GradScaler drives the step: scale 1, nothing found
         self.amp_default = torch.tensor([1.0, 0.0], dtype=torch.float32).to(device)
