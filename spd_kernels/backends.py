@@ -23,6 +23,19 @@ IMPLS = ("auto", "reference", "triton", "cpu")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def eager_only(reason: str):
+    """``torch.compiler.disable`` with a reason Dynamo shows (fullgraph=True raises it)."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:  # a torch whose disable() takes no reason
+        return torch.compiler.disable
+
+
+@eager_only(reason=(
+    "AdamSPD: the reference backend branches on each tensor's c < 0 on the host and cannot be traced; "
+    "a compiled step needs impl='cpu' or impl='triton' (fp32/bf16/fp16 contiguous params), "
+    "or compile without fullgraph=True and the reference runs eagerly"
+))
 def run_reference(bucket: Bucket) -> Tensor:
     if bucket.skipped():
         return bucket.last_stats()

@@ -407,7 +407,6 @@ class AdamSPD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         self._last_buckets = []
-        finishes = []
         for impl, _, bucket in buckets:
             bucket.grad_scale = _on(grad_scale, bucket.device)
             bucket.found_inf = _on(found_inf, bucket.device)
@@ -415,13 +414,22 @@ class AdamSPD(Optimizer):
                 self._start_counts(bucket)
             if bucket.sums is None:
                 self._finish(impl, bucket, backends.run(impl, bucket))
-            else:  # sharded: the Adam half and local sums now, the projection after the all-reduce
-                finishes.append((impl, bucket, backends.start(impl, bucket)))
+        if reductions:
+            self._split_steps(buckets, reductions)
+        return loss
+
+    @backends.eager_only(reason=(
+        "AdamSPD: sharded (DTensor) params take a split step around an all-reduce, which runs eagerly; "
+        "compile without fullgraph=True, or keep opt.step() out of the compiled region"
+    ))
+    def _split_steps(self, buckets, reductions) -> None:
+        """Sharded buckets: the Adam half and local sums, the all-reduces, then the projections."""
+        finishes = [(impl, bucket, backends.start(impl, bucket)) for impl, _, bucket in buckets
+                    if bucket.sums is not None]
         for reduction in reductions:
             reduction.all_reduce_()
         for impl, bucket, finish in finishes:
             self._finish(impl, bucket, finish())
-        return loss
 
     def _finish(self, impl: str, bucket: Bucket, stats: Tensor) -> None:
         bucket.stats = stats

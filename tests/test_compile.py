@@ -141,3 +141,19 @@ def test_triton_custom_op_schema_and_fake_impl():
         0.01, None, 0.9, 0.999, 1e-8, 1.0, float("inf"), None, None,
     )
     torch.library.opcheck(adam_spd_triton_step_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_reference_backend_under_compile_says_why_or_runs_eagerly():
+    model, opt, x, y = make_run("reference")
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(Exception, match="the reference backend branches on each tensor's c < 0"):
+        torch.compile(lambda: opt.step(), fullgraph=True)()
+    # without fullgraph the reference runs eagerly inside the compiled step
+    model, opt, x, y = make_run("reference")
+    got, fired = train(model, opt, x, y, torch.compile(lambda: opt.step()), lrs=[1e-2] * 6)
+    model_e, opt_e, x_e, y_e = make_run("reference")
+    want, want_fired = train(model_e, opt_e, x_e, y_e, opt_e.step, lrs=[1e-2] * 6)
+    assert fired == want_fired > 0
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
