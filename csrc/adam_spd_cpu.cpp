@@ -77,7 +77,7 @@ struct Sums {
 // chunk's three sums. One plain loop the compiler vectorizes (omp simd); its
 // reduction order is fixed by the build, never by the thread count.
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool STORE_Q>
-Sums adam_chunk(P* __restrict p, const P* __restrict g, float* __restrict m, float* __restrict v,
+__attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* __restrict g, float* __restrict m, float* __restrict v,
                 float* __restrict vmax, const A* __restrict a, int64_t begin, int64_t end, const Scalars& s) {
   double gd = 0.0, dd = 0.0, qq = 0.0;
   const float w1 = s.one_minus_beta1, b2 = s.beta2, w2 = s.one_minus_beta2;
@@ -117,7 +117,7 @@ Sums adam_chunk(P* __restrict p, const P* __restrict g, float* __restrict m, flo
 // p = q - scale (q - a) on [begin, end); q is p itself, or (RECOMPUTE, bf16/fp16
 // params) rebuilt from the old p and the new m, v so that it is rounded only once.
 template <typename P, typename A, bool HAS_ANCHOR, bool RECOMPUTE>
-void project_chunk(P* __restrict p, const float* __restrict m, const float* __restrict v, const A* __restrict a,
+__attribute__((always_inline)) inline void project_chunk(P* __restrict p, const float* __restrict m, const float* __restrict v, const A* __restrict a,
                    int64_t begin, int64_t end, const Scalars& s, float scale) {
   const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
 #pragma omp simd
