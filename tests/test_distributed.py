@@ -7,7 +7,11 @@ what they saw; the assertions are here.
 """
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,7 +141,6 @@ def test_hsdp_2x2_mesh_reduces_over_the_shard_dim_only(four_ranks):
     ("plain_grad", r"RuntimeError: param_groups\[0\]\['params'\]\[0\]: the param is a DTensor but its grad is Tensor"),
 ])
 def test_bad_sharded_inputs_raise_named_errors(two_ranks, case, pattern):
-    import re
 
     for rank in two_ranks:
         assert re.match(pattern, rank["errors"][case]), rank["errors"][case]
@@ -156,3 +159,16 @@ def test_each_sharded_dim_set_reduces_once_over_its_own_group(four_ranks):
                 got = out["sharded/" + key[len("single/"):]]
                 tol = STATS_TOL if "/stats/" in key else STATE_TOL
                 assert relative_error(got, out[key]) <= tol, key
+
+
+def test_fsdp2_example_runs_under_torchrun(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.join(root, "examples", "fsdp2.py"),
+           "--steps", "40", "--ckpt", str(tmp_path / "ckpt")]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": root}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, last, fired = map(float, re.search(r"loss ([\d.]+) .* -> ([\d.]+) .*fired (\d+)", out.stdout).groups())
+    assert last < 0.7 * first and fired > 0, out.stdout
+    assert (tmp_path / "ckpt" / ".metadata").exists()
