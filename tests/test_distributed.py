@@ -141,7 +141,6 @@ def test_hsdp_2x2_mesh_reduces_over_the_shard_dim_only(four_ranks):
     ("plain_grad", r"RuntimeError: param_groups\[0\]\['params'\]\[0\]: the param is a DTensor but its grad is Tensor"),
 ])
 def test_bad_sharded_inputs_raise_named_errors(two_ranks, case, pattern):
-
     for rank in two_ranks:
         assert re.match(pattern, rank["errors"][case]), rank["errors"][case]
         assert rank["errors"]["plain_grad_changed_nothing"] == "True"
