@@ -242,6 +242,30 @@ def two_dim_sharding(mesh, impl: str) -> Dict[str, torch.Tensor]:
     return out
 
 
+def load_full_state(mesh) -> Dict[str, Dict[str, torch.Tensor]]:
+    """A single-process optimizer's state_dict (full tensors) loaded into an FSDP2 one: each
+    rank keeps its slice, and both runs go on alike."""
+    from torch.distributed.tensor import distribute_tensor
+
+    half = STEPS // 2
+    plain = make_model()
+    plain_opt = make_optimizer(plain, pretrained_anchors(plain), "auto")
+    train(plain, plain_opt, half)
+    saved = plain_opt.state_dict()
+
+    model, anchors = fsdp_model(mesh)
+    opt = make_optimizer(model, [a + 1.0 for a in anchors], "auto")  # wrong anchors: the load must replace them
+    with torch.no_grad():
+        for (_, p), (_, full_p) in zip(model.named_parameters(), plain.named_parameters()):
+            p.to_local().copy_(distribute_tensor(full_p, p.device_mesh, p.placements, src_data_rank=None).to_local())
+    opt.load_state_dict(saved)
+    kinds = sorted({type(v).__name__ for st in opt.state.values() for k, v in st.items() if k != "step"})
+    single_fired = train(plain, plain_opt, STEPS - half, first_step=half)["fired"]
+    sharded_fired = train(model, opt, STEPS - half, first_step=half)["fired"]
+    return {"single": {**snapshot(plain, plain_opt), "fired": torch.tensor(single_fired)},
+            "sharded": {**snapshot(model, opt), "fired": torch.tensor(sharded_fired)}, "kinds": kinds}
+
+
 def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str]) -> None:
     """Entry point of one spawned rank: runs ``scenarios`` and saves what they return."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
@@ -265,6 +289,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str
                 results[name] = single_process(name.split(":", 1)[1])
             elif name.startswith("ddp:"):
                 results[name] = ddp(name.split(":", 1)[1])
+            elif name == "load_full":
+                results[name] = load_full_state(init_device_mesh("cpu", (world,)))
             elif name == "errors":
                 results[name] = errors(init_device_mesh("cpu", (world,)))
             elif name == "dcp":
