@@ -235,6 +235,27 @@ def hf_examples():
     return ok
 
 
+def built_before_cuda():
+    """An optimizer built on CPU params, then model.cuda(): state and anchors follow the params."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32)
+    opt = AdamSPD(model.parameters(), lr=1e-2, weight_decay=1.0)
+    twin = torch.nn.Linear(64, 32).to(DEV)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = AdamSPD(twin.parameters(), lr=1e-2, weight_decay=1.0)
+    model.to(DEV)
+    x = torch.randn(16, 64, device=DEV)
+    for _ in range(4):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    on_gpu = all(v.is_cuda for s in opt.state.values() for k, v in s.items() if k != "step")
+    log(f"optimizer built before model.cuda(): equal to one built after = {same}, state on GPU = {on_gpu}")
+    return same and on_gpu
+
+
 def make_params(shapes, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, device=DEV, dtype=dtype) * 0.02) for s in shapes]
@@ -459,6 +480,7 @@ def main():
         [] if args.quick else [split_timing("llama_like", param_sets.llama_like(), bw)]))
     section("fsdp_one_rank", fsdp_one_rank)
     section("hf_examples", hf_examples)
+    section("built_before_cuda", built_before_cuda)
 
     log("")
     log(f"{'set':11s} {'impl':20s} {'ms/step':>9s} {'GB/s':>7s} {'%copy':>6s} {'vs fused':>8s} {'x ref':>7s}")
@@ -470,7 +492,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)
     parity_ok = isinstance(RESULTS.get("parity"), list) and all(r["ok"] for r in RESULTS["parity"])
-    checks_ok = all(RESULTS.get(name) is True for name in ("determinism", "cuda_graph", "amp", "fsdp_one_rank"))
+    checks_ok = all(RESULTS.get(name) is True
+                    for name in ("determinism", "cuda_graph", "amp", "fsdp_one_rank", "built_before_cuda"))
     checks_ok = checks_ok and RESULTS.get("hf_examples") in (True, "skipped")
     checks_ok = checks_ok and isinstance(RESULTS.get("split_parity"), list) and all(
         r["ok"] for r in RESULTS["split_parity"])

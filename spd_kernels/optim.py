@@ -305,6 +305,11 @@ class AdamSPD(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
         elif state["step"].device != step_device:
             state["step"] = state["step"].to(step_device)
+        # State built before the model moved (model.to(device) after the optimizer) follows its param.
+        for key in (*_MOMENT_KEYS, "anchor"):
+            t = state.get(key)
+            if t is not None and t.device != p.device:
+                state[key] = t.to(p.device)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             # amsgrad switched on mid-run starts its max from the current v, as if it had been on.
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
