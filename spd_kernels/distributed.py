@@ -70,6 +70,25 @@ def check_grad(param: Tensor, grad: Tensor, where: str) -> None:
         )
 
 
+def check_placement(param: Tensor, value: Tensor, where: str) -> None:
+    """Raise, naming ``where``, unless ``place_like(param, value)`` can place ``value``."""
+    if not is_dtensor(param):
+        if is_dtensor(value):
+            raise ValueError(f"{where}: a DTensor for a param that is a plain tensor")
+        return
+    if is_dtensor(value):
+        if value.device_mesh != param.device_mesh or value.placements != param.placements:
+            raise ValueError(
+                f"{where}: DTensor placed as {value.placements} on {value.device_mesh}; its param is placed as "
+                f"{param.placements} on {param.device_mesh}"
+            )
+    elif value.shape != param.shape:
+        raise ValueError(
+            f"{where}: full tensor of shape {tuple(value.shape)}; its sharded param's global shape is "
+            f"{tuple(param.shape)}"
+        )
+
+
 def place_like(param: Tensor, value: Tensor, where: str) -> Tensor:
     """``value`` (an anchor or a saved state) placed like ``param``.
 
@@ -78,22 +97,9 @@ def place_like(param: Tensor, value: Tensor, where: str) -> Tensor:
     the same full tensor, as it loads the same pre-trained weights). A plain
     param takes a plain tensor. Anything else raises, naming ``where``.
     """
-    if not is_dtensor(param):
-        if is_dtensor(value):
-            raise ValueError(f"{where}: a DTensor for a param that is a plain tensor")
+    check_placement(param, value, where)
+    if not is_dtensor(param) or is_dtensor(value):
         return value
-    if is_dtensor(value):
-        if value.device_mesh != param.device_mesh or value.placements != param.placements:
-            raise ValueError(
-                f"{where}: DTensor placed as {value.placements} on {value.device_mesh}; its param is placed as "
-                f"{param.placements} on {param.device_mesh}"
-            )
-        return value
-    if value.shape != param.shape:
-        raise ValueError(
-            f"{where}: full tensor of shape {tuple(value.shape)}; its sharded param's global shape is "
-            f"{tuple(param.shape)}"
-        )
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 

@@ -327,9 +327,9 @@ class AdamSPD(Optimizer):
         for gi, group, params in work:
             anchored = not group["anchor_free"]
             for pi, p in enumerate(params):
-                anchor = self.state[p].get("anchor") if anchored else None
                 impl = self._impl_for(p, group)
                 state = self._init_state(p, group, self._step_device(p, group, impl))
+                anchor = state.get("anchor") if anchored else None  # after _init_state: it may have moved it
                 reduce = distributed.reduce_key(p, f"param_groups[{gi}]['params'][{pi}]")
                 key = (gi, impl, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None, reduce)
                 if key not in buckets:
@@ -559,8 +559,12 @@ class AdamSPD(Optimizer):
                 entry = state_dict["state"].get(pid, {})
                 where = f"load_state_dict: param_groups[{gi}]['params'][{pi}]"
                 for key, value in entry.items():
-                    if isinstance(value, Tensor) and key != "step" and value.shape != p.shape:
-                        raise ValueError(f"{where}: saved {key} has shape {tuple(value.shape)}, param {tuple(p.shape)}")
+                    if isinstance(value, Tensor) and key != "step":
+                        if value.shape != p.shape:
+                            raise ValueError(
+                                f"{where}: saved {key} has shape {tuple(value.shape)}, param {tuple(p.shape)}"
+                            )
+                        distributed.check_placement(p, value, f"{where}: saved {key}")
                 if not saved.get("anchor_free", False) and "anchor" not in entry:
                     raise ValueError(f"{where}: the saved group is anchored but has no anchor for this param")
 

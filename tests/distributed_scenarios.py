@@ -203,6 +203,12 @@ def errors(mesh) -> Dict[str, str]:
     out["plain_grad_changed_nothing"] = str(
         torch.equal(param.detach().to_local(), before) and opt.state[param]["step"].item() == 0
     )
+
+    saved = opt.state_dict()
+    saved["state"][0]["exp_avg"] = distribute_tensor(torch.ones(4, 3), mesh, [Shard(1)])
+    moment = opt.state[param]["exp_avg"]
+    out["load_misplaced"] = message(lambda: opt.load_state_dict(saved))
+    out["load_misplaced_changed_nothing"] = str(opt.state[param]["exp_avg"] is moment)
     return out
 
 

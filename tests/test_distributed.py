@@ -147,11 +147,13 @@ def test_hsdp_2x2_mesh_reduces_over_the_shard_dim_only(four_ranks):
     ("dtensor_anchor_plain_param", r"ValueError: param_groups\[0\]\['pre'\]\[0\]: a DTensor for a param that is a plain"),
     ("partial_param", r"ValueError: param_groups\[0\]\['params'\]\[0\]: a DTensor param with a Partial placement"),
     ("plain_grad", r"RuntimeError: param_groups\[0\]\['params'\]\[0\]: the param is a DTensor but its grad is Tensor"),
+    ("load_misplaced", r"ValueError: load_state_dict: param_groups\[0\]\['params'\]\[0\]: saved exp_avg: DTensor placed as"),
 ])
 def test_bad_sharded_inputs_raise_named_errors(two_ranks, case, pattern):
     for rank in two_ranks:
         assert re.match(pattern, rank["errors"][case]), rank["errors"][case]
         assert rank["errors"]["plain_grad_changed_nothing"] == "True"
+        assert rank["errors"]["load_misplaced_changed_nothing"] == "True"
 
 
 def test_each_sharded_dim_set_reduces_once_over_its_own_group(four_ranks):
