@@ -34,6 +34,7 @@ from spd_kernels import AdamSPD, param_sets
 from spd_kernels.bucket import Bucket
 from spd_kernels.ops import adam_spd as k
 from spd_kernels.reference import reference_step
+from spd_kernels.verify import two_shard_step
 from spd_kernels.stats import STAT_C
 
 DEV = torch.device("cuda")
@@ -130,8 +131,6 @@ def determinism():
 
 def split_parity(name, shapes, p_dtype, a_dtype, steps=3):
     """The split step on two halves of every tensor (sums added between), against the reference."""
-    from tests.kernel_parity import two_shard_step
-
     hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1.0, amsgrad=False)
     state = make_state(shapes, p_dtype, a_dtype, False)
     split = two_shard_step(k.adam_spd_triton_partials)

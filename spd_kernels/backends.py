@@ -23,12 +23,41 @@ IMPLS = ("auto", "reference", "triton", "cpu")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: functions that run outside torch.compile graphs: (wrapper, function, reason)
+_EAGER_ONLY: List[tuple] = []
+_DISABLED: Dict[Callable, Callable] = {}
+
+
 def eager_only(reason: str):
-    """``torch.compiler.disable`` with a reason Dynamo shows (fullgraph=True raises it)."""
-    try:
-        return torch.compiler.disable(reason=reason)
-    except TypeError:  # a torch whose disable() takes no reason
-        return torch.compiler.disable
+    """Run the decorated function outside any torch.compile graph; Dynamo shows
+    ``reason`` at the graph break (and ``fullgraph=True`` raises it).
+
+    ``torch.compiler.disable`` imports Dynamo, which imports triton: at ``import
+    spd_kernels`` that would come before a command line has set
+    ``TRITON_INTERPRET``. So the disabled versions are made by
+    ``make_eager_only()``, which ``AdamSPD()`` calls, before any step is traced.
+    """
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            disabled = _DISABLED.get(call)
+            return disabled(*args, **kwargs) if disabled is not None else fn(*args, **kwargs)
+
+        _EAGER_ONLY.append((call, fn, reason))
+        return call
+
+    return wrap
+
+
+def make_eager_only() -> None:
+    """Build the ``torch.compiler.disable`` versions of the ``eager_only`` functions (once)."""
+    for call, fn, reason in _EAGER_ONLY:
+        if call not in _DISABLED:
+            try:
+                _DISABLED[call] = torch.compiler.disable(fn, reason=reason)
+            except TypeError:  # a torch whose disable() takes no reason
+                _DISABLED[call] = torch.compiler.disable(fn)
 
 
 @eager_only(reason=(

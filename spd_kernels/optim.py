@@ -161,6 +161,7 @@ class AdamSPD(Optimizer):
             isinstance(anchor_dtype, torch.dtype) and anchor_dtype.is_floating_point
         ):
             raise TypeError(f"AdamSPD: anchor_dtype must be a floating-point torch.dtype, got {anchor_dtype!r}")
+        backends.make_eager_only()  # before any step can be traced by torch.compile
         self.impl = impl
         self.anchor_dtype = anchor_dtype
         self._last_buckets: List[Tuple[List[Tensor], Tensor, Tensor]] = []

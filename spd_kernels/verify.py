@@ -8,11 +8,14 @@ every step a twin copy of the params and state, synced from the backend's
 before the step, takes the same gradients through ``reference_step``; the table
 shows the worst relative error per state over all steps, how often the
 projection fired, and PASS/FAIL against the stated tolerance. Exits 1 on any
-FAIL.
+FAIL. The ``split`` rows run each backend's split step (the one sharded params
+take under FSDP2) on two halves of every tensor, adding the halves' sums where
+the all-reduce would, against the reference on the whole tensors.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -20,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import backends, param_sets
+from .bucket import Bucket
 from .optim import AdamSPD
 from .reference import reference_step
 from .stats import STAT_C
@@ -82,15 +86,19 @@ class ParamSetTask:
     set is an anchor-free group (LoRA-like new params).
     """
 
-    def __init__(self, name: str, device, dtype, seed: int):
+    def __init__(self, name: str, device, dtype, seed: int, shapes=None):
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        shapes = param_sets.get(name)
+        shapes = shapes if shapes is not None else param_sets.get(name)
         self.params = [torch.nn.Parameter(torch.randn(s, device=device, generator=self.gen).to(dtype) * 0.02)
                        for s in shapes]
         cut = len(self.params) - len(self.params) // 4
         self.anchors = [(p.detach().float() + 0.01 * torch.randn(p.shape, device=device, generator=self.gen))
                         .to(dtype) for p in self.params[:cut]]
         self.cut = cut
+
+    @classmethod
+    def from_shapes(cls, shapes, device, dtype, seed: int) -> "ParamSetTask":
+        return cls("", device, dtype, seed, shapes=shapes)
 
     def groups(self):
         return [{"params": self.params[: self.cut], "pre": self.anchors},
@@ -174,6 +182,79 @@ def _run_twin(twin: dict, group) -> None:
     )
 
 
+def _half(t: torch.Tensor, part: int) -> torch.Tensor:
+    """The flat first or second half of ``t``, cut as ``torch.chunk`` cuts (one element: an empty half)."""
+    flat = t.view(-1)
+    cut = (flat.numel() + 1) // 2
+    return flat[:cut] if part == 0 else flat[cut:]
+
+
+def two_shard_step(start_fn):
+    """A step function ``fn(bucket) -> stats`` that runs the split step ``start_fn``
+    (``spd_kernels.backends.start``'s kind) on two halves of every tensor of the
+    bucket, adding the halves' sums where FSDP2 would all-reduce them."""
+
+    def step(bucket: Bucket) -> torch.Tensor:
+        hp = {k: getattr(bucket, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "max_scale")}
+        shards = []
+        for part in (0, 1):
+            lists = {key: None if getattr(bucket, key) is None else [_half(t, part) for t in getattr(bucket, key)]
+                     for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors")}
+            steps = bucket.steps if part == 0 else [s.clone() for s in bucket.steps]
+            # NaN: whatever the backend does not overwrite shows up in the result
+            sums = torch.full((len(bucket), 3), float("nan"), dtype=torch.float64, device=bucket.device)
+            shards.append(Bucket(**lists, steps=steps, sums=sums, **hp))
+        finishes = [start_fn(shard) for shard in shards]
+        total = shards[0].sums + shards[1].sums
+        for shard in shards:
+            shard.sums.copy_(total)
+        stats = [finish() for finish in finishes]
+        if not torch.equal(stats[0], stats[1]):
+            raise AssertionError("the two shards of a tensor disagree on its stats")
+        if any(not torch.equal(a, b) for a, b in zip(shards[0].steps, shards[1].steps)):
+            raise AssertionError("the two shards of a tensor disagree on its step count")
+        return stats[0]
+
+    return step
+
+
+def run_split(impl: str, dtype: torch.dtype, device: torch.device, steps: int, seed: int = 0,
+              param_set: str = "mlp") -> Row:
+    """The split step of ``impl`` on two shards per tensor against the reference, one step at a time."""
+    shapes = ([tuple(p.shape) for p in TinyFineTune().parameters()] if param_set == "mlp"
+              else param_sets.get(param_set))
+    task = ParamSetTask.from_shapes(shapes, device, dtype, seed)
+    state = dict(
+        params=[p.detach() for p in task.params[: task.cut]], anchors=list(task.anchors),
+        exp_avgs=[torch.zeros(s, device=device) for s in shapes[: task.cut]],
+        exp_avg_sqs=[torch.zeros(s, device=device) for s in shapes[: task.cut]],
+        steps=[torch.zeros((), device=device if impl == "triton" else "cpu") for _ in shapes[: task.cut]],
+    )
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1.0, amsgrad=False)
+    split = two_shard_step(lambda bucket: backends.start(impl, bucket))
+    errors = {key: 0.0 for key in STATE_KEYS}
+    fired = total = 0
+    for _ in range(steps):
+        task.backward()
+        grads = [p.grad for p in task.params[: task.cut]]
+        want = {key: [t.clone() for t in value] for key, value in state.items()}
+        want["steps"] = [s.cpu() for s in want["steps"]]
+        reference_step(grads=grads, max_exp_avg_sqs=None, **want, **hp)
+        try:
+            stats = split(Bucket(grads=grads, **state, **hp))
+        except AssertionError:  # the shards disagree: the sums were not combined as the all-reduce would
+            errors = {key: math.inf for key in STATE_KEYS}
+            break
+        fired += int((stats[:, STAT_C] < 0).sum())
+        total += len(grads)
+        for key, name in (("param", "params"), ("exp_avg", "exp_avgs"), ("exp_avg_sq", "exp_avg_sqs")):
+            errors[key] = max([errors[key]] + [_rel_err(x, y) for x, y in zip(state[name], want[name])])
+        for name in ("params", "exp_avgs", "exp_avg_sqs"):  # one step's function: start the next from ours
+            for x, y in zip(state[name], want[name]):
+                y.copy_(x)
+    return Row(f"{impl} split", dtype, steps, errors, fired, total)
+
+
 def plan(device: torch.device) -> List[tuple]:
     """(backend, dtype) pairs that can run here."""
     rows = [("reference", torch.float32), ("reference", torch.bfloat16)]
@@ -185,12 +266,12 @@ def plan(device: torch.device) -> List[tuple]:
 
 
 def format_table(rows: List[Row]) -> str:
-    head = f"{'backend':10s} {'dtype':9s} {'steps':>5s} " + " ".join(f"{k:>11s}" for k in STATE_KEYS)
+    head = f"{'backend':16s} {'dtype':9s} {'steps':>5s} " + " ".join(f"{k:>11s}" for k in STATE_KEYS)
     head += f" {'projected':>11s} {'tolerance':>9s}  result"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.backend:10s} {str(r.dtype).replace('torch.', ''):9s} {r.steps:5d} "
+            f"{r.backend:16s} {str(r.dtype).replace('torch.', ''):9s} {r.steps:5d} "
             + " ".join(f"{r.errors[k]:11.2e}" for k in STATE_KEYS)
             + f" {f'{r.fired}/{r.total}':>11s} {TOLERANCE[r.dtype]:9.1e}  {'PASS' if r.passed else 'FAIL'}"
         )
@@ -215,6 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cpu" and backends.triton_runs_on(device):
         print("triton runs under TRITON_INTERPRET=1 (no GPU): the real kernels, slowly")
     rows = [run_backend(impl, dtype, device, args.steps, param_set=param_set) for impl, dtype in plan(device)]
+    rows += [run_split(impl, dtype, device, args.steps, param_set=param_set) for impl, dtype in plan(device)]
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")

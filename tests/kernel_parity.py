@@ -12,6 +12,7 @@ import torch
 from spd_kernels.bucket import Bucket
 from spd_kernels.reference import reference_step
 from spd_kernels.stats import STAT_C, STAT_NORM_P_A, STAT_R, STAT_SCALE
+from spd_kernels.verify import two_shard_step  # noqa: F401  (the split-step parity tests use it from here)
 
 from .helpers import signed_grad
 
@@ -111,41 +112,3 @@ def run_step_parity(step_fn, sizes, case, device, steps=10, lam=1.5, max_scale=f
         assert float(got_stats[:, STAT_SCALE].max()) <= max_scale
     assert fired > 5 and not_fired > 5 and r_positive > 0, (fired, not_fired, r_positive)
 
-
-def _shard(bucket: Bucket, part: int, steps) -> Bucket:
-    """Shard ``part`` (0 or 1) of every tensor of ``bucket``: the flat first or second
-    half, split as ``torch.chunk`` splits dim 0 (so one element leaves an empty shard)."""
-
-    def half(t):
-        flat = t.view(-1)
-        cut = (flat.numel() + 1) // 2
-        return flat[:cut] if part == 0 else flat[cut:]
-
-    lists = {}
-    for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors"):
-        value = getattr(bucket, key)
-        lists[key] = None if value is None else [half(t) for t in value]
-    hp = {k: getattr(bucket, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "max_scale")}
-    n = len(bucket)
-    # NaN: whatever the backend does not overwrite would show up in the result
-    sums = torch.full((n, 3), float("nan"), dtype=torch.float64, device=bucket.device)
-    return Bucket(**lists, steps=steps, sums=sums, **hp)
-
-
-def two_shard_step(start_fn):
-    """A ``step_fn`` for ``run_step_parity`` that runs ``start_fn``'s split step on two
-    halves of every tensor, adding the halves' sums where FSDP2 would all-reduce them."""
-
-    def step(bucket: Bucket) -> torch.Tensor:
-        twin_steps = [s.clone() for s in bucket.steps]
-        shards = [_shard(bucket, 0, bucket.steps), _shard(bucket, 1, twin_steps)]
-        finishes = [start_fn(shard) for shard in shards]
-        total = shards[0].sums + shards[1].sums
-        for shard in shards:
-            shard.sums.copy_(total)
-        stats = [finish() for finish in finishes]
-        assert torch.equal(stats[0], stats[1]), "the shards of one tensor disagree on its stats"
-        assert [s.item() for s in twin_steps] == [s.item() for s in bucket.steps]
-        return stats[0]
-
-    return step

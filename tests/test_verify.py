@@ -12,7 +12,8 @@ from spd_kernels.stats import STAT_SCALE
 
 
 def test_verify_command_passes():
-    env = {**os.environ}
+    # as from a shell: the command itself turns on the Triton interpreter when there is no GPU
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     out = subprocess.run(
         [sys.executable, "-m", "spd_kernels", "verify", "--steps", "3"],
         capture_output=True, text=True, timeout=600, env=env,
@@ -20,7 +21,8 @@ def test_verify_command_passes():
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "0 failed" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.endswith("PASS")]
-    assert len(rows) >= 4  # reference and cpu (or triton), fp32 and bf16
+    assert len(rows) >= 8  # reference and cpu (or triton), fp32 and bf16, whole and split
+    assert sum(" split " in row for row in rows) == len(rows) // 2
 
 
 def test_verify_fails_when_a_backend_skips_the_projection(monkeypatch):
@@ -66,3 +68,27 @@ def test_verify_on_a_parameter_set_takes_both_branches():
     row = verify.run_backend(impl, torch.float32, torch.device("cpu"), steps=3, param_set="lora")
     assert row.passed, row
     assert 0 < row.fired < row.total
+
+
+def test_importing_the_package_leaves_triton_unimported():
+    # the command line sets TRITON_INTERPRET after `import spd_kernels`: triton must not be imported by then
+    code = "import sys, spd_kernels; assert 'triton' not in sys.modules and 'torch._dynamo' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_verify_split_row_fails_when_the_sums_are_not_combined(monkeypatch):
+    # a split step that finishes from its own shard's sums alone must not pass
+    def local_only(bucket):
+        finish = backends.start_reference(bucket)
+        local = bucket.sums.clone()
+
+        def finish_local():
+            bucket.sums.copy_(local)
+            return finish()
+
+        return finish_local
+
+    monkeypatch.setitem(backends._STARTERS, "reference", local_only)
+    row = verify.run_split("reference", torch.float32, torch.device("cpu"), steps=6)
+    assert not row.passed and row.errors["param"] > verify.TOLERANCE[torch.float32]
