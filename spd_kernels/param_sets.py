@@ -1,7 +1,7 @@
 """Parameter-shape sets used by the GPU check and benchmarks (DESIGN.md section 5)."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 Shape = Tuple[int, ...]
 

@@ -172,8 +172,7 @@ def checkpoint_resume(mesh, ckpt_dir: str) -> Dict[str, torch.Tensor]:
 
 def errors(mesh) -> Dict[str, str]:
     """The messages of bad sharded inputs, and whether a failed step changed anything."""
-    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     out = {}
 

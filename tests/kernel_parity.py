@@ -12,7 +12,6 @@ import torch
 from spd_kernels.bucket import Bucket
 from spd_kernels.reference import reference_step
 from spd_kernels.stats import STAT_C, STAT_NORM_P_A, STAT_R, STAT_SCALE
-from spd_kernels.verify import two_shard_step  # noqa: F401  (the split-step parity tests use it from here)
 
 from .helpers import signed_grad
 

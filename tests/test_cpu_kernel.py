@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from spd_kernels import AdamSPD, _cpu, backends
-from spd_kernels.reference import reference_step
+from spd_kernels.verify import two_shard_step
 
 from .helpers import clone_params, make_anchors, make_params, set_grads
-from .kernel_parity import CASES, bucket_of, new_state, run_step_parity, two_shard_step
+from .kernel_parity import CASES, bucket_of, new_state, run_step_parity
 
 needs_kernel = pytest.mark.skipif(not _cpu.available(), reason=f"CPU kernel not built: {_cpu.load_error()}")
 
