@@ -47,7 +47,10 @@ namespace spd_kernels {
 namespace {
 
 constexpr int64_t CHUNK = 16384;  // 64 KB of fp32 per array: five arrays stay in a 1 MB L2
-constexpr int LANES = 8;  // fixed accumulation lanes (fp64): the sum order never depends on threads
+// Elements a thread must have before a second one is woken. Waking the OpenMP team costs
+// microseconds on a quiet machine but a scheduler slice (milliseconds) when other processes
+// load the cores, so a small bucket (an MLP, biases, LoRA factors) runs on the calling thread.
+constexpr int64_t GRAIN = 1 << 16;
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -66,6 +69,29 @@ Scalars make_scalars(double count, double lr, double beta1, double beta2, double
                  static_cast<float>(eps), static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
                  static_cast<float>(weight_decay), static_cast<float>(max_scale),
                  static_cast<float>(inv_grad_scale)};
+}
+
+// Runs f(k) for every k in [0, n), where item k touches weight(k) elements. Consecutive
+// items are grouped into batches of at least GRAIN elements and the batches go to threads,
+// so work below 2 * GRAIN never leaves the calling thread. Which thread runs an item never
+// changes what it computes: every item writes its own outputs.
+template <typename Weight, typename F>
+void parallel_items(int64_t n, Weight weight, F f) {
+  std::vector<int64_t> starts{0};
+  int64_t filled = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    filled += std::max<int64_t>(weight(k), 1);
+    if (filled >= GRAIN && k + 1 < n) {
+      starts.push_back(k + 1);
+      filled = 0;
+    }
+  }
+  starts.push_back(n);
+  const int64_t batches = static_cast<int64_t>(starts.size()) - 1;
+  at::parallel_for(0, batches, 1, [&](int64_t lo, int64_t hi) {  // one batch: no threads woken
+    for (int64_t b = lo; b < hi; ++b)
+      for (int64_t k = starts[b]; k < starts[b + 1]; ++k) f(k);
+  });
 }
 
 struct Sums {
@@ -172,18 +198,18 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
   // (only if s > 0, or to round a bf16/fp16 q once) the projection, all in cache.
   std::vector<int64_t> small, large;
   for (int64_t t = 0; t < n; ++t) (params[t].numel() <= CHUNK ? small : large).push_back(t);
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t t = small[k], numel = params[t].numel();
-      auto [p, g, m, v, vmax, a] = ptrs(t);
-      const Scalars& s = scalars[t];
-      const Sums sums = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, 0, numel, s);
-      float* row = stats + 5 * t;
-      finalize(sums, s.weight_decay, s.max_scale, row);
-      if (!STORE_Q || row[4] != 0.0f)
-        project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, 0, numel, s, row[4]);
-    }
-  });
+  parallel_items(
+      static_cast<int64_t>(small.size()), [&](int64_t k) { return params[small[k]].numel(); },
+      [&](int64_t k) {
+        const int64_t t = small[k], numel = params[t].numel();
+        auto [p, g, m, v, vmax, a] = ptrs(t);
+        const Scalars& s = scalars[t];
+        const Sums sums = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, 0, numel, s);
+        float* row = stats + 5 * t;
+        finalize(sums, s.weight_decay, s.max_scale, row);
+        if (!STORE_Q || row[4] != 0.0f)
+          project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, 0, numel, s, row[4]);
+      });
 
   // Larger tensors one at a time, so the projection re-reads q and a from the
   // last-level cache where the tensor fits there: chunks in parallel, each with
@@ -194,20 +220,18 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     auto [p, g, m, v, vmax, a] = ptrs(t);
     const Scalars& s = scalars[t];
     partials.assign(n_chunks, Sums{});
-    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c)
-        partials[c] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, c * CHUNK,
-                                                                     std::min((c + 1) * CHUNK, numel), s);
+    parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
+      partials[c] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, c * CHUNK,
+                                                                   std::min((c + 1) * CHUNK, numel), s);
     });
     Sums sums;
     for (const Sums& part : partials) sums.add(part);
     float* row = stats + 5 * t;
     finalize(sums, s.weight_decay, s.max_scale, row);
     if (STORE_Q && row[4] == 0.0f) continue;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c)
-        project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
-                                                  std::min((c + 1) * CHUNK, numel), s, row[4]);
+    parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
+      project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
+                                                std::min((c + 1) * CHUNK, numel), s, row[4]);
     });
   }
 }
@@ -217,6 +241,10 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
 struct ChunkList {
   std::vector<std::array<int64_t, 3>> chunks;
   std::vector<int64_t> first;
+  // elements of chunk k, for parallel_items
+  auto size_of() const {
+    return [this](int64_t k) { return chunks[k][2] - chunks[k][1]; };
+  }
 };
 
 template <typename Keep>
@@ -252,14 +280,12 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
   }
   const ChunkList work = chunk_list(params, [](int64_t) { return true; });
   std::vector<Sums> partials(work.chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const auto [t, begin, end] = work.chunks[k];
-      partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
-          params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
-          exp_avg_sqs[t].data_ptr<float>(), AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
-          HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end, scalars[t]);
-    }
+  parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
+    const auto [t, begin, end] = work.chunks[k];
+    partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
+        params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
+        exp_avg_sqs[t].data_ptr<float>(), AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
+        HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end, scalars[t]);
   });
   for (int64_t t = 0; t < n; ++t) {
     Sums total;  // an empty shard contributes zeros
@@ -290,14 +316,12 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     finalize(total, scalars[t].weight_decay, scalars[t].max_scale, stats + 5 * t);
   }
   const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[5 * t + 4] != 0.0f; });
-  at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const auto [t, begin, end] = work.chunks[k];
-      float* v = (AMSGRAD ? max_exp_avg_sqs[t] : exp_avg_sqs[t]).data_ptr<float>();  // q is built from vmax
-      project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(), v,
-                                                HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
-                                                scalars[t], stats[5 * t + 4]);
-    }
+  parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
+    const auto [t, begin, end] = work.chunks[k];
+    float* v = (AMSGRAD ? max_exp_avg_sqs[t] : exp_avg_sqs[t]).data_ptr<float>();  // q is built from vmax
+    project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(), v,
+                                              HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
+                                              scalars[t], stats[5 * t + 4]);
   });
 }
 

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 examples/fsdp2.py          # CPU processes, gloo
     torchrun --nproc_per_node=8 examples/fsdp2.py --cuda   # one GPU per process, NCCL
+    ... --ckpt-dir DIR                                      # keep the checkpoint (else it is removed)
 
 A small MLP stands in for a pre-trained model (its "pre-trained" weights come
 from a fixed seed, the same on every rank); a fresh head is added and trained
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 
 import torch
@@ -35,7 +37,8 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cuda", action="store_true", help="NCCL, one GPU per process")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--ckpt", default=None, help="folder for the DCP checkpoint (default: a new temp folder)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="folder to keep the DCP checkpoint in (default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -72,15 +75,21 @@ def main(argv=None) -> float:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, opt)  # states and anchors stay sharded DTensors
-    ckpt = [(args.ckpt or tempfile.mkdtemp(prefix="spd_fsdp2_")) if rank == 0 else None]
+    ckpt = [(args.ckpt_dir or tempfile.mkdtemp(prefix="spd_fsdp2_")) if rank == 0 else None]
     dist.broadcast_object_list(ckpt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt[0])
 
     first = float(sum(losses[:10]) / 10)
     last = float(sum(losses[-10:]) / 10)
     if rank == 0:
+        kept = f"saved with DCP to {ckpt[0]}" if args.ckpt_dir else "saved with DCP (temporary folder, removed)"
         print(f"{world} ranks: loss {first:.4f} (first 10 steps) -> {last:.4f} (last 10); "
-              f"projections fired {fired}; checkpoint saved with DCP to {ckpt[0]}")
+              f"projections fired {fired}; checkpoint {kept}")
+    # Every rank must be done with the group before any rank tears it down: a rank that
+    # destroys it while a peer's gloo thread still talks to it aborts at exit.
+    dist.barrier()
+    if rank == 0 and not args.ckpt_dir:
+        shutil.rmtree(ckpt[0], ignore_errors=True)
     dist.destroy_process_group()
     return last / first
 

@@ -188,6 +188,18 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreter_on()
 
 
+def device_error(impl: str, device: torch.device) -> str:
+    """Why backend ``impl`` cannot run tensors on ``device``, or ''."""
+    if impl == "cpu" and device.type != "cpu":
+        return f"impl='cpu' runs CPU tensors only, got a param on {device}"
+    if impl == "triton" and not triton_runs_on(device):
+        if device.type == "cpu":
+            return (f"impl='triton' needs a CUDA device, got a param on {device} "
+                    "(TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly, for testing)")
+        return f"impl='triton' needs a CUDA device, got a param on {device}"
+    return ""
+
+
 def fused_supports(param: Tensor, anchor_dtype) -> bool:
     """Whether a fused kernel can take this parameter (dtype and layout)."""
     return (

@@ -35,7 +35,7 @@ from . import backends, param_sets
 from .optim import AdamSPD
 
 IMPLS = ("spd", "spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled")
-SETS = ("vit_b", "llama_like", "many_small", "lora")
+SETS = param_sets.NAMES
 
 
 @dataclass
@@ -243,6 +243,12 @@ def write_outputs(rows: List[Row], meta: dict, out_dir: str) -> List[str]:
     return paths
 
 
+def plot_title(meta: dict) -> str:
+    """The PNG's title: the machine, torch, and whether the sets were the tiny ``--small`` ones."""
+    sizes = "--small (tiny sets)" if meta.get("small") else "full-size sets"
+    return f"AdamSPD bench: {meta['device_name']}, torch {meta['torch']}, {sizes}"
+
+
 def plot(rows: List[Row], meta: dict, path: str) -> None:
     import matplotlib
 
@@ -270,7 +276,7 @@ def plot(rows: List[Row], meta: dict, path: str) -> None:
     axes[0].set_yscale("log")
     axes[0].axhline(1.0, color="k", lw=0.8)
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"AdamSPD bench: {meta['device_name']}, torch {meta['torch']}")
+    fig.suptitle(plot_title(meta))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -284,16 +290,38 @@ def device_name(device) -> str:
     return f"{cpu_model()} ({cpu_cores()} cores, {torch.get_num_threads()} threads)"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m spd_kernels bench`` (every option documented)."""
     parser = argparse.ArgumentParser(prog="python -m spd_kernels bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sets", default=",".join(SETS))
-    parser.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to run on (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument("--sets", default=",".join(SETS),
+                        help=f"comma-separated parameter sets, from {','.join(SETS)} (default: all)")
+    parser.add_argument("--impls", default=None,
+                        help=f"comma-separated subset of {','.join(IMPLS)} (default: all that run here; "
+                             "adamw_fused is always added, as every ratio needs it)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 30 CUDA, 7 CPU)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--small", action="store_true", help="tiny versions of the sets (for CI)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones (default 3)")
+    parser.add_argument("--small", action="store_true",
+                        help="tiny versions of the sets (for CI; the PNG title says so)")
     parser.add_argument("--out", default="bench-results", help="folder for bench.json, bench.csv, bench.png")
+    parser.add_argument("--loaded", action="store_true",
+                        help="instead of the report: a 16-tensor MLP's CPU step with 1 and all threads, on a "
+                             "quiet machine and with every core busy (spd_kernels.bench_loaded)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.loaded:
+        from .bench_loaded import format_report, measure
+
+        print(format_report(measure(rounds=args.rounds or 5)))
+        return 0
+    bad_sets = [s for s in args.sets.split(",") if s not in SETS]
+    if bad_sets:
+        parser.error(f"--sets: unknown set(s) {bad_sets}; choose from {','.join(SETS)}")
     device = torch.device(args.device)
     impls = args.impls.split(",") if args.impls else available_impls(device)
     if "adamw_fused" not in impls:

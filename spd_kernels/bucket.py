@@ -27,6 +27,12 @@ from torch import Tensor
 from .stats import NUM_STATS
 
 
+#: the scalar settings of one step, as Bucket fields (every backend reads them all)
+HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "max_scale")
+#: the per-tensor lists a backend reads and updates
+TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors", "steps")
+
+
 @dataclass
 class Bucket:
     #: the tensors the backend updates: the params themselves, or their local shards
@@ -62,6 +68,14 @@ class Bucket:
     sums: Optional[Tensor] = None
     #: private to the backend: what it derived from this bucket (e.g. device tables)
     backend_cache: Optional[object] = None
+
+    def hyperparameters(self) -> dict:
+        """The step's scalar settings by name (``HYPERPARAMETERS``)."""
+        return {name: getattr(self, name) for name in HYPERPARAMETERS}
+
+    def tensor_lists(self) -> dict:
+        """The per-tensor lists by name (``TENSOR_LISTS``); None where a list is unused."""
+        return {name: getattr(self, name) for name in TENSOR_LISTS}
 
     def skipped(self) -> bool:
         """Host-side check of found_inf, for the backends that run on the host (reference, CPU)."""

@@ -288,15 +288,24 @@ def plot(results: List[RunResult], rows: List[dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m spd_kernels demo`` (every option documented)."""
     parser = argparse.ArgumentParser(prog="python -m spd_kernels demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--finetune-steps", type=int, default=200)
-    parser.add_argument("--shots", type=int, default=10, help="clean examples per class to fine-tune on")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--lambdas", default="0.5,2,8")
-    parser.add_argument("--out", default="demo-results")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3); mean +- std over them")
+    parser.add_argument("--pretrain-steps", type=int, default=1000,
+                        help="steps of augmented pre-training per seed (default 1000)")
+    parser.add_argument("--finetune-steps", type=int, default=200,
+                        help="fine-tuning steps per method and seed (default 200)")
+    parser.add_argument("--shots", type=int, default=10, help="clean examples per class to fine-tune on (default 10)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="fine-tuning learning rate, every method (default 3e-3)")
+    parser.add_argument("--lambdas", default="0.5,2,8",
+                        help="comma-separated AdamSPD lambdas (weight_decay) to run (default 0.5,2,8)")
+    parser.add_argument("--out", default="demo-results", help="folder for demo.png and demo.json")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     t0 = time.perf_counter()

@@ -54,7 +54,7 @@ def _max_scale(group: Dict[str, Any]) -> float:
 
 def _set_hyperparameters(bucket: Bucket, group: Dict[str, Any]) -> None:
     bucket.lr = group["lr"]
-    bucket.beta1, bucket.beta2 = group["betas"]
+    bucket.beta1, bucket.beta2 = (float(b) for b in group["betas"])  # tensor betas are CPU scalars
     bucket.eps = group["eps"]
     bucket.weight_decay = group["weight_decay"]
     bucket.max_scale = _max_scale(group)
@@ -79,7 +79,18 @@ def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not (isinstance(beta, numbers.Real) and 0.0 <= beta < 1.0):
+        if isinstance(beta, Tensor):  # as torch.optim.Adam takes them: one value, read on the host
+            if beta.numel() != 1 or beta.device.type != "cpu" or not beta.is_floating_point():
+                raise ValueError(
+                    f"{where}: betas[{i}] as a tensor must be a one-element floating-point CPU tensor, "
+                    f"got shape {tuple(beta.shape)}, {beta.dtype} on {beta.device}"
+                )
+            if torch.compiler.is_compiling():
+                continue
+            beta = beta.item()
+        if not isinstance(beta, numbers.Real):
+            raise ValueError(f"{where}: betas[{i}] must be a float in [0, 1), got {type(beta).__name__} {beta!r}")
+        if not 0.0 <= beta < 1.0:
             raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {beta}")
 
 
@@ -102,7 +113,13 @@ class AdamSPD(Optimizer):
         params: parameters or param groups. A group may carry ``pre``: a list
             of anchors (the pre-trained weights, one per param, same shape and
             device), or ``None`` for anchor-free. Without ``pre`` the anchors
-            are a snapshot of the params taken here.
+            are a snapshot of the params taken here. A param with
+            ``requires_grad=False`` here (a frozen base under LoRA) gets no
+            state at all, no anchor and no moments, as with
+            ``torch.optim.Adam``. If it is unfrozen later, its anchor is taken
+            at its first step with a grad (a given ``pre`` anchor is kept
+            aside until then): exact, because a frozen param still holds its
+            pre-trained value.
         lr, betas, eps, amsgrad: as in ``torch.optim.Adam``. ``lr`` may be a
             0-d tensor.
         weight_decay: SPD's lambda (strength of the projection), not scaled
@@ -170,15 +187,19 @@ class AdamSPD(Optimizer):
         # How many steps fired the projection condition (c < 0): a vector per live
         # bucket (one add per step); per param here for params whose bucket was retired.
         self._projection_counts: Dict[Tensor, Tensor] = {}
+        # anchors given in 'pre' for params frozen at construction: stored at their first step
+        self._given_anchors: Dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {**super().__getstate__(), "impl": self.impl, "anchor_dtype": self.anchor_dtype}
+        return {**super().__getstate__(), "impl": self.impl, "anchor_dtype": self.anchor_dtype,
+                "_given_anchors": self._given_anchors}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("impl", "auto")
         self.__dict__.setdefault("anchor_dtype", None)
+        self.__dict__.setdefault("_given_anchors", {})
         self._last_buckets = []
         self._bucket_cache = None
         self._projection_counts = {}
@@ -205,6 +226,9 @@ class AdamSPD(Optimizer):
         _check_hyperparameters(merged, where)
         if self.impl in ("triton", "cpu"):
             for i, p in enumerate(tensors):
+                error = backends.device_error(self.impl, p.device)
+                if error:
+                    raise ValueError(f"{where}['params'][{i}]: {error}")
                 if not backends.fused_supports(distributed.local(p), self.anchor_dtype):
                     raise ValueError(
                         f"{where}['params'][{i}]: impl={self.impl!r} takes contiguous fp32/bf16/fp16 params "
@@ -216,29 +240,32 @@ class AdamSPD(Optimizer):
         group["anchor_free"] = pre is None
         super().add_param_group(group)  # raises on duplicates before any state is written
         self._retire_buckets()
-        if anchors is not None:
-            for p, a in zip(tensors, anchors):
-                self.state[p]["anchor"] = a
-        # State is complete from the start (step 0, zero moments) for every param
-        # that can get a grad: torch.distributed.checkpoint treats a non-empty
-        # state (ours holds anchors) as fully initialized when it loads.
+        # State is complete from the start (step 0, zero moments, anchor) for every
+        # param that can get a grad: torch.distributed.checkpoint treats a non-empty
+        # state as fully initialized when it loads. A frozen param gets nothing (a
+        # frozen 7B base would otherwise cost a full copy of itself): its anchor is
+        # taken at its first step with a grad, or kept aside if one was given.
         group = self.param_groups[-1]
-        for p in tensors:
+        for i, p in enumerate(tensors):
+            if anchors is not None:
+                if p.requires_grad:
+                    self.state[p]["anchor"] = self._stored_anchor(p, anchors[i], f"{where}['pre'][{i}]")
+                elif anchors[i] is not None:
+                    self._given_anchors[p] = anchors[i]
             if p.requires_grad:
                 self._init_state(p, group, self._step_device(p, group))
 
-    def _check_anchors(self, pre: Any, params: List[Tensor], where: str) -> Optional[List[Tensor]]:
-        """Validate ``pre`` against ``params``; return the anchors to store (None if anchor-free)."""
+    def _check_anchors(self, pre: Any, params: List[Tensor], where: str) -> Optional[List[Optional[Tensor]]]:
+        """Validate ``pre`` against ``params``. Returns None for an anchor-free group,
+        else one entry per param: the given anchor (detached), or None to snapshot."""
         if pre is None:
             return None
         if pre is _SNAPSHOT:
-            dtype = self.anchor_dtype
-            return [p.detach().to(dtype=dtype or p.dtype, copy=True) for p in params]
+            return [None] * len(params)
         if isinstance(pre, Tensor) or not isinstance(pre, (list, tuple)):
             raise TypeError(f"{where}['pre']: expected a list of anchor tensors or None, got {type(pre).__name__}")
         if len(pre) != len(params):
             raise ValueError(f"{where}['pre']: {len(pre)} anchors for {len(params)} params")
-        anchors = []
         for i, (p, a) in enumerate(zip(params, pre)):
             at = f"{where}['pre'][{i}]"
             if not isinstance(a, Tensor):
@@ -249,16 +276,22 @@ class AdamSPD(Optimizer):
                 raise ValueError(f"{at}: shape {tuple(a.shape)} does not match its param's {tuple(p.shape)}")
             if a.device != p.device:
                 raise ValueError(f"{at}: on {a.device}, its param is on {p.device}")
-            a = distributed.place_like(p, a.detach(), at)
+            distributed.check_placement(p, a, at)
             a_local, p_local = distributed.local(a), distributed.local(p)
             if p_local.numel() > 0 and a_local.data_ptr() == p_local.data_ptr():
                 raise ValueError(f"{at}: the anchor shares storage with its param; pass a copy (p.detach().clone())")
             if self.impl in ("triton", "cpu") and a.dtype not in backends.FUSED_DTYPES and self.anchor_dtype is None:
                 raise ValueError(f"{at}: impl={self.impl!r} takes fp32/bf16/fp16 anchors, got {a.dtype}")
-            if self.anchor_dtype is not None and a.dtype != self.anchor_dtype:
-                a = a.to(self.anchor_dtype)
-            anchors.append(a)
-        return anchors
+        return [a.detach() for a in pre]
+
+    def _stored_anchor(self, p: Tensor, given: Optional[Tensor], where: str) -> Tensor:
+        """The anchor kept in state: ``given`` placed like ``p`` in ``anchor_dtype``, or a snapshot of ``p``."""
+        if given is None:
+            return p.detach().to(dtype=self.anchor_dtype or p.dtype, copy=True)
+        a = distributed.place_like(p, given, where)
+        if self.anchor_dtype is not None and a.dtype != self.anchor_dtype:
+            a = a.to(self.anchor_dtype)
+        return a
 
     # -------------------------------------------------------------------- step
 
@@ -281,8 +314,9 @@ class AdamSPD(Optimizer):
                 if not g.is_floating_point():
                     raise RuntimeError(f"{where}: grad dtype {g.dtype} is not floating-point")
                 distributed.check_grad(p, g, where)
-                if not group["anchor_free"] and "anchor" not in self.state[p]:
-                    raise RuntimeError(f"{where}: anchored group but the param has no anchor in state")
+                error = backends.device_error(self.impl, p.device)
+                if error:  # the param moved since construction
+                    raise RuntimeError(f"{where}: {error}")
                 with_grad.append(p)
             if with_grad:
                 work.append((gi, group, with_grad))
@@ -328,6 +362,11 @@ class AdamSPD(Optimizer):
         for gi, group, params in work:
             anchored = not group["anchor_free"]
             for pi, p in enumerate(params):
+                if anchored and "anchor" not in self.state[p]:
+                    # first step of a param frozen at construction (or since a load): a frozen
+                    # param still holds its pre-trained value, so this snapshot is exact
+                    self.state[p]["anchor"] = self._stored_anchor(
+                        p, self._given_anchors.pop(p, None), f"param_groups[{gi}]['pre'][{pi}]")
                 impl = self._impl_for(p, group)
                 state = self._init_state(p, group, self._step_device(p, group, impl))
                 anchor = state.get("anchor") if anchored else None  # after _init_state: it may have moved it
@@ -361,11 +400,13 @@ class AdamSPD(Optimizer):
         return list(buckets.values()), reductions
 
     def _cache_key(self) -> Tuple:
-        """What decides the buckets: each group's params, which of them have grads, its switches."""
+        """What decides the buckets: each group's params, which of them have grads, where they
+        live (a param moved in place, as ``Module.to`` may do, needs its checks again), its switches."""
         return tuple(
             (
                 tuple(map(id, g["params"])),
                 tuple(p.grad is None for p in g["params"]),
+                tuple(p.device for p in g["params"]),
                 g["amsgrad"],
                 g["anchor_free"],
                 g["capturable"],
@@ -512,6 +553,12 @@ class AdamSPD(Optimizer):
         """
         state_dict = _from_official_format(state_dict)
         self._check_loadable(state_dict)
+        # Groups saved by an older version (or edited by hand) may lack some of our
+        # keys: they keep this optimizer's values, as torch.optim fills its defaults.
+        state_dict = {**state_dict, "param_groups": [
+            {**{k: v for k, v in group.items() if k != "params"}, **saved}
+            for saved, group in zip(state_dict["param_groups"], self.param_groups)
+        ]}
         self._bucket_cache = None  # the buckets hold the state tensors about to be replaced
         self._projection_counts = {}
         saved_state = state_dict["state"]
@@ -566,7 +613,8 @@ class AdamSPD(Optimizer):
                                 f"{where}: saved {key} has shape {tuple(value.shape)}, param {tuple(p.shape)}"
                             )
                         distributed.check_placement(p, value, f"{where}: saved {key}")
-                if not saved.get("anchor_free", False) and "anchor" not in entry:
+                # a param frozen when saved has no entry; one that trained has its anchor
+                if not saved.get("anchor_free", group["anchor_free"]) and "step" in entry and "anchor" not in entry:
                     raise ValueError(f"{where}: the saved group is anchored but has no anchor for this param")
 
 

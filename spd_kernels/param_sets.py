@@ -1,4 +1,4 @@
-"""Parameter-shape sets used by the GPU check and benchmarks (DESIGN.md section 5)."""
+"""Parameter-shape sets for the realistic-size checks and the benchmarks (docs/design.md, "Measuring")."""
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -35,10 +35,15 @@ def lora(layers: int = 24, width: int = 1024, rank: int = 16) -> List[Shape]:
     return [(rank, width), (width, rank)] * (4 * layers)
 
 
+#: every named set, in the order reports list them
+NAMES = ("vit_b", "llama_like", "many_small", "lora")
 
 
 def get(name: str) -> List[Shape]:
-    return {"vit_b": vit_b, "llama_like": llama_like, "many_small": many_small, "lora": lora}[name]()
+    sets = {"vit_b": vit_b, "llama_like": llama_like, "many_small": many_small, "lora": lora}
+    if name not in sets:
+        raise ValueError(f"unknown parameter set {name!r}; choose from {', '.join(NAMES)}")
+    return sets[name]()
 
 
 def numel(shapes: List[Shape]) -> int:

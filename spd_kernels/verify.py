@@ -27,11 +27,11 @@ from .bucket import Bucket
 from .optim import AdamSPD
 from .reference import reference_step
 from .stats import STAT_C
+from .testing import PARAM_TOL, relative_error, signed_grad, two_shard_step
 
-#: worst allowed relative error of params and moments after one step, per param dtype:
-#: fp32 rounding for fp32; two units in the last place for bf16/fp16 (the
-#: interpreter truncates where a GPU rounds to nearest, one unit each way)
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+#: worst allowed relative error of params and moments after one step, per param
+#: dtype: the relative tolerance of the one table in spd_kernels.testing
+TOLERANCE = {dtype: tol["rtol"] for dtype, tol in PARAM_TOL.items()}
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 
 
@@ -71,13 +71,6 @@ class TinyFineTune(torch.nn.Module):
         return [{"params": anchored}, {"params": [self.lora_a, self.lora_b], "pre": None}]
 
 
-def _rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
-    if x.numel() == 0:
-        return 0.0
-    x, y = x.detach().float(), y.detach().float()
-    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))
-
-
 class ParamSetTask:
     """A parameter set (spd_kernels.param_sets) with random grads: the realistic-size check.
 
@@ -106,11 +99,8 @@ class ParamSetTask:
 
     def backward(self):
         for i, p in enumerate(self.params):
-            d = p.detach().float() - (self.anchors[i].float() if i < self.cut else 0.0)
-            noise = torch.randn(p.shape, device=p.device, generator=self.gen)
             sign = 1.0 if torch.rand((), device=p.device, generator=self.gen) < 0.5 else -1.0
-            k = 3.0 * float(noise.norm()) / max(float(d.norm()), 1e-12)
-            p.grad = (noise - sign * k * d).to(p.dtype)
+            p.grad = signed_grad(p, self.anchors[i] if i < self.cut else None, sign, self.gen)
 
 
 class ModelTask:
@@ -147,9 +137,9 @@ def run_backend(impl: str, dtype: torch.dtype, device: torch.device, steps: int,
             total += len(twin["owners"])
             _run_twin(twin, group)
             for i, p in enumerate(twin["owners"]):
-                errors["param"] = max(errors["param"], _rel_err(p, twin["params"][i]))
+                errors["param"] = max(errors["param"], relative_error(p, twin["params"][i]))
                 for key, twin_key in (("exp_avg", "exp_avgs"), ("exp_avg_sq", "exp_avg_sqs")):
-                    errors[key] = max(errors[key], _rel_err(opt.state[p][key], twin[twin_key][i]))
+                    errors[key] = max(errors[key], relative_error(opt.state[p][key], twin[twin_key][i]))
     return Row(impl, dtype, steps, errors, fired, total)
 
 
@@ -182,42 +172,6 @@ def _run_twin(twin: dict, group) -> None:
     )
 
 
-def _half(t: torch.Tensor, part: int) -> torch.Tensor:
-    """The flat first or second half of ``t``, cut as ``torch.chunk`` cuts (one element: an empty half)."""
-    flat = t.view(-1)
-    cut = (flat.numel() + 1) // 2
-    return flat[:cut] if part == 0 else flat[cut:]
-
-
-def two_shard_step(start_fn):
-    """A step function ``fn(bucket) -> stats`` that runs the split step ``start_fn``
-    (``spd_kernels.backends.start``'s kind) on two halves of every tensor of the
-    bucket, adding the halves' sums where FSDP2 would all-reduce them."""
-
-    def step(bucket: Bucket) -> torch.Tensor:
-        hp = {k: getattr(bucket, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "max_scale")}
-        shards = []
-        for part in (0, 1):
-            lists = {key: None if getattr(bucket, key) is None else [_half(t, part) for t in getattr(bucket, key)]
-                     for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors")}
-            steps = bucket.steps if part == 0 else [s.clone() for s in bucket.steps]
-            # NaN: whatever the backend does not overwrite shows up in the result
-            sums = torch.full((len(bucket), 3), float("nan"), dtype=torch.float64, device=bucket.device)
-            shards.append(Bucket(**lists, steps=steps, sums=sums, **hp))
-        finishes = [start_fn(shard) for shard in shards]
-        total = shards[0].sums + shards[1].sums
-        for shard in shards:
-            shard.sums.copy_(total)
-        stats = [finish() for finish in finishes]
-        if not torch.equal(stats[0], stats[1]):
-            raise AssertionError("the two shards of a tensor disagree on its stats")
-        if any(not torch.equal(a, b) for a, b in zip(shards[0].steps, shards[1].steps)):
-            raise AssertionError("the two shards of a tensor disagree on its step count")
-        return stats[0]
-
-    return step
-
-
 def run_split(impl: str, dtype: torch.dtype, device: torch.device, steps: int, seed: int = 0,
               param_set: str = "mlp") -> Row:
     """The split step of ``impl`` on two shards per tensor against the reference, one step at a time."""
@@ -248,7 +202,7 @@ def run_split(impl: str, dtype: torch.dtype, device: torch.device, steps: int, s
         fired += int((stats[:, STAT_C] < 0).sum())
         total += len(grads)
         for key, name in (("param", "params"), ("exp_avg", "exp_avgs"), ("exp_avg_sq", "exp_avg_sqs")):
-            errors[key] = max([errors[key]] + [_rel_err(x, y) for x, y in zip(state[name], want[name])])
+            errors[key] = max([errors[key]] + [relative_error(x, y) for x, y in zip(state[name], want[name])])
         for name in ("params", "exp_avgs", "exp_avg_sqs"):  # one step's function: start the next from ours
             for x, y in zip(state[name], want[name]):
                 y.copy_(x)
@@ -278,16 +232,23 @@ def format_table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m spd_kernels verify`` (every option documented)."""
     parser = argparse.ArgumentParser(prog="python -m spd_kernels verify", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per backend (default 20)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to run on (default: cuda when there is a GPU, else cpu)")
     parser.add_argument(
-        "--set", dest="param_set", default=None,
+        "--set", dest="param_set", default=None, choices=("mlp", *param_sets.NAMES),
         help="'mlp' (the small fine-tuning run) or a parameter set of spd_kernels.param_sets "
-             "(vit_b, many_small, lora, llama_like) with random grads; default vit_b on CUDA, mlp on CPU "
+             f"({', '.join(param_sets.NAMES)}) with random grads; default vit_b on CUDA, mlp on CPU "
              "(where Triton runs under its slow interpreter)",
     )
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     param_set = args.param_set or ("vit_b" if device.type == "cuda" else "mlp")

@@ -304,5 +304,7 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str
                 raise ValueError(f"unknown scenario {name!r}")
             dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # no rank tears the group down while a peer still uses it (that aborts at exit)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

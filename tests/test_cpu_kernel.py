@@ -1,6 +1,7 @@
 """The compiled CPU kernel (csrc/) against the reference; determinism; the fallback."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -9,10 +10,9 @@ import pytest
 import torch
 
 from spd_kernels import AdamSPD, _cpu, backends
-from spd_kernels.verify import two_shard_step
+from spd_kernels.testing import CASES, bucket_of, new_state, run_step_parity, two_shard_step
 
 from .helpers import clone_params, make_anchors, make_params, set_grads
-from .kernel_parity import CASES, bucket_of, new_state, run_step_parity
 
 needs_kernel = pytest.mark.skipif(not _cpu.available(), reason=f"CPU kernel not built: {_cpu.load_error()}")
 
@@ -198,3 +198,36 @@ def test_ops_name_bad_sums_and_lr_tensor():
         torch.ops.spd_kernels.adam_spd_partials(*args, torch.zeros((1, 3)))
     with pytest.raises(RuntimeError, match="adam_spd_step: lr_tensor must be a one-element CPU tensor"):
         torch.ops.spd_kernels.adam_spd_step(*args, float("inf"), 1.0, torch.ones(2))
+
+
+_THREAD_PROBE = """
+import os, sys, torch
+from spd_kernels import AdamSPD
+torch.set_num_threads(1)  # build everything without waking a thread
+shapes = {shapes}
+params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+for p in params:
+    p.grad = torch.randn(p.shape)
+opt = AdamSPD(params, lr=1e-3, weight_decay=1.0, impl="cpu")
+torch.set_num_threads(2)
+before = len(os.listdir("/proc/self/task"))
+for _ in range(3):
+    opt.step()
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to count threads")
+@pytest.mark.parametrize("shapes, fans_out", [
+    ([(64, 32), (64,), (64, 64), (64,)] * 4, False),  # a 16-tensor MLP: stays on the calling thread
+    ([(512, 512)], True),  # 262144 elements: worth a second thread (shows the probe sees one)
+])
+def test_small_buckets_do_not_wake_threads(shapes, fans_out):
+    # On a loaded machine waking the OpenMP team costs a scheduler slice (ms) per step:
+    # a small bucket must not do it. Thread creation is the observable, not time.
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE.format(shapes=shapes)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split())
+    assert (after > before) == fans_out, (before, after)

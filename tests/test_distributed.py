@@ -174,7 +174,7 @@ def test_fsdp2_example_runs_under_torchrun(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.join(root, "examples", "fsdp2.py"),
-           "--steps", "40", "--ckpt", str(tmp_path / "ckpt")]
+           "--steps", "40", "--ckpt-dir", str(tmp_path / "ckpt")]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": root}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from spd_kernels import AdamSPD
+from spd_kernels import AdamSPD, backends
 
 from .helpers import make_params
 
@@ -131,3 +131,97 @@ def test_lr_made_negative_mid_run_raises_before_any_update():
 def test_triton_impl_rejects_unsupported_dtype():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: impl='triton' takes"):
         AdamSPD([torch.zeros(3, dtype=torch.float64, requires_grad=True)], impl="triton")
+
+
+def test_triton_without_a_gpu_raises_at_construction(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: impl='triton' is valid on CUDA params")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no interpreter either: nothing can run the kernels
+    params = make_params([(3,), (2,)])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: impl='triton' needs a CUDA device, "
+                                         r"got a param on cpu"):
+        AdamSPD(params, impl="triton")
+
+
+@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_cpu_impl_rejects_params_off_the_cpu(device):
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4, device=device))]
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['params'\]\[1\]: impl='cpu' runs CPU tensors only, "
+                                         rf"got a param on {device}"):
+        AdamSPD(params, impl="cpu")
+
+
+def test_cpu_impl_param_moved_after_construction_raises_before_any_update():
+    if backends.cpu_kernel_error():
+        pytest.skip("CPU kernel not built")
+    params = make_params([(4,), (3, 2), (5,)])
+    opt = AdamSPD(params, lr=0.1, weight_decay=1.0, impl="cpu")
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    # the param went to another device after construction (as Module.to swaps it in place)
+    torch.utils.swap_tensors(params[2], torch.nn.Parameter(torch.zeros(5, device="meta")))
+    params[2].grad = torch.zeros(5, device="meta")
+    for p in params[:2]:
+        p.grad = torch.randn(p.shape)
+    snap = _snapshot(params[:2], opt)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[2\]: impl='cpu' runs CPU tensors only, "
+                                           r"got a param on meta"):
+        opt.step()
+    _assert_unchanged(params[:2], opt, snap)
+
+
+def test_tensor_betas_are_accepted_and_equal_float_betas():
+    gen = torch.Generator().manual_seed(3)
+    ours = make_params([(5,), (2, 3)], generator=gen)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = AdamSPD(ours, lr=0.05, betas=(0.9, torch.tensor(0.99)), weight_decay=1.0)
+    ref = AdamSPD(theirs, lr=0.05, betas=(0.9, 0.99), weight_decay=1.0)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "betas, match",
+    [
+        ((0.9, torch.tensor([0.99, 0.9])), r"betas\[1\] as a tensor must be a one-element floating-point CPU tensor"),
+        ((torch.tensor(1.5), 0.99), r"betas\[0\] must be in \[0, 1\), got 1.5"),
+        ((0.9, "0.99"), r"betas\[1\] must be a float in \[0, 1\), got str '0.99'"),
+    ],
+)
+def test_bad_betas_say_what_is_wrong(betas, match):
+    with pytest.raises(ValueError, match=match):
+        AdamSPD(make_params([(3,)]), betas=betas)
+
+
+def test_state_dict_groups_without_our_keys_load_with_defaults():
+    # a checkpoint written before capturable / anchor_free / cap_projection existed
+    gen = torch.Generator().manual_seed(4)
+    params = make_params([(6,), (2, 3)], generator=gen)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamSPD(params, lr=0.05, weight_decay=1.0)
+    ref = AdamSPD(twin, lr=0.05, weight_decay=1.0)
+    for p, q in zip(params, twin):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("capturable", "anchor_free", "cap_projection"):
+            del group[key]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["anchor_free"] is False and opt.param_groups[0]["capturable"] is False
+    for p, q in zip(params, twin):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+    opt.step()  # no KeyError
+    ref.step()
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)

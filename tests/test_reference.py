@@ -11,10 +11,9 @@ from hypothesis import strategies as st
 from spd_kernels import backends
 from spd_kernels.reference import adam_spd_step_
 from spd_kernels.stats import STAT_C, STAT_NORM_P_A, STAT_NORM_Q_A, STAT_R, STAT_SCALE
-from spd_kernels.verify import two_shard_step
+from spd_kernels.testing import CASES, run_step_parity, two_shard_step
 
 from .helpers import signed_grad
-from .kernel_parity import CASES, run_step_parity
 
 
 def spd_float64(p, g, m, v, vmax, a, t, lr, b1, b2, eps, lam, amsgrad):

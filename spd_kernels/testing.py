@@ -1,0 +1,194 @@
+"""The one verification harness: tolerances, inputs and the shard emulation.
+
+Every check of a backend against the reference imports from here: the pytest
+suite (small shapes on the CPU, realistic sizes under ``pytest -m cuda``),
+``python -m spd_kernels verify`` and the GPU checks. One tolerance table, one
+signed-gradient generator, one state builder, one two-shard emulation.
+
+Inputs are built away from SPD's tie: a gradient's condition
+``c = -sum(g * (p - a))`` gets a clear sign (a term worth three times the
+noise's contribution), so two correct implementations take the same branch.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .bucket import Bucket
+from .reference import reference_step
+from .stats import STAT_C, STAT_NORM_P_A, STAT_R, STAT_SCALE
+
+#: params after one step, per storage dtype: one rounding of the stored value may
+#: differ (the Triton interpreter truncates where a GPU or the CPU rounds to
+#: nearest), so bf16/fp16 allow one unit in the last place, fp32 a few
+PARAM_TOL: Dict[torch.dtype, Dict[str, float]] = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2.0**-7, atol=1e-6),
+    torch.float16: dict(rtol=2.0**-10, atol=1e-6),
+}
+#: moments are fp32 whatever the param dtype
+MOMENT_TOL = dict(rtol=1e-5, atol=1e-7)
+
+#: the kernel test cases: p dtype, anchor dtype (None: anchor-free), amsgrad, lr as a 0-d tensor
+CASES = [
+    (torch.float32, torch.float32, False, False),
+    (torch.float32, torch.float32, True, True),
+    (torch.float32, torch.bfloat16, False, False),
+    (torch.float32, None, False, False),
+    (torch.bfloat16, torch.bfloat16, False, False),
+    (torch.bfloat16, torch.float32, True, False),
+    (torch.bfloat16, None, False, True),
+    (torch.float16, torch.float16, False, False),
+    (torch.float16, torch.float32, True, False),
+    (torch.float32, torch.float16, False, True),
+    (torch.bfloat16, torch.float16, True, False),
+    (torch.float16, torch.bfloat16, False, False),
+    (torch.float16, None, True, False),
+]
+
+
+def case_id(case) -> str:
+    return f"p={case[0]}-a={case[1]}-amsgrad={case[2]}-lr_tensor={case[3]}"
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """Worst elementwise difference over the largest magnitude of ``want`` (0 for empty tensors)."""
+    if want.numel() == 0:
+        return 0.0
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def signed_grad(p: Tensor, anchor: Optional[Tensor], sign: float, generator=None) -> Tensor:
+    """A random grad, on ``p``'s device, whose c = -sum(g*(p-a)) is clearly of sign ``sign``.
+
+    g = noise - sign * k * (p - a), with k chosen so the second term's share of c
+    is three times what the noise can contribute (~||noise|| ||p - a||).
+    """
+    device = generator.device if generator is not None else p.device
+    noise = torch.randn(p.shape, generator=generator, device=device).to(p.device)
+    d = p.detach().float() - (anchor.float() if anchor is not None else 0.0)
+    dd = float((d * d).sum())
+    if dd == 0.0:
+        return noise.to(p.dtype)
+    k = 3.0 * float(noise.norm()) / dd**0.5 + 1e-3
+    return (noise - sign * k * d).to(p.dtype)
+
+
+def new_state(shapes: Sequence, p_dtype, a_dtype, amsgrad: bool, gen, device) -> Dict[str, Optional[List[Tensor]]]:
+    """A bucket's tensors (params, zero moments, anchors near the params, steps) from ``gen``."""
+    shapes = [(s,) if isinstance(s, int) else tuple(s) for s in shapes]
+    params = [torch.randn(s, generator=gen).to(p_dtype).to(device) for s in shapes]
+    return dict(
+        params=params,
+        exp_avgs=[torch.zeros(s, device=device) for s in shapes],
+        exp_avg_sqs=[torch.zeros(s, device=device) for s in shapes],
+        max_exp_avg_sqs=[torch.zeros(s, device=device) for s in shapes] if amsgrad else None,
+        anchors=None if a_dtype is None else [
+            (p.float() + 0.5 * torch.randn(p.shape, generator=gen).to(device)).to(a_dtype) for p in params
+        ],
+        steps=[torch.zeros((), device=device) for _ in shapes],
+    )
+
+
+def clone_state(state):
+    return {key: None if value is None else [t.clone() for t in value] for key, value in state.items()}
+
+
+def bucket_of(state, grads, **hp) -> Bucket:
+    return Bucket(grads=grads, **state, **hp)
+
+
+def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None:
+    """Assert one step of a backend equals the reference's, within the tables above."""
+    for i, (p, q) in enumerate(zip(got_state["params"], want_state["params"])):
+        # s = lam * r carries the sums' rounding times lam into p: scale the absolute slack with lam
+        tol = dict(PARAM_TOL[p.dtype])
+        tol["atol"] *= max(1.0, lam)
+        torch.testing.assert_close(p.float(), q.float(), **tol, msg=lambda m: f"param {i}: {m}")
+    for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+        if got_state[key] is not None:
+            for x, y in zip(got_state[key], want_state[key]):
+                torch.testing.assert_close(x, y, **MOMENT_TOL)
+    assert [s.item() for s in got_state["steps"]] == [s.item() for s in want_state["steps"]]
+    got_stats, want_stats = got_stats.cpu(), want_stats.cpu()
+    for i in range(len(grads)):
+        g, w = got_stats[i], want_stats[i]
+        assert (g[STAT_C] < 0) == (w[STAT_C] < 0), f"tensor {i}: branch differs"
+        scale = float(grads[i].float().norm() * (w[STAT_NORM_P_A] + 1.0))
+        assert abs(g[STAT_C] - w[STAT_C]) <= 1e-5 * scale + 1e-6
+        torch.testing.assert_close(g[STAT_NORM_P_A:STAT_R], w[STAT_NORM_P_A:STAT_R], rtol=1e-5, atol=1e-6)
+        assert abs(g[STAT_R] - w[STAT_R]) <= 1e-4
+        assert abs(g[STAT_SCALE] - w[STAT_SCALE]) <= 1e-4 * max(lam, 1.0)
+
+
+def run_step_parity(step_fn: Callable[[Bucket], Tensor], shapes, case, device, steps=10, lam=1.5,
+                    max_scale=float("inf"), seed=0) -> None:
+    """``steps`` steps of ``step_fn(bucket) -> stats`` against the reference; both branches must occur.
+
+    Each step starts both from the same state (the backend's), so this checks one
+    step's function at every step count, without drift.
+    """
+    device = torch.device(device)
+    p_dtype, a_dtype, amsgrad, lr_tensor = case
+    # a seed stable across processes (str hashes are salted per process)
+    seed = zlib.crc32(repr((case, seed)).encode())
+    gen = torch.Generator().manual_seed(seed)
+    # grads are drawn where the params live (on a GPU, realistic sizes would be slow to draw on the host)
+    grad_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+    state = new_state(shapes, p_dtype, a_dtype, amsgrad, gen, device)
+    lr = torch.tensor(0.02, device=device) if lr_tensor else 0.02
+    hp = dict(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=lam, amsgrad=amsgrad, max_scale=max_scale)
+    fired = not_fired = r_positive = 0
+    nonempty = [i for i, p in enumerate(state["params"]) if p.numel() > 0]
+    for _ in range(steps):
+        anchors = state["anchors"] or [None] * len(shapes)
+        signs = [1.0 if torch.rand((), generator=gen) < 0.5 else -1.0 for _ in shapes]
+        grads = [signed_grad(p, a, s, grad_gen) for p, a, s in zip(state["params"], anchors, signs)]
+        want = clone_state(state)
+        want_stats = reference_step(**{**want, "grads": grads}, **{**hp, "lr": 0.02})
+        got_stats = step_fn(bucket_of(state, grads, **hp)).clone()
+        check_step(state, got_stats, want, want_stats, grads, lam)
+        fired += sum(bool(want_stats[i, STAT_C] < 0) for i in nonempty)
+        not_fired += sum(bool(want_stats[i, STAT_C] >= 0) for i in nonempty)
+        r_positive += sum(bool(want_stats[i, STAT_R] > 0) for i in nonempty)
+        assert float(got_stats[:, STAT_SCALE].max()) <= max_scale
+    assert fired > 5 and not_fired > 5 and r_positive > 0, (fired, not_fired, r_positive)
+
+
+def _half(t: Tensor, part: int) -> Tensor:
+    """The flat first or second half of ``t``, cut as ``torch.chunk`` cuts (one element: an empty half)."""
+    flat = t.view(-1)
+    cut = (flat.numel() + 1) // 2
+    return flat[:cut] if part == 0 else flat[cut:]
+
+
+def two_shard_step(start_fn: Callable[[Bucket], Callable[[], Tensor]]) -> Callable[[Bucket], Tensor]:
+    """A step function ``fn(bucket) -> stats`` that runs the split step ``start_fn``
+    (``spd_kernels.backends.start``'s kind) on two halves of every tensor of the
+    bucket, adding the halves' sums where FSDP2 would all-reduce them."""
+
+    def step(bucket: Bucket) -> Tensor:
+        shards = []
+        for part in (0, 1):
+            lists = {key: None if value is None else [_half(t, part) for t in value]
+                     for key, value in bucket.tensor_lists().items() if key != "steps"}
+            steps = bucket.steps if part == 0 else [s.clone() for s in bucket.steps]
+            # NaN: whatever the backend does not overwrite shows up in the result
+            sums = torch.full((len(bucket), 3), float("nan"), dtype=torch.float64, device=bucket.device)
+            shards.append(Bucket(**lists, steps=steps, sums=sums, **bucket.hyperparameters()))
+        finishes = [start_fn(shard) for shard in shards]
+        total = shards[0].sums + shards[1].sums
+        for shard in shards:
+            shard.sums.copy_(total)
+        stats = [finish() for finish in finishes]
+        if not torch.equal(stats[0], stats[1]):
+            raise AssertionError("the two shards of a tensor disagree on its stats")
+        if any(not torch.equal(a, b) for a, b in zip(shards[0].steps, shards[1].steps)):
+            raise AssertionError("the two shards of a tensor disagree on its step count")
+        return stats[0]
+
+    return step
