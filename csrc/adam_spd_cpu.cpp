@@ -1,6 +1,6 @@
 // Fused AdamSPD for a bucket of CPU tensors, registered as torch.ops.spd_kernels.adam_spd_step.
 //
-// Math (DESIGN.md section 1), per tensor p with grad g, moments m, v, anchor a
+// Math (docs/design.md, "The algorithm"), per tensor p with grad g, moments m, v, anchor a
 // (a = 0 when anchor-free), step t; fp32 math whatever the storage dtype:
 //
 //   t += 1; bc1 = 1 - b1^t; bc2 = 1 - b2^t                  (double, per tensor)
@@ -45,6 +45,10 @@
 
 namespace spd_kernels {
 namespace {
+
+// The stats row layout of spd_kernels/stats.py: one fp32 row per tensor.
+constexpr int64_t NUM_STATS = 5;
+constexpr int64_t STAT_C = 0, STAT_NORM_P_A = 1, STAT_NORM_Q_A = 2, STAT_R = 3, STAT_SCALE = 4;
 
 constexpr int64_t CHUNK = 16384;  // 64 KB of fp32 per array: five arrays stay in a 1 MB L2
 // Elements a thread must have before a second one is woken. Waking the OpenMP team costs
@@ -165,11 +169,11 @@ void finalize(const Sums& sums, float weight_decay, float max_scale, float* row)
     r = nqa > 0.0 ? std::min(std::max((nqa - npa) / nqa, 0.0), 1.0) : 0.0;
     scale = std::min(static_cast<double>(weight_decay) * r, static_cast<double>(max_scale));
   }
-  row[0] = static_cast<float>(c);
-  row[1] = static_cast<float>(npa);
-  row[2] = static_cast<float>(nqa);
-  row[3] = static_cast<float>(r);
-  row[4] = static_cast<float>(scale);
+  row[STAT_C] = static_cast<float>(c);
+  row[STAT_NORM_P_A] = static_cast<float>(npa);
+  row[STAT_NORM_Q_A] = static_cast<float>(nqa);
+  row[STAT_R] = static_cast<float>(r);
+  row[STAT_SCALE] = static_cast<float>(scale);
 }
 
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
@@ -205,10 +209,10 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
         auto [p, g, m, v, vmax, a] = ptrs(t);
         const Scalars& s = scalars[t];
         const Sums sums = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, 0, numel, s);
-        float* row = stats + 5 * t;
+        float* row = stats + NUM_STATS * t;
         finalize(sums, s.weight_decay, s.max_scale, row);
-        if (!STORE_Q || row[4] != 0.0f)
-          project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, 0, numel, s, row[4]);
+        if (!STORE_Q || row[STAT_SCALE] != 0.0f)
+          project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, 0, numel, s, row[STAT_SCALE]);
       });
 
   // Larger tensors one at a time, so the projection re-reads q and a from the
@@ -226,12 +230,12 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     });
     Sums sums;
     for (const Sums& part : partials) sums.add(part);
-    float* row = stats + 5 * t;
+    float* row = stats + NUM_STATS * t;
     finalize(sums, s.weight_decay, s.max_scale, row);
-    if (STORE_Q && row[4] == 0.0f) continue;
+    if (STORE_Q && row[STAT_SCALE] == 0.0f) continue;
     parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
       project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
-                                                std::min((c + 1) * CHUNK, numel), s, row[4]);
+                                                std::min((c + 1) * CHUNK, numel), s, row[STAT_SCALE]);
     });
   }
 }
@@ -313,15 +317,15 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     total.gd = sums[3 * t + 0];
     total.dd = sums[3 * t + 1];
     total.qq = sums[3 * t + 2];
-    finalize(total, scalars[t].weight_decay, scalars[t].max_scale, stats + 5 * t);
+    finalize(total, scalars[t].weight_decay, scalars[t].max_scale, stats + NUM_STATS * t);
   }
-  const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[5 * t + 4] != 0.0f; });
+  const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[NUM_STATS * t + STAT_SCALE] != 0.0f; });
   parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
     const auto [t, begin, end] = work.chunks[k];
     float* v = (AMSGRAD ? max_exp_avg_sqs[t] : exp_avg_sqs[t]).data_ptr<float>();  // q is built from vmax
     project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(), v,
                                               HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
-                                              scalars[t], stats[5 * t + 4]);
+                                              scalars[t], stats[NUM_STATS * t + STAT_SCALE]);
   });
 }
 
@@ -420,7 +424,7 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::Tensor>& lr_tensor) {
   check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
   const int64_t n = static_cast<int64_t>(params.size());
-  at::Tensor stats = at::empty({n, 5}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
   float* out = stats.data_ptr<float>();
   lr = resolve_lr("adam_spd_step", lr, lr_tensor);
@@ -456,7 +460,7 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
   check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, false);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_project", sums, n);
-  at::Tensor stats = at::empty({n, 5}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
   const double* in = sums.data_ptr<double>();
   float* out = stats.data_ptr<float>();

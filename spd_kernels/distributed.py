@@ -1,6 +1,6 @@
 """Sharded parameters (FSDP2, HSDP, DTensor): what the optimizer needs of them.
 
-SPD's three sums run over the whole logical tensor (DESIGN.md section 1), so a
+SPD's three sums run over the whole logical tensor (docs/design.md), so a
 rank holding a shard cannot finish a step alone. For DTensor params the
 optimizer runs its backend on the local shards (``to_local()`` aliases the
 param's storage) as a split step: each backend writes every tensor's three

@@ -1,6 +1,6 @@
 """``AdamSPD``: Adam with Selective Projection Decay, a ``torch.optim.Optimizer``.
 
-The math is DESIGN.md section 1 (see ``spd_kernels.reference``). This module
+The math is in docs/design.md and the class docstring (see also ``spd_kernels.reference``). This module
 owns argument checks, param groups, anchors, state and ``state_dict``; it groups
 the tensors that have gradients into buckets and hands each bucket to one
 backend (``spd_kernels.backends``). It knows nothing of kernels.
@@ -108,6 +108,20 @@ def _unwrap(param: Any) -> Tensor:
 
 class AdamSPD(Optimizer):
     """Adam with Selective Projection Decay (Tian, Huang, Kira, NeurIPS 2024).
+
+    Per parameter tensor θ ("layer") with anchor a (its pre-trained value;
+    a = 0 anchor-free), each step::
+
+        m ← β1 m + (1 - β1) g;   v ← β2 v + (1 - β2) g²        (amsgrad: v_max ← max(v_max, v))
+        q ← θ - γ (m / (1 - β1^t)) / (sqrt(v / (1 - β2^t)) + ε)  (the plain Adam step)
+        c ← -Σ g ⊙ (θ - a)                                       (θ before the step)
+        if c < 0:
+            r ← clamp((‖q - a‖ - ‖θ - a‖) / ‖q - a‖, 0, 1)      (0 if ‖q - a‖ = 0)
+            q ← q - λ r (q - a)                                  (cap_projection: min(λ r, 1))
+        θ ← q
+
+    The sums run over the whole tensor (across ranks when sharded); math is
+    fp32 whatever the storage. Details: docs/design.md.
 
     Args:
         params: parameters or param groups. A group may carry ``pre``: a list

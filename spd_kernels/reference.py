@@ -1,4 +1,4 @@
-"""The pure-PyTorch oracle for one AdamSPD step (DESIGN.md section 1).
+"""The pure-PyTorch oracle for one AdamSPD step (docs/design.md, "The algorithm").
 
 A per-tensor loop written to be read, not to be fast: every backend is tested
 against it. For one parameter tensor ``p`` ("layer") with gradient ``g`` and

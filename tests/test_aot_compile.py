@@ -1,5 +1,5 @@
 """Every kernel variant lowers for sm_80 and sm_90a, without spills, with 128-bit
-global accesses where the storage is fp32 (DESIGN.md section 4).
+global accesses where the storage is fp32 (docs/design.md, "The GPU kernels").
 
 The compile runs in a subprocess: this test session runs the kernels under the
 interpreter, and interpreted kernels cannot be compiled.

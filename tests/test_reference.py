@@ -1,4 +1,4 @@
-"""The reference against an independent float64 re-derivation of DESIGN.md section 1; its split step."""
+"""The reference against an independent float64 re-derivation of the algorithm (docs/design.md); its split step."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Fused AdamSPD over a bucket of tensors: Triton kernels and their host launcher.
 
-Math (DESIGN.md section 1), per tensor p with grad g, moments m, v, anchor a
+Math (docs/design.md, "The algorithm"), per tensor p with grad g, moments m, v, anchor a
 (a = 0 when anchor-free), step t, in fp32 whatever the storage dtype::
 
     t += 1;  bc1 = 1 - b1^t;  bc2 = 1 - b2^t          (fp64 scalars, per tensor)
@@ -55,12 +55,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import stats
 from ..bucket import Bucket
-from ..stats import NUM_STATS
 
-#: rows of the pointer table
-ROW_P, ROW_G, ROW_M, ROW_V, ROW_VMAX, ROW_A, ROW_STEP = range(7)
+#: rows of the pointer table ([NUM_ROWS, n] int64 data_ptrs), as the kernels read them
+ROW_P = tl.constexpr(0)
+ROW_G = tl.constexpr(1)
+ROW_M = tl.constexpr(2)
+ROW_V = tl.constexpr(3)
+ROW_VMAX = tl.constexpr(4)
+ROW_A = tl.constexpr(5)
+ROW_STEP = tl.constexpr(6)
 NUM_ROWS = 7
+
+#: the stats row layout of spd_kernels.stats, for the kernels
+NUM_STATS = tl.constexpr(stats.NUM_STATS)
+STAT_C = tl.constexpr(stats.STAT_C)
+STAT_NORM_P_A = tl.constexpr(stats.STAT_NORM_P_A)
+STAT_NORM_Q_A = tl.constexpr(stats.STAT_NORM_Q_A)
+STAT_R = tl.constexpr(stats.STAT_R)
+STAT_SCALE = tl.constexpr(stats.STAT_SCALE)
 
 #: elements per tile; 256 threads x 4 fp32 = one 16-byte access per thread per tensor
 BLOCK = 1024
@@ -186,12 +200,12 @@ def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts
     ratio = tl.where(norm_q_a > 0.0, (norm_q_a - norm_p_a) / norm_q_a, 0.0)
     ratio = tl.where(fired, tl.minimum(tl.maximum(ratio, 0.0), 1.0), 0.0)
     scale = tl.where(fired, tl.minimum(weight_decay * ratio, max_scale), 0.0)
-    row = stats_ptr + tid * 5
-    tl.store(row + 0, c)
-    tl.store(row + 1, norm_p_a)
-    tl.store(row + 2, norm_q_a)
-    tl.store(row + 3, ratio)
-    tl.store(row + 4, scale)
+    row = stats_ptr + tid * NUM_STATS
+    tl.store(row + STAT_C, c)
+    tl.store(row + STAT_NORM_P_A, norm_p_a)
+    tl.store(row + STAT_NORM_Q_A, norm_q_a)
+    tl.store(row + STAT_R, ratio)
+    tl.store(row + STAT_SCALE, scale)
     tl.store(step_ptr, t)
     tl.store(counts_ptr + tid, tl.load(counts_ptr + tid) + tl.where(fired, 1.0, 0.0))
     return scale
@@ -241,13 +255,13 @@ def _phase1_kernel(
     # GradScaler's scales are powers of two, so 1/scale is exact however the division rounds
     inv_scale = 1.0 / tl.load(grad_scale_ptr)
 
-    p_ptr = _table_ptr(ptrs_ptr, 0, n_tensors, tid, P_DTYPE, ALIGNED)
-    g_ptr = _table_ptr(ptrs_ptr, 1, n_tensors, tid, G_DTYPE, ALIGNED)
-    m_ptr = _table_ptr(ptrs_ptr, 2, n_tensors, tid, tl.float32, ALIGNED)
-    v_ptr = _table_ptr(ptrs_ptr, 3, n_tensors, tid, tl.float32, ALIGNED)
-    vmax_ptr = _table_ptr(ptrs_ptr, 4, n_tensors, tid, tl.float32, ALIGNED)
-    a_ptr = _table_ptr(ptrs_ptr, 5, n_tensors, tid, A_DTYPE, ALIGNED)
-    step_ptr = _table_ptr(ptrs_ptr, 6, n_tensors, tid, tl.float32, False)
+    p_ptr = _table_ptr(ptrs_ptr, ROW_P, n_tensors, tid, P_DTYPE, ALIGNED)
+    g_ptr = _table_ptr(ptrs_ptr, ROW_G, n_tensors, tid, G_DTYPE, ALIGNED)
+    m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, tl.float32, ALIGNED)
+    v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, tl.float32, ALIGNED)
+    vmax_ptr = _table_ptr(ptrs_ptr, ROW_VMAX, n_tensors, tid, tl.float32, ALIGNED)
+    a_ptr = _table_ptr(ptrs_ptr, ROW_A, n_tensors, tid, A_DTYPE, ALIGNED)
+    step_ptr = _table_ptr(ptrs_ptr, ROW_STEP, n_tensors, tid, tl.float32, False)
 
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr)
@@ -342,7 +356,7 @@ def _finalize_kernel(
     first = tl.load(multi_ptr + n_multi + pid)
     count = tl.load(multi_ptr + 2 * n_multi + pid)
     sum_gd, sum_dd, sum_qq = _sum_rows(partials_ptr, first, count, FINALIZE_BLOCK)
-    step_ptr = tl.load(ptrs_ptr + 6 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(ptrs_ptr + ROW_STEP * n_tensors + tid).to(tl.pointer_type(tl.float32))
     t = tl.load(step_ptr) + 1.0
     _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t)
 
@@ -384,7 +398,7 @@ def _finalize_sums_kernel(
     sum_gd = tl.load(sums_ptr + tid * 3 + 0).to(tl.float32)
     sum_dd = tl.load(sums_ptr + tid * 3 + 1).to(tl.float32)
     sum_qq = tl.load(sums_ptr + tid * 3 + 2).to(tl.float32)
-    step_ptr = tl.load(ptrs_ptr + 6 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(ptrs_ptr + ROW_STEP * n_tensors + tid).to(tl.pointer_type(tl.float32))
     t = tl.load(step_ptr) + 1.0
     _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t)
 
@@ -418,15 +432,15 @@ def _phase2_kernel(
     pid = tl.program_id(0)
     tid = tl.load(chunks_ptr + pid)
     start = tl.multiple_of(tl.load(chunks_ptr + n_chunks + pid), BLOCK)  # chunks start on tile bounds
-    scale = tl.load(stats_ptr + tid * 5 + 4)
+    scale = tl.load(stats_ptr + tid * NUM_STATS + STAT_SCALE)
     if RECOMPUTE_Q or scale != 0.0:
         numel = tl.load(numels_ptr + tid)
-        p_ptr = _table_ptr(ptrs_ptr, 0, n_tensors, tid, P_DTYPE, ALIGNED)
-        m_ptr = _table_ptr(ptrs_ptr, 2, n_tensors, tid, tl.float32, ALIGNED)
-        v_ptr = _table_ptr(ptrs_ptr, 3, n_tensors, tid, tl.float32, ALIGNED)
-        vmax_ptr = _table_ptr(ptrs_ptr, 4, n_tensors, tid, tl.float32, ALIGNED)
-        a_ptr = _table_ptr(ptrs_ptr, 5, n_tensors, tid, A_DTYPE, ALIGNED)
-        step_ptr = _table_ptr(ptrs_ptr, 6, n_tensors, tid, tl.float32, False)
+        p_ptr = _table_ptr(ptrs_ptr, ROW_P, n_tensors, tid, P_DTYPE, ALIGNED)
+        m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, tl.float32, ALIGNED)
+        v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, tl.float32, ALIGNED)
+        vmax_ptr = _table_ptr(ptrs_ptr, ROW_VMAX, n_tensors, tid, tl.float32, ALIGNED)
+        a_ptr = _table_ptr(ptrs_ptr, ROW_A, n_tensors, tid, A_DTYPE, ALIGNED)
+        step_ptr = _table_ptr(ptrs_ptr, ROW_STEP, n_tensors, tid, tl.float32, False)
         if LR_IS_TENSOR:
             lr = tl.load(lr_ptr)
         step_size, inv_sqrt_bc2 = _step_scalars(tl.load(step_ptr), lr, ln_beta1, ln_beta2)
@@ -466,7 +480,7 @@ class _Plan:
         n = len(bucket)
         numels = [p.numel() for p in bucket.params]
         zero = [0] * n
-        rows = [
+        rows = [  # in ROW_* order
             [t.data_ptr() for t in bucket.params],
             [t.data_ptr() for t in bucket.grads],
             [t.data_ptr() for t in bucket.exp_avgs],
@@ -500,7 +514,7 @@ class _Plan:
         self.multi = upload([[m[i] for m in multi] for i in range(3)] if multi else [[], [], []])
         # zeros: a split step that AMP skips still hands finite sums (from here) to the all-reduce
         self.partials = torch.zeros((max(self.n_multi_chunks, 1), 3), dtype=torch.float32, device=device)
-        self.stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
+        self.stats = torch.zeros((n, stats.NUM_STATS), dtype=torch.float32, device=device)
         # (grad_scale, found_inf) when no GradScaler drives the step: scale 1, nothing found
         self.amp_default = torch.tensor([1.0, 0.0], dtype=torch.float32).to(device)
         self.counts = torch.zeros(n, dtype=torch.float32, device=device)
