@@ -21,6 +21,10 @@
 // Each chunk's sums have a fixed order (fp64 accumulators), so results are
 // bitwise the same for any thread count.
 //
+// Settings. The ops take the step's float settings as one list ``hyper`` in the
+// order of spd_kernels.hyperparameters.PACKED; the HP_* slots below name it, and
+// ``hyperparameter_names`` lets the Python side check the two agree at load time.
+//
 // Sharded parameters (FSDP2: each rank holds a slice of every tensor) need the
 // sums over the whole logical tensor, so the step is also offered in two ops
 // with a seam for the caller's all-reduce between them:
@@ -39,6 +43,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -49,6 +54,11 @@ namespace {
 // The stats row layout of spd_kernels/stats.py: one fp32 row per tensor.
 constexpr int64_t NUM_STATS = 5;
 constexpr int64_t STAT_C = 0, STAT_NORM_P_A = 1, STAT_NORM_Q_A = 2, STAT_R = 3, STAT_SCALE = 4;
+
+// Slots of the ``hyper`` list (spd_kernels.hyperparameters.PACKED).
+constexpr int64_t HP_LR = 0, HP_BETA1 = 1, HP_BETA2 = 2, HP_EPS = 3, HP_WEIGHT_DECAY = 4, HP_MAX_SCALE = 5;
+constexpr int64_t NUM_HP = 6;
+const char* const HP_NAMES[NUM_HP] = {"lr", "beta1", "beta2", "eps", "weight_decay", "max_scale"};
 
 constexpr int64_t CHUNK = 16384;  // 64 KB of fp32 per array: five arrays stay in a 1 MB L2
 // Elements a thread must have before a second one is woken. Waking the OpenMP team costs
@@ -65,13 +75,17 @@ struct Scalars {
   float weight_decay, max_scale, inv_grad_scale;
 };
 
+// The step's settings as the ops received them (``hyper``, lr already resolved from lr_tensor).
+struct Hyper {
+  double lr, beta1, beta2, eps, weight_decay, max_scale;
+};
+
 // Per-tensor scalars for step count ``count`` (already incremented); bias corrections in double.
-Scalars make_scalars(double count, double lr, double beta1, double beta2, double eps, double weight_decay,
-                     double max_scale, double inv_grad_scale) {
-  const double bc1 = 1.0 - std::pow(beta1, count), bc2 = 1.0 - std::pow(beta2, count);
-  return Scalars{static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
-                 static_cast<float>(eps), static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
-                 static_cast<float>(weight_decay), static_cast<float>(max_scale),
+Scalars make_scalars(double count, const Hyper& h, double inv_grad_scale) {
+  const double bc1 = 1.0 - std::pow(h.beta1, count), bc2 = 1.0 - std::pow(h.beta2, count);
+  return Scalars{static_cast<float>(1.0 - h.beta1), static_cast<float>(h.beta2), static_cast<float>(1.0 - h.beta2),
+                 static_cast<float>(h.eps), static_cast<float>(h.lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
+                 static_cast<float>(h.weight_decay), static_cast<float>(h.max_scale),
                  static_cast<float>(inv_grad_scale)};
 }
 
@@ -178,9 +192,8 @@ void finalize(const Sums& sums, float weight_decay, float max_scale, float* row)
 
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, double lr, double beta1,
-                double beta2, double eps, double weight_decay, double max_scale, double inv_grad_scale,
-                float* stats) {
+                at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, const Hyper& hyper,
+                double inv_grad_scale, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once
 
@@ -189,7 +202,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     float* step = steps[t].data_ptr<float>();
     const double count = static_cast<double>(*step) + 1.0;
     *step = static_cast<float>(count);
-    scalars[t] = make_scalars(count, lr, beta1, beta2, eps, weight_decay, max_scale, inv_grad_scale);
+    scalars[t] = make_scalars(count, hyper, inv_grad_scale);
   }
   auto ptrs = [&](int64_t t) {
     return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
@@ -271,8 +284,7 @@ ChunkList chunk_list(at::TensorList params, Keep keep) {
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
 void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double inv_grad_scale,
-                     double* sums) {
+                     at::TensorList steps, const Hyper& hyper, double inv_grad_scale, double* sums) {
   const int64_t n = static_cast<int64_t>(params.size());
   constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once in the project op
   std::vector<Scalars> scalars(n);
@@ -280,7 +292,7 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
     float* step = steps[t].data_ptr<float>();
     const double count = static_cast<double>(*step) + 1.0;
     *step = static_cast<float>(count);
-    scalars[t] = make_scalars(count, lr, beta1, beta2, eps, 0.0, 0.0, inv_grad_scale);
+    scalars[t] = make_scalars(count, hyper, inv_grad_scale);
   }
   const ChunkList work = chunk_list(params, [](int64_t) { return true; });
   std::vector<Sums> partials(work.chunks.size());
@@ -305,14 +317,13 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
 void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
-                    const double* sums, double lr, double beta1, double beta2, double eps, double weight_decay,
-                    double max_scale, float* stats) {
+                    const double* sums, const Hyper& hyper, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   constexpr bool STORE_Q = std::is_same<P, float>::value;
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
     const double count = static_cast<double>(*steps[t].data_ptr<float>());  // incremented by the partials op
-    scalars[t] = make_scalars(count, lr, beta1, beta2, eps, weight_decay, max_scale, 1.0);
+    scalars[t] = make_scalars(count, hyper, 1.0);
     Sums total;
     total.gd = sums[3 * t + 0];
     total.dd = sums[3 * t + 1];
@@ -362,13 +373,21 @@ void check_inputs(const char* op, at::TensorList params, at::TensorList grads, a
   }
 }
 
-// A tensor lr (a 0-d CPU tensor: torch.compile passes it to the op unchanged, so
-// changing it recompiles nothing) overrides the float.
-double resolve_lr(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor) {
-  if (!lr_tensor.has_value()) return lr;
-  TORCH_CHECK(lr_tensor->device().is_cpu() && lr_tensor->numel() == 1, op, ": lr_tensor must be a one-element CPU tensor");
-  return lr_tensor->item<double>();
+// The ``hyper`` list as named settings. A tensor lr (a 0-d CPU tensor: torch.compile
+// passes it to the op unchanged, so changing it recompiles nothing) overrides slot HP_LR.
+Hyper read_hyper(const char* op, at::ArrayRef<double> hyper, const std::optional<at::Tensor>& lr_tensor) {
+  TORCH_CHECK(static_cast<int64_t>(hyper.size()) == NUM_HP, op, ": hyper must hold ", NUM_HP,
+              " values (lr, beta1, beta2, eps, weight_decay, max_scale), got ", hyper.size());
+  Hyper h{hyper[HP_LR], hyper[HP_BETA1], hyper[HP_BETA2], hyper[HP_EPS], hyper[HP_WEIGHT_DECAY], hyper[HP_MAX_SCALE]};
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK(lr_tensor->device().is_cpu() && lr_tensor->numel() == 1, op,
+                ": lr_tensor must be a one-element CPU tensor");
+    h.lr = lr_tensor->item<double>();
+  }
+  return h;
 }
+
+std::vector<std::string> hyperparameter_names() { return std::vector<std::string>(HP_NAMES, HP_NAMES + NUM_HP); }
 
 void check_sums(const char* op, const at::Tensor& sums, int64_t n) {
   TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
@@ -419,44 +438,43 @@ void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_
 
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                         at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, double max_scale, double inv_grad_scale,
+                         at::TensorList steps, at::ArrayRef<double> hyper, double inv_grad_scale,
                          const std::optional<at::Tensor>& lr_tensor) {
   check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
   float* out = stats.data_ptr<float>();
-  lr = resolve_lr("adam_spd_step", lr, lr_tensor);
+  const Hyper h = read_hyper("adam_spd_step", hyper, lr_tensor);
   dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
     SPD_TYPES(p_type, a_type, ams, anc);
-    run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1,
-                               beta2, eps, weight_decay, max_scale, inv_grad_scale, out);
+    run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
+                               inv_grad_scale, out);
   });
   return stats;
 }
 
 void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                       at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                       double inv_grad_scale, const at::Tensor& sums, const std::optional<at::Tensor>& lr_tensor) {
+                       at::TensorList steps, at::ArrayRef<double> hyper, double inv_grad_scale,
+                       const at::Tensor& sums, const std::optional<at::Tensor>& lr_tensor) {
   check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_partials", sums, n);
   if (n == 0) return;
   double* out = sums.data_ptr<double>();
-  lr = resolve_lr("adam_spd_partials", lr, lr_tensor);
+  const Hyper h = read_hyper("adam_spd_partials", hyper, lr_tensor);
   dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
     SPD_TYPES(p_type, a_type, ams, anc);
-    partials_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr,
-                                    beta1, beta2, eps, inv_grad_scale, out);
+    partials_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
+                                    inv_grad_scale, out);
   });
 }
 
 at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                             at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
-                            const at::Tensor& sums, double lr, double beta1, double beta2, double eps,
-                            double weight_decay, double max_scale, const std::optional<at::Tensor>& lr_tensor) {
+                            const at::Tensor& sums, at::ArrayRef<double> hyper,
+                            const std::optional<at::Tensor>& lr_tensor) {
   check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, false);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_project", sums, n);
@@ -464,11 +482,10 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
   if (n == 0) return stats;
   const double* in = sums.data_ptr<double>();
   float* out = stats.data_ptr<float>();
-  lr = resolve_lr("adam_spd_project", lr, lr_tensor);
+  const Hyper h = read_hyper("adam_spd_project", hyper, lr_tensor);
   dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
     SPD_TYPES(p_type, a_type, ams, anc);
-    project_bucket<P, A, AMS, ANC>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, lr, beta1,
-                                   beta2, eps, weight_decay, max_scale, out);
+    project_bucket<P, A, AMS, ANC>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, h, out);
   });
   return stats;
 }
@@ -480,16 +497,16 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
 TORCH_LIBRARY(spd_kernels, m) {
   m.def(
       "adam_spd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, float max_scale, float inv_grad_scale, Tensor? lr_tensor=None) -> Tensor");
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float[] hyper, float inv_grad_scale, "
+      "Tensor? lr_tensor=None) -> Tensor");
   m.def(
       "adam_spd_partials(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float inv_grad_scale, Tensor(f!) sums, Tensor? lr_tensor=None) -> ()");
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float[] hyper, float inv_grad_scale, "
+      "Tensor(f!) sums, Tensor? lr_tensor=None) -> ()");
   m.def(
       "adam_spd_project(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
-      "Tensor[] anchors, Tensor[] steps, Tensor sums, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float max_scale, Tensor? lr_tensor=None) -> Tensor");
+      "Tensor[] anchors, Tensor[] steps, Tensor sums, float[] hyper, Tensor? lr_tensor=None) -> Tensor");
+  m.def("hyperparameter_names() -> str[]", &hyperparameter_names);
 }
 
 TORCH_LIBRARY_IMPL(spd_kernels, CPU, m) {

@@ -5,9 +5,10 @@ oracle every backend is tested against; ``spd_kernels.ops`` holds the fused
 Triton kernels.
 """
 from .groups import fine_tuning_param_groups
+from .hyperparameters import Hyperparameters
 from .optim import AdamSPD
 from .reference import adam_spd_step_, reference_step
 from .stats import NUM_STATS, STAT_NAMES
 
-__all__ = ["AdamSPD", "fine_tuning_param_groups", "adam_spd_step_", "reference_step", "NUM_STATS", "STAT_NAMES"]
+__all__ = ["AdamSPD", "Hyperparameters", "fine_tuning_param_groups", "adam_spd_step_", "reference_step", "NUM_STATS", "STAT_NAMES"]
 __version__ = "0.1.0"

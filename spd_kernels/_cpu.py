@@ -2,19 +2,23 @@
 
 Importing ``spd_kernels._C`` registers ``torch.ops.spd_kernels.adam_spd_step``.
 When the extension is missing or was built against another torch, ``import
-spd_kernels`` still works: ``load_error()`` says why, and the optimizer falls
-back to the reference with one warning.
+spd_kernels`` still works: ``load_error()`` says why, and the backend registry
+reports the CPU backend unavailable (``impl='auto'`` warns once and uses the
+reference).
+
+The ops take the step's float settings as one list, ``hyper``, in
+``spd_kernels.hyperparameters.PACKED`` order (the C++ ``HP_*`` slots).
 """
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .bucket import Bucket
+from .hyperparameters import PACKED
 from .stats import NUM_STATS
 
 
@@ -25,78 +29,60 @@ def load_error() -> str:
         from . import _C  # noqa: F401
     except Exception as exc:  # missing file, ABI mismatch with this torch, ...
         return f"{type(exc).__name__}: {exc}"
-    if not hasattr(torch.ops.spd_kernels, "adam_spd_step"):
-        return "spd_kernels._C loaded but registered no adam_spd_step op"
+    if not hasattr(torch.ops.spd_kernels, "hyperparameter_names"):
+        return "spd_kernels._C is an older build (no hyperparameter_names op)"
+    names = tuple(torch.ops.spd_kernels.hyperparameter_names())
+    if names != PACKED:
+        return f"spd_kernels._C reads hyper as {names}, this spd_kernels packs {PACKED} (an older build?)"
     return ""
 
 
-def available() -> bool:
-    return not load_error()
+def _register_fake() -> None:
+    if load_error():
+        return
 
+    @torch.library.register_fake("spd_kernels::adam_spd_step")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, hyper, inv_grad_scale,
+          lr_tensor=None):
+        return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 
-@functools.lru_cache(maxsize=None)
-def warn_fallback() -> None:
-    warnings.warn(
-        "spd_kernels: the compiled CPU kernel is not available "
-        f"({load_error()}); AdamSPD runs CPU tensors on the slow reference. "
-        "Rebuild it with `pip install --no-build-isolation -e .`.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-if hasattr(torch.library, "register_fake"):
-    def _register_fake() -> None:
-        if not available():
-            return
-
-        @torch.library.register_fake("spd_kernels::adam_spd_step")
-        def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, eps,
-              weight_decay, max_scale, inv_grad_scale, lr_tensor=None):
-            return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
-
-        @torch.library.register_fake("spd_kernels::adam_spd_partials")
-        def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, eps,
-              inv_grad_scale, sums, lr_tensor=None):
-            return None
-
-        @torch.library.register_fake("spd_kernels::adam_spd_project")
-        def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, sums, lr, beta1, beta2, eps,
-              weight_decay, max_scale, lr_tensor=None):
-            return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
-else:  # pragma: no cover - torch older than we support
-    def _register_fake() -> None:
+    @torch.library.register_fake("spd_kernels::adam_spd_partials")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, hyper, inv_grad_scale, sums,
+          lr_tensor=None):
         return None
+
+    @torch.library.register_fake("spd_kernels::adam_spd_project")
+    def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, sums, hyper, lr_tensor=None):
+        return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 
 
 def _host_args(bucket: Bucket):
-    """(lr, lr_tensor, 1/grad_scale, contiguous grads) as the ops take them.
+    """(hyper, lr_tensor, 1/grad_scale, contiguous grads) as the ops take them.
 
     A tensor lr goes to the op as it is (read there, on the CPU): under
     torch.compile it stays a graph input, so changing it recompiles nothing.
     """
-    lr, lr_tensor = bucket.lr, None
-    if isinstance(lr, Tensor):
-        lr, lr_tensor = 0.0, lr.detach().reshape(()).to("cpu")
+    lr_tensor = bucket.hp.lr_tensor
+    if lr_tensor is not None:
+        lr_tensor = lr_tensor.detach().reshape(()).to("cpu")
     # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
     inv_scale = 1.0 if bucket.grad_scale is None else float(bucket.grad_scale.double().reciprocal().float())
     grads = bucket.grads
     if not all(map(Tensor.is_contiguous, grads)):
         grads = [g.contiguous() for g in grads]
-    return lr, lr_tensor, inv_scale, grads
+    return bucket.hp.packed(), lr_tensor, inv_scale, grads
 
 
 def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
     """One AdamSPD step of a bucket of CPU tensors with the compiled kernel; returns stats [n, 5]."""
     if bucket.skipped():  # found_inf lives on the CPU here: reading it syncs nothing
         return bucket.last_stats()
-    lr, lr_tensor, inv_scale, grads = _host_args(bucket)
+    hyper, lr_tensor, inv_scale, grads = _host_args(bucket)
     return torch.ops.spd_kernels.adam_spd_step(
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs,
-        bucket.max_exp_avg_sqs if bucket.amsgrad else [],
+        bucket.max_exp_avg_sqs if bucket.hp.amsgrad else [],
         bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale, inv_scale,
-        lr_tensor,
+        bucket.steps, hyper, inv_scale, lr_tensor,
     )
 
 
@@ -106,19 +92,18 @@ def adam_spd_cpu_partials(bucket: Bucket) -> Callable[[], Tensor]:
     if bucket.skipped():
         bucket.sums.zero_()  # still joins the all-reduce: the other ranks skip too
         return bucket.last_stats
-    lr, lr_tensor, inv_scale, grads = _host_args(bucket)
-    max_exp_avg_sqs = bucket.max_exp_avg_sqs if bucket.amsgrad else []
+    hyper, lr_tensor, inv_scale, grads = _host_args(bucket)
+    max_exp_avg_sqs = bucket.max_exp_avg_sqs if bucket.hp.amsgrad else []
     anchors = bucket.anchors if bucket.anchors is not None else []
     torch.ops.spd_kernels.adam_spd_partials(
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, max_exp_avg_sqs, anchors, bucket.steps,
-        lr, bucket.beta1, bucket.beta2, bucket.eps, inv_scale, bucket.sums, lr_tensor,
+        hyper, inv_scale, bucket.sums, lr_tensor,
     )
 
     def finish() -> Tensor:
         return torch.ops.spd_kernels.adam_spd_project(
             bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, max_exp_avg_sqs, anchors, bucket.steps,
-            bucket.sums, lr, bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale,
-            lr_tensor,
+            bucket.sums, hyper, lr_tensor,
         )
 
     return finish

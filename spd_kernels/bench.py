@@ -16,6 +16,10 @@ Implementations:
     adamw_fused    torch.optim.AdamW(fused=True)
     adamw_foreach  torch.optim.AdamW(foreach=True)
     spd_compiled   the per-tensor SPD step a user would write, under torch.compile
+and, on request (``--kernels-only``, ``--cuda-graph`` or ``--impls``):
+    spd_kernels    the fast backend's whole step on AdamSPD's own bucket, without step()'s bookkeeping
+    spd_split      the fast backend's split step (the one FSDP2 shards take) on that bucket, no collective
+    spd_graph      AdamSPD(capturable=True).step() captured in a CUDA graph, replayed (CUDA only)
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -34,7 +39,12 @@ import torch
 from . import backends, param_sets
 from .optim import AdamSPD
 
+#: the report's default lines
 IMPLS = ("spd", "spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled")
+#: lines added on request: where the time of a step goes
+KERNEL_IMPLS = ("spd_kernels", "spd_split")
+GRAPH_IMPLS = ("spd_graph",)
+ALL_IMPLS = IMPLS + KERNEL_IMPLS + GRAPH_IMPLS
 SETS = param_sets.NAMES
 
 
@@ -116,6 +126,46 @@ class CompiledSPD:
             self.fn(p.view(-1), p.grad.view(-1), m.view(-1), v.view(-1), a.view(-1), step, *self.hp)
 
 
+class KernelsOnly:
+    """The fast backend's entry point on the buckets an ``AdamSPD`` built (after one step):
+    the kernels and their launch, without ``step()``'s checks and bookkeeping."""
+
+    def __init__(self, opt: AdamSPD, split: bool) -> None:
+        self.opt = opt  # owns the params and state the buckets point at
+        opt.step()  # builds the buckets and the state
+        self.work = [(backend, bucket) for backend, _, bucket in opt._bucket_cache[1]]
+        if split:
+            for _, bucket in self.work:
+                bucket.sums = torch.zeros((len(bucket), 3), dtype=torch.float64, device=bucket.device)
+        self.split = split
+
+    def step(self) -> None:
+        for backend, bucket in self.work:
+            if self.split:
+                backend.start(bucket)()  # where FSDP2 would all-reduce bucket.sums in between
+            else:
+                backend.run(bucket)
+
+
+class GraphReplay:
+    """``opt.step()`` captured once in a CUDA graph; each step replays it (torch's capturable recipe)."""
+
+    def __init__(self, opt: AdamSPD) -> None:
+        # the graph holds raw addresses: the optimizer (params, state, tables) must outlive it
+        self.opt = opt
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture stream: tables, lazy state
+            opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            opt.step()
+
+    def step(self) -> None:
+        self.graph.replay()
+
+
 def build(impl: str, shapes, device, anchored: bool, seed: int = 0):
     gen = torch.Generator(device=device).manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02) for s in shapes]
@@ -124,9 +174,12 @@ def build(impl: str, shapes, device, anchored: bool, seed: int = 0):
     anchors = [p.detach() + 0.01 * torch.randn(p.shape, device=device, generator=gen) for p in params] \
         if anchored else [None] * len(params)
     pre = anchors if anchored else None
-    if impl == "spd":
-        fast = "triton" if device.type == "cuda" else "cpu"
-        return AdamSPD([{"params": params, "pre": pre}], lr=1e-3, weight_decay=1.0, impl=fast)
+    if impl in ("spd", *KERNEL_IMPLS, *GRAPH_IMPLS):
+        opt = AdamSPD([{"params": params, "pre": pre}], lr=1e-3, weight_decay=1.0, impl=fast_backend(device),
+                      capturable=impl in GRAPH_IMPLS)
+        if impl in KERNEL_IMPLS:
+            return KernelsOnly(opt, split=impl == "spd_split")
+        return GraphReplay(opt) if impl in GRAPH_IMPLS else opt
     if impl == "spd_reference":
         return AdamSPD([{"params": params, "pre": pre}], lr=1e-3, weight_decay=1.0, impl="reference")
     if impl == "adamw_fused":
@@ -135,12 +188,21 @@ def build(impl: str, shapes, device, anchored: bool, seed: int = 0):
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
     if impl == "spd_compiled":
         return CompiledSPD(params, anchors)
-    raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+    raise ValueError(f"unknown impl {impl!r}; choose from {ALL_IMPLS}")
 
 
-def available_impls(device: torch.device) -> List[str]:
-    fast_ok = backends.triton_runs_on(device) if device.type == "cuda" else not backends.cpu_kernel_error()
-    return [i for i in IMPLS if i != "spd" or fast_ok]
+def fast_backend(device: torch.device) -> str:
+    """The backend ``impl='auto'`` runs fp32 params on here ('reference' when no fused one can)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a missing kernel shows as the absent 'spd' line instead
+        return backends.choose("auto", torch.empty(1, device=device), None).name
+
+
+def available_impls(device: torch.device, impls=IMPLS) -> List[str]:
+    """The lines of ``impls`` that can run on ``device`` here."""
+    fast = fast_backend(device) != "reference"
+    return [i for i in impls
+            if (i != "spd" and i not in KERNEL_IMPLS or fast) and (i not in GRAPH_IMPLS or device.type == "cuda")]
 
 
 # --------------------------------------------------------------- measurement
@@ -206,7 +268,7 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress) -> List
     rows = []
     for impl in impls:
         sec = statistics.median(times[impl])
-        per_param = 28 if impl.startswith("adamw") or not anchored else 32
+        per_param = 28 if impl.startswith("adamw") or not anchored else 32  # the minimal bytes moved
         gbs = n * per_param / sec / 1e9
         rows.append(Row(name, impl, len(shapes), n / 1e6, sec * 1e3, sec / fused if fused else float("nan"),
                         gbs, 100 * gbs / bw, peaks[impl]))
@@ -298,10 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sets", default=",".join(SETS),
                         help=f"comma-separated parameter sets, from {','.join(SETS)} (default: all)")
     parser.add_argument("--impls", default=None,
-                        help=f"comma-separated subset of {','.join(IMPLS)} (default: all that run here; "
-                             "adamw_fused is always added, as every ratio needs it)")
+                        help=f"comma-separated lines from {','.join(ALL_IMPLS)} (default: "
+                             f"{','.join(IMPLS)}, those that run here; adamw_fused is always added, "
+                             "as every ratio needs it)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 30 CUDA, 7 CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones (default 3)")
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="add the spd_kernels and spd_split lines: the fast backend's whole and split "
+                             "step on AdamSPD's bucket, without step()'s bookkeeping")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="add the spd_graph line: AdamSPD(capturable=True).step() replayed from a CUDA graph")
     parser.add_argument("--small", action="store_true",
                         help="tiny versions of the sets (for CI; the PNG title says so)")
     parser.add_argument("--out", default="bench-results", help="folder for bench.json, bench.csv, bench.png")
@@ -324,11 +392,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--sets: unknown set(s) {bad_sets}; choose from {','.join(SETS)}")
     device = torch.device(args.device)
     impls = args.impls.split(",") if args.impls else available_impls(device)
+    unknown = [i for i in impls if i not in ALL_IMPLS]
+    if unknown:
+        parser.error(f"unknown impls {unknown}; choose from {ALL_IMPLS}")
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA device")
+    impls += [i for i in (KERNEL_IMPLS if args.kernels_only else ()) + (GRAPH_IMPLS if args.cuda_graph else ())
+              if i not in impls]
     if "adamw_fused" not in impls:
         impls.append("adamw_fused")  # the baseline every ratio needs
-    unknown = [i for i in impls if i not in IMPLS]
-    if unknown:
-        parser.error(f"unknown impls {unknown}; choose from {IMPLS}")
+    cannot = [i for i in impls if i not in available_impls(device, ALL_IMPLS)]
+    if cannot:
+        parser.error(f"{cannot} cannot run on {device} here")
     sets = args.sets.split(",")
     rounds = args.rounds or (30 if device.type == "cuda" else 7)
     from tqdm import tqdm

@@ -3,7 +3,7 @@
 The optimizer groups the parameters that have gradients by (param group,
 device, dtypes, backend) and hands each bucket to its backend as a whole. It
 keeps the same bucket objects from step to step while the set of params with
-grads stays the same, refreshing only ``grads`` and the hyperparameters, so a
+grads stays the same, refreshing only ``grads`` and ``hp``, so a
 backend may cache what it derives from the state tensors in ``backend_cache``. A
 backend is one function ``fn(bucket) -> stats`` that updates ``params``,
 ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs`` and ``steps`` in place and
@@ -17,18 +17,16 @@ tensor's three local sums into ``sums``; the optimizer all-reduces them; the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from .stats import NUM_STATS
+from . import distributed
+from .hyperparameters import Hyperparameters
+from .stats import NUM_STATS, STAT_C
 
-
-#: the scalar settings of one step, as Bucket fields (every backend reads them all)
-HYPERPARAMETERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "max_scale")
 #: the per-tensor lists a backend reads and updates
 TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors", "steps")
 
@@ -46,14 +44,8 @@ class Bucket:
     anchors: Optional[List[Tensor]] = None
     #: 0-d fp32 step counters, incremented by the backend
     steps: List[Tensor] = field(default_factory=list)
-    lr: Union[float, Tensor] = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    amsgrad: bool = False
-    #: cap on the projection scale s = min(lam * r, max_scale); inf keeps the paper's rule
-    max_scale: float = math.inf
+    #: the step's scalar settings, one record for every backend
+    hp: Hyperparameters = field(default_factory=Hyperparameters)
     #: AMP (torch.amp.GradScaler): grads are divided by grad_scale; a nonzero
     #: found_inf skips the step (0-d fp32 tensors, read on the device)
     grad_scale: Optional[Tensor] = None
@@ -69,13 +61,51 @@ class Bucket:
     #: private to the backend: what it derived from this bucket (e.g. device tables)
     backend_cache: Optional[object] = None
 
-    def hyperparameters(self) -> dict:
-        """The step's scalar settings by name (``HYPERPARAMETERS``)."""
-        return {name: getattr(self, name) for name in HYPERPARAMETERS}
-
     def tensor_lists(self) -> dict:
         """The per-tensor lists by name (``TENSOR_LISTS``); None where a list is unused."""
         return {name: getattr(self, name) for name in TENSOR_LISTS}
+
+    # ------------------------------------------------------------ lifecycle
+    # A bucket lives from the step that builds it until the set of params with
+    # grads changes: each later step points it at the new grads and settings
+    # (``refresh``); projection counts move in when it is built (``take_counts``)
+    # and back out, per param, when it is retired (``give_back_counts``).
+
+    def refresh(self, hp: Hyperparameters) -> bool:
+        """Point at this step's grads of ``owners`` and the settings ``hp``.
+
+        Returns False, changing nothing, if a grad is sparse or not placed like
+        its param (the optimizer then rebuilds the buckets, which names the error).
+        """
+        grads = [p.grad for p in self.owners]
+        if any(g is None or g.is_sparse or distributed.is_dtensor(g) != distributed.is_dtensor(p)
+               for g, p in zip(grads, self.owners)):
+            return False
+        self.grads = [distributed.local(g) for g in grads]
+        self.hp = hp
+        return True
+
+    def take_counts(self, carried: Dict[Tensor, Tensor]) -> None:
+        """Start ``projections``, continuing the counts its params carried from retired buckets."""
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.projections = torch.stack([carried.pop(p, zero).to(self.device) for p in self.owners])
+
+    def give_back_counts(self, carried: Dict[Tensor, Tensor]) -> None:
+        """Hand each param's projection count back (the bucket is being retired)."""
+        if self.projections is not None:
+            for p, count in zip(self.owners, self.projections.unbind(0)):
+                carried[p] = count
+
+    def record(self, stats: Tensor, counted: bool) -> None:
+        """Keep a step's stats; add its fired flags (c < 0) to the counts unless the
+        backend ``counted`` them itself. A couple of ops, no sync."""
+        self.stats = stats
+        if counted:
+            return
+        fired = (stats[:, STAT_C] < 0).to(torch.float32)
+        if self.found_inf is not None:  # a skipped step fired nothing
+            fired = fired * (self.found_inf == 0).to(torch.float32)
+        self.projections += fired
 
     def skipped(self) -> bool:
         """Host-side check of found_inf, for the backends that run on the host (reference, CPU)."""

@@ -23,7 +23,6 @@ their params, so ``torch.distributed.checkpoint`` saves and loads them.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -33,7 +32,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, distributed
+from .backends import Backend
 from .bucket import Bucket
+from .hyperparameters import Hyperparameters
 from .reference import compute_dtype
 from .stats import STAT_C, STAT_NAMES
 
@@ -45,19 +46,6 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return t if t is None or t.device == device else t.to(device, non_blocking=True)
-
-
-def _max_scale(group: Dict[str, Any]) -> float:
-    """The cap on s = lambda * r for a group: 1 with cap_projection, else none."""
-    return 1.0 if group.get("cap_projection", False) else math.inf
-
-
-def _set_hyperparameters(bucket: Bucket, group: Dict[str, Any]) -> None:
-    bucket.lr = group["lr"]
-    bucket.beta1, bucket.beta2 = (float(b) for b in group["betas"])  # tensor betas are CPU scalars
-    bucket.eps = group["eps"]
-    bucket.weight_decay = group["weight_decay"]
-    bucket.max_scale = _max_scale(group)
 
 
 def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
@@ -182,12 +170,10 @@ class AdamSPD(Optimizer):
         _check_hyperparameters(defaults, "AdamSPD")
         if impl not in backends.IMPLS:
             raise ValueError(f"AdamSPD: impl must be one of {backends.IMPLS}, got {impl!r}")
-        if impl == "triton" and backends.triton_import_error():
-            raise RuntimeError(f"AdamSPD: impl='triton' but {backends.triton_import_error()}")
-        if impl == "cpu" and backends.cpu_kernel_error():
-            raise RuntimeError(
-                f"AdamSPD: impl='cpu' but the compiled CPU kernel is not available ({backends.cpu_kernel_error()})"
-            )
+        # the backend every param runs on, or None for impl='auto' (chosen per param at its first step)
+        self._backend: Optional[Backend] = None if impl == "auto" else backends.get(impl)
+        if self._backend is not None and self._backend.unavailable():
+            raise RuntimeError(f"AdamSPD: impl={impl!r} but {self._backend.unavailable()}")
         if anchor_dtype is not None and not (
             isinstance(anchor_dtype, torch.dtype) and anchor_dtype.is_floating_point
         ):
@@ -197,7 +183,7 @@ class AdamSPD(Optimizer):
         self.anchor_dtype = anchor_dtype
         self._last_buckets: List[Tuple[List[Tensor], Tensor, Tensor]] = []
         # (key, buckets) of the last step: reused while the same params have grads
-        self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[str, int, Bucket]], List[Any]]] = None
+        self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[Backend, int, Bucket]], List[Any]]] = None
         # How many steps fired the projection condition (c < 0): a vector per live
         # bucket (one add per step); per param here for params whose bucket was retired.
         self._projection_counts: Dict[Tensor, Tensor] = {}
@@ -214,6 +200,7 @@ class AdamSPD(Optimizer):
         self.__dict__.setdefault("impl", "auto")
         self.__dict__.setdefault("anchor_dtype", None)
         self.__dict__.setdefault("_given_anchors", {})
+        self._backend = None if self.impl == "auto" else backends.get(self.impl)
         self._last_buckets = []
         self._bucket_cache = None
         self._projection_counts = {}
@@ -238,16 +225,12 @@ class AdamSPD(Optimizer):
         if isinstance(merged["betas"], list):
             group["betas"] = merged["betas"] = tuple(merged["betas"])
         _check_hyperparameters(merged, where)
-        if self.impl in ("triton", "cpu"):
+        if self._backend is not None:
             for i, p in enumerate(tensors):
-                error = backends.device_error(self.impl, p.device)
+                error = (self._backend.device_error(p.device)
+                         or self._backend.layout_error(distributed.local(p), self.anchor_dtype))
                 if error:
                     raise ValueError(f"{where}['params'][{i}]: {error}")
-                if not backends.fused_supports(distributed.local(p), self.anchor_dtype):
-                    raise ValueError(
-                        f"{where}['params'][{i}]: impl={self.impl!r} takes contiguous fp32/bf16/fp16 params "
-                        f"(and anchors), got dtype {p.dtype}, contiguous={distributed.local(p).is_contiguous()}"
-                    )
         anchors = self._check_anchors(pre, tensors, where)
 
         group["params"] = params
@@ -294,8 +277,10 @@ class AdamSPD(Optimizer):
             a_local, p_local = distributed.local(a), distributed.local(p)
             if p_local.numel() > 0 and a_local.data_ptr() == p_local.data_ptr():
                 raise ValueError(f"{at}: the anchor shares storage with its param; pass a copy (p.detach().clone())")
-            if self.impl in ("triton", "cpu") and a.dtype not in backends.FUSED_DTYPES and self.anchor_dtype is None:
-                raise ValueError(f"{at}: impl={self.impl!r} takes fp32/bf16/fp16 anchors, got {a.dtype}")
+            if self._backend is not None and self.anchor_dtype is None:
+                error = self._backend.layout_error(p_local, a.dtype)
+                if error:
+                    raise ValueError(f"{at}: {error}")
         return [a.detach() for a in pre]
 
     def _stored_anchor(self, p: Tensor, given: Optional[Tensor], where: str) -> Tensor:
@@ -328,7 +313,7 @@ class AdamSPD(Optimizer):
                 if not g.is_floating_point():
                     raise RuntimeError(f"{where}: grad dtype {g.dtype} is not floating-point")
                 distributed.check_grad(p, g, where)
-                error = backends.device_error(self.impl, p.device)
+                error = self._backend.device_error(p.device) if self._backend is not None else ""
                 if error:  # the param moved since construction
                     raise RuntimeError(f"{where}: {error}")
                 with_grad.append(p)
@@ -336,14 +321,15 @@ class AdamSPD(Optimizer):
                 work.append((gi, group, with_grad))
         return work
 
-    def _impl_for(self, p: Tensor, group: Dict[str, Any]) -> str:
+    def _backend_for(self, p: Tensor, group: Dict[str, Any]) -> Backend:
         anchor = self.state[p].get("anchor") if not group["anchor_free"] else None
         return backends.choose(self.impl, distributed.local(p), anchor.dtype if anchor is not None else None)
 
-    def _step_device(self, p: Tensor, group: Dict[str, Any], impl: Optional[str] = None) -> torch.device:
-        """Where ``step`` lives: on the param's device for Triton or capturable, else on the CPU."""
-        impl = impl or self._impl_for(p, group)
-        return p.device if impl == "triton" or group["capturable"] else torch.device("cpu")
+    def _step_device(self, p: Tensor, group: Dict[str, Any], backend: Optional[Backend] = None) -> torch.device:
+        """Where ``step`` lives: on the param's device when its backend keeps it there or
+        the group is capturable, else on the CPU (as torch.optim.Adam)."""
+        backend = backend or self._backend_for(p, group)
+        return p.device if backend.step_on_device or group["capturable"] else torch.device("cpu")
 
     def _init_state(self, p: Tensor, group: Dict[str, Any], step_device: torch.device) -> Dict[str, Any]:
         state = self.state[p]
@@ -364,13 +350,13 @@ class AdamSPD(Optimizer):
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
         return state
 
-    def _buckets(self, work) -> Tuple[List[Tuple[str, int, Bucket]], List[distributed.SumsReduction]]:
+    def _buckets(self, work) -> Tuple[List[Tuple[Backend, int, Bucket]], List[distributed.SumsReduction]]:
         """The buckets of this step's params, and the all-reduces their split steps need.
 
         Params of one bucket share a group, a backend, a device, dtypes and (for
         sharded params) a reduction; the backend sees their local shards.
         """
-        buckets: Dict[Tuple, Tuple[str, int, Bucket]] = {}
+        buckets: Dict[Tuple, Tuple[Backend, int, Bucket]] = {}
         sharded_rows: Dict[Tuple, List[int]] = defaultdict(list)  # bucket key -> rows in its reduction
         n_rows: Dict[distributed.ReduceKey, int] = defaultdict(int)
         for gi, group, params in work:
@@ -381,19 +367,18 @@ class AdamSPD(Optimizer):
                     # param still holds its pre-trained value, so this snapshot is exact
                     self.state[p]["anchor"] = self._stored_anchor(
                         p, self._given_anchors.pop(p, None), f"param_groups[{gi}]['pre'][{pi}]")
-                impl = self._impl_for(p, group)
-                state = self._init_state(p, group, self._step_device(p, group, impl))
+                backend = self._backend_for(p, group)
+                state = self._init_state(p, group, self._step_device(p, group, backend))
                 anchor = state.get("anchor") if anchored else None  # after _init_state: it may have moved it
                 reduce = distributed.reduce_key(p, f"param_groups[{gi}]['params'][{pi}]")
-                key = (gi, impl, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None, reduce)
+                key = (gi, backend.name, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None, reduce)
                 if key not in buckets:
                     bucket = Bucket(
                         max_exp_avg_sqs=[] if group["amsgrad"] else None,
                         anchors=[] if anchored else None,
-                        amsgrad=group["amsgrad"],
+                        hp=Hyperparameters.from_group(group),
                     )
-                    _set_hyperparameters(bucket, group)
-                    buckets[key] = (impl, gi, bucket)
+                    buckets[key] = (backend, gi, bucket)
                 b = buckets[key][2]
                 b.owners.append(p)
                 b.params.append(distributed.local(p))
@@ -428,23 +413,11 @@ class AdamSPD(Optimizer):
             for g in self.param_groups
         )
 
-    def _refresh(self, buckets: List[Tuple[str, int, Bucket]]) -> bool:
-        """Point cached buckets at this step's grads and hyperparameters.
-
-        Returns False, changing nothing, if a grad is sparse or not placed like
-        its param: ``_gather`` then raises the named error.
-        """
-        fresh = []
-        for _, _, bucket in buckets:
-            grads = [p.grad for p in bucket.owners]
-            if any(g.is_sparse or distributed.is_dtensor(g) != distributed.is_dtensor(p)
-                   for g, p in zip(grads, bucket.owners)):
-                return False
-            fresh.append([distributed.local(g) for g in grads])
-        for (_, gi, bucket), grads in zip(buckets, fresh):
-            bucket.grads = grads
-            _set_hyperparameters(bucket, self.param_groups[gi])  # an lr scheduler may have changed them
-        return True
+    def _refresh(self, buckets: List[Tuple[Backend, int, Bucket]]) -> bool:
+        """Point cached buckets at this step's grads and settings (an lr scheduler may have
+        changed them); False if one cannot be (``_gather`` then raises the named error)."""
+        hps = [Hyperparameters.from_group(g) for g in self.param_groups]
+        return all(bucket.refresh(hps[gi]) for _, gi, bucket in buckets)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -468,13 +441,13 @@ class AdamSPD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         self._last_buckets = []
-        for impl, _, bucket in buckets:
+        for backend, _, bucket in buckets:
             bucket.grad_scale = _on(grad_scale, bucket.device)
             bucket.found_inf = _on(found_inf, bucket.device)
             if bucket.projections is None:
-                self._start_counts(bucket)
+                bucket.take_counts(self._projection_counts)
             if bucket.sums is None:
-                self._finish(impl, bucket, backends.run(impl, bucket))
+                self._finish(backend, bucket, backend.run(bucket))
         if reductions:
             self._split_steps(buckets, reductions)
         return loss
@@ -485,39 +458,22 @@ class AdamSPD(Optimizer):
     ))
     def _split_steps(self, buckets, reductions) -> None:
         """Sharded buckets: the Adam half and local sums, the all-reduces, then the projections."""
-        finishes = [(impl, bucket, backends.start(impl, bucket)) for impl, _, bucket in buckets
+        finishes = [(backend, bucket, backend.start(bucket)) for backend, _, bucket in buckets
                     if bucket.sums is not None]
         for reduction in reductions:
             reduction.all_reduce_()
-        for impl, bucket, finish in finishes:
-            self._finish(impl, bucket, finish())
+        for backend, bucket, finish in finishes:
+            self._finish(backend, bucket, finish())
 
-    def _finish(self, impl: str, bucket: Bucket, stats: Tensor) -> None:
-        bucket.stats = stats
-        if impl != "triton":  # the Triton kernels count in place, with no extra launch
-            self._count_projections(bucket, stats)
+    def _finish(self, backend: Backend, bucket: Bucket, stats: Tensor) -> None:
+        bucket.record(stats, counted=backend.counts_projections)
         self._last_buckets.append((bucket.owners, stats, bucket.projections))
-
-    def _start_counts(self, bucket: Bucket) -> None:
-        """A new bucket's projection counts, continuing those its params had."""
-        zero = torch.zeros((), dtype=torch.float32, device=bucket.device)
-        counts = [self._projection_counts.pop(p, zero).to(bucket.device) for p in bucket.owners]
-        bucket.projections = torch.stack(counts)
-
-    def _count_projections(self, bucket: Bucket, stats: Tensor) -> None:
-        """Add this step's fired flags to the bucket's counts: a couple of ops, no sync."""
-        fired = (stats[:, STAT_C] < 0).to(torch.float32)
-        if bucket.found_inf is not None:  # a skipped step fired nothing
-            fired = fired * (bucket.found_inf == 0).to(torch.float32)
-        bucket.projections += fired
 
     def _retire_buckets(self) -> None:
         """Drop the cached buckets, keeping their projection counts per param."""
         if self._bucket_cache is not None:
             for _, _, bucket in self._bucket_cache[1]:
-                if bucket.projections is not None:
-                    for p, count in zip(bucket.owners, bucket.projections.unbind(0)):
-                        self._projection_counts[p] = count
+                bucket.give_back_counts(self._projection_counts)
         self._bucket_cache = None
 
     def spd_stats(self) -> Dict[str, Dict[str, Tensor]]:

@@ -22,12 +22,14 @@ once on store. The three reductions accumulate in fp64. The Adam part uses the s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .hyperparameters import Hyperparameters
 from .stats import NUM_STATS, STAT_C, STAT_NORM_P_A, STAT_NORM_Q_A, STAT_R, STAT_SCALE
 
 
@@ -43,18 +45,14 @@ def adam_q_(
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Optional[Tensor],
     step: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    amsgrad: bool,
+    hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The Adam half of a step: increments ``step``, updates the moments in place
     and returns ``(p, g, q)`` in the compute dtype (p before the step, the
     unscaled grad, the plain Adam step). ``param`` itself is not written."""
     cdt = compute_dtype(param.dtype)
+    lr, beta1, beta2 = hp.lr_value(), hp.beta1, hp.beta2
     step += 1
     t = float(step.item())
     bias_correction1 = 1.0 - beta1**t
@@ -69,12 +67,12 @@ def adam_q_(
     # Adam, as torch.optim.Adam's single-tensor path writes it.
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    if amsgrad:
+    if hp.amsgrad:
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         second_moment = max_exp_avg_sq
     else:
         second_moment = exp_avg_sq
-    denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(hp.eps)
     q = p.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
     return p, g, q
 
@@ -95,7 +93,7 @@ def spd_sums(p: Tensor, g: Tensor, q: Tensor, anchor: Optional[Tensor]) -> Tenso
     return torch.stack([(g.to(acc) * d).sum(), (d * d).sum(), (e * e).sum()])
 
 
-def spd_finalize(sums: Tensor, weight_decay: float, max_scale: float = math.inf) -> Tensor:
+def spd_finalize(sums: Tensor, hp: Hyperparameters) -> Tensor:
     """The stats row (``spd_kernels.stats`` layout) of a tensor from its three
     whole-tensor sums, in the sums' dtype (the backends' rows are fp32)."""
     condition = -sums[0]
@@ -106,7 +104,7 @@ def spd_finalize(sums: Tensor, weight_decay: float, max_scale: float = math.inf)
     if condition < 0:
         if norm_q_a > 0:
             ratio = ((norm_q_a - norm_p_a) / norm_q_a).clamp(0.0, 1.0)
-        scale = (weight_decay * ratio).clamp(max=max_scale)
+        scale = (hp.weight_decay * ratio).clamp(max=hp.max_scale)
     stats = torch.empty(NUM_STATS, dtype=sums.dtype, device=sums.device)
     stats[STAT_C] = condition
     stats[STAT_NORM_P_A] = norm_p_a
@@ -132,31 +130,21 @@ def adam_spd_step_(
     max_exp_avg_sq: Optional[Tensor],
     anchor: Optional[Tensor],
     step: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    max_scale: float = math.inf,
+    hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """One AdamSPD step of one tensor, in place. Returns its stats row.
+    """One AdamSPD step of one tensor, in place, with the settings ``hp``. Returns its stats row.
 
-    ``max_scale`` caps s = lam * r (1.0: a projection never moves past the anchor).
+    ``hp.max_scale`` caps s = lam * r (1.0: a projection never moves past the anchor).
     ``grad_scale`` (AMP) divides the grad first, as ``GradScaler.unscale_`` would.
 
     ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` hold the moments in the
     compute dtype; ``step`` is a 0-d tensor incremented here. The returned
     1-d tensor has ``NUM_STATS`` entries (see ``spd_kernels.stats``).
     """
-    p, g, q = adam_q_(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, grad_scale=grad_scale,
-    )
+    p, g, q = adam_q_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hp, grad_scale)
     # The selective projection: its sums use p before the step.
-    stats = spd_finalize(spd_sums(p, g, q, anchor), weight_decay, max_scale)
+    stats = spd_finalize(spd_sums(p, g, q, anchor), hp)
     spd_project_(param, q, anchor, stats)
     return stats.float()
 
@@ -169,19 +157,12 @@ def reference_step(
     max_exp_avg_sqs: Optional[Sequence[Tensor]],
     anchors: Optional[Sequence[Tensor]],
     steps: Sequence[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    max_scale: float = math.inf,
+    hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """The reference over a list of tensors: returns stats of shape ``[n, NUM_STATS]``."""
-    if isinstance(lr, Tensor):
-        lr = float(lr.item())
+    if hp.lr_tensor is not None:
+        hp = dataclasses.replace(hp, lr=hp.lr_value())  # read once, not once per tensor
     rows = []
     for i, param in enumerate(params):
         rows.append(
@@ -190,17 +171,11 @@ def reference_step(
                 grads[i],
                 exp_avgs[i],
                 exp_avg_sqs[i],
-                max_exp_avg_sqs[i] if amsgrad else None,
+                max_exp_avg_sqs[i] if hp.amsgrad else None,
                 anchors[i] if anchors is not None else None,
                 steps[i],
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
-                amsgrad=amsgrad,
-                max_scale=max_scale,
-                grad_scale=grad_scale,
+                hp,
+                grad_scale,
             )
         )
     if not rows:

@@ -11,6 +11,7 @@ noise's contribution), so two correct implementations take the same branch.
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .bucket import Bucket
+from .hyperparameters import Hyperparameters
 from .reference import reference_step
 from .stats import STAT_C, STAT_NORM_P_A, STAT_R, STAT_SCALE
 
@@ -98,8 +100,9 @@ def clone_state(state):
     return {key: None if value is None else [t.clone() for t in value] for key, value in state.items()}
 
 
-def bucket_of(state, grads, **hp) -> Bucket:
-    return Bucket(grads=grads, **state, **hp)
+def bucket_of(state, grads, **settings) -> Bucket:
+    """A bucket of ``state``'s tensors with ``grads``; ``settings`` are ``Hyperparameters`` fields."""
+    return Bucket(grads=grads, **state, hp=Hyperparameters(**settings))
 
 
 def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None:
@@ -141,7 +144,8 @@ def run_step_parity(step_fn: Callable[[Bucket], Tensor], shapes, case, device, s
     grad_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     state = new_state(shapes, p_dtype, a_dtype, amsgrad, gen, device)
     lr = torch.tensor(0.02, device=device) if lr_tensor else 0.02
-    hp = dict(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=lam, amsgrad=amsgrad, max_scale=max_scale)
+    hp = Hyperparameters(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=lam, amsgrad=amsgrad,
+                         max_scale=max_scale)
     fired = not_fired = r_positive = 0
     nonempty = [i for i, p in enumerate(state["params"]) if p.numel() > 0]
     for _ in range(steps):
@@ -149,8 +153,8 @@ def run_step_parity(step_fn: Callable[[Bucket], Tensor], shapes, case, device, s
         signs = [1.0 if torch.rand((), generator=gen) < 0.5 else -1.0 for _ in shapes]
         grads = [signed_grad(p, a, s, grad_gen) for p, a, s in zip(state["params"], anchors, signs)]
         want = clone_state(state)
-        want_stats = reference_step(**{**want, "grads": grads}, **{**hp, "lr": 0.02})
-        got_stats = step_fn(bucket_of(state, grads, **hp)).clone()
+        want_stats = reference_step(**want, grads=grads, hp=dataclasses.replace(hp, lr=0.02))
+        got_stats = step_fn(Bucket(grads=grads, **state, hp=hp)).clone()
         check_step(state, got_stats, want, want_stats, grads, lam)
         fired += sum(bool(want_stats[i, STAT_C] < 0) for i in nonempty)
         not_fired += sum(bool(want_stats[i, STAT_C] >= 0) for i in nonempty)
@@ -179,7 +183,7 @@ def two_shard_step(start_fn: Callable[[Bucket], Callable[[], Tensor]]) -> Callab
             steps = bucket.steps if part == 0 else [s.clone() for s in bucket.steps]
             # NaN: whatever the backend does not overwrite shows up in the result
             sums = torch.full((len(bucket), 3), float("nan"), dtype=torch.float64, device=bucket.device)
-            shards.append(Bucket(**lists, steps=steps, sums=sums, **bucket.hyperparameters()))
+            shards.append(Bucket(**lists, steps=steps, sums=sums, hp=bucket.hp))
         finishes = [start_fn(shard) for shard in shards]
         total = shards[0].sums + shards[1].sums
         for shard in shards:

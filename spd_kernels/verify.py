@@ -24,6 +24,7 @@ import torch
 
 from . import backends, param_sets
 from .bucket import Bucket
+from .hyperparameters import Hyperparameters
 from .optim import AdamSPD
 from .reference import reference_step
 from .stats import STAT_C
@@ -164,11 +165,9 @@ def _twin(opt: AdamSPD, group) -> dict:
 
 
 def _run_twin(twin: dict, group) -> None:
-    beta1, beta2 = group["betas"]
     reference_step(
         twin["params"], twin["grads"], twin["exp_avgs"], twin["exp_avg_sqs"], twin["max_exp_avg_sqs"],
-        twin["anchors"], twin["steps"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-        weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+        twin["anchors"], twin["steps"], Hyperparameters.from_group(group),
     )
 
 
@@ -178,14 +177,15 @@ def run_split(impl: str, dtype: torch.dtype, device: torch.device, steps: int, s
     shapes = ([tuple(p.shape) for p in TinyFineTune().parameters()] if param_set == "mlp"
               else param_sets.get(param_set))
     task = ParamSetTask.from_shapes(shapes, device, dtype, seed)
+    backend = backends.get(impl)
     state = dict(
         params=[p.detach() for p in task.params[: task.cut]], anchors=list(task.anchors),
         exp_avgs=[torch.zeros(s, device=device) for s in shapes[: task.cut]],
         exp_avg_sqs=[torch.zeros(s, device=device) for s in shapes[: task.cut]],
-        steps=[torch.zeros((), device=device if impl == "triton" else "cpu") for _ in shapes[: task.cut]],
+        steps=[torch.zeros((), device=device if backend.step_on_device else "cpu") for _ in shapes[: task.cut]],
     )
-    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1.0, amsgrad=False)
-    split = two_shard_step(lambda bucket: backends.start(impl, bucket))
+    hp = Hyperparameters(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1.0)
+    split = two_shard_step(backend.start)
     errors = {key: 0.0 for key in STATE_KEYS}
     fired = total = 0
     for _ in range(steps):
@@ -193,9 +193,9 @@ def run_split(impl: str, dtype: torch.dtype, device: torch.device, steps: int, s
         grads = [p.grad for p in task.params[: task.cut]]
         want = {key: [t.clone() for t in value] for key, value in state.items()}
         want["steps"] = [s.cpu() for s in want["steps"]]
-        reference_step(grads=grads, max_exp_avg_sqs=None, **want, **hp)
+        reference_step(grads=grads, max_exp_avg_sqs=None, **want, hp=hp)
         try:
-            stats = split(Bucket(grads=grads, **state, **hp))
+            stats = split(Bucket(grads=grads, **state, hp=hp))
         except AssertionError:  # the shards disagree: the sums were not combined as the all-reduce would
             errors = {key: math.inf for key in STATE_KEYS}
             break
@@ -210,13 +210,9 @@ def run_split(impl: str, dtype: torch.dtype, device: torch.device, steps: int, s
 
 
 def plan(device: torch.device) -> List[tuple]:
-    """(backend, dtype) pairs that can run here."""
-    rows = [("reference", torch.float32), ("reference", torch.bfloat16)]
-    if device.type == "cpu" and not backends.cpu_kernel_error():
-        rows += [("cpu", torch.float32), ("cpu", torch.bfloat16)]
-    if backends.triton_runs_on(device):
-        rows += [("triton", torch.float32), ("triton", torch.bfloat16)]
-    return rows
+    """(backend, dtype) pairs that can run here: every available backend, in fp32 and bf16."""
+    return [(name, dtype) for name in reversed(backends.available(device))
+            for dtype in (torch.float32, torch.bfloat16)]
 
 
 def format_table(rows: List[Row]) -> str:
@@ -254,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     param_set = args.param_set or ("vit_b" if device.type == "cuda" else "mlp")
     print(f"device: {device}, torch {torch.__version__}; set {param_set}; "
           f"worst relative error per state over {args.steps} steps")
-    if device.type == "cpu" and backends.triton_runs_on(device):
+    if device.type == "cpu" and "triton" in backends.available(device):
         print("triton runs under TRITON_INTERPRET=1 (no GPU): the real kernels, slowly")
     rows = [run_backend(impl, dtype, device, args.steps, param_set=param_set) for impl, dtype in plan(device)]
     rows += [run_split(impl, dtype, device, args.steps, param_set=param_set) for impl, dtype in plan(device)]

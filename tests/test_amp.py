@@ -6,13 +6,10 @@ import copy
 import pytest
 import torch
 
-from spd_kernels import AdamSPD, _cpu, backends
+from spd_kernels import AdamSPD, backends
+from spd_kernels.hyperparameters import Hyperparameters
 
-IMPLS = ["reference"]
-if _cpu.available():
-    IMPLS.append("cpu")
-if backends.triton_runs_on(torch.device("cpu")):
-    IMPLS.append("triton")
+IMPLS = backends.available("cpu")
 
 
 def model_and_data(seed=0):
@@ -102,11 +99,11 @@ def test_split_step_skips_on_found_inf_and_still_yields_sums(impl):
         exp_avgs=[torch.randn(n, generator=gen).abs() for n in sizes],
         exp_avg_sqs=[torch.randn(n, generator=gen).abs() for n in sizes],
         anchors=[torch.randn(n, generator=gen) for n in sizes], steps=[torch.full((), 4.0) for _ in sizes],
-        lr=0.1, weight_decay=1.0, found_inf=torch.ones(()), grad_scale=torch.full((), 1024.0),
+        hp=Hyperparameters(lr=0.1, weight_decay=1.0), found_inf=torch.ones(()), grad_scale=torch.full((), 1024.0),
         sums=torch.full((2, 3), float("nan"), dtype=torch.float64),
     )
     before = copy.deepcopy(bucket)
-    finish = backends.start(impl, bucket)
+    finish = backends.get(impl).start(bucket)
     assert bucket.sums.isfinite().all()  # what the all-reduce gets
     stats = finish()
     for key in ("params", "exp_avgs", "exp_avg_sqs", "steps"):

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from spd_kernels import AdamSPD, _cpu, backends
-from spd_kernels.testing import CASES, bucket_of, new_state, run_step_parity, two_shard_step
+from spd_kernels.hyperparameters import PACKED, Hyperparameters
+from spd_kernels.testing import CASES, bucket_of, clone_state, new_state, run_step_parity, two_shard_step
 
 from .helpers import clone_params, make_anchors, make_params, set_grads
 
-needs_kernel = pytest.mark.skipif(not _cpu.available(), reason=f"CPU kernel not built: {_cpu.load_error()}")
+needs_kernel = pytest.mark.skipif(bool(_cpu.load_error()), reason=f"CPU kernel not built: {_cpu.load_error()}")
 
 CHUNK = 16384  # csrc/adam_spd_cpu.cpp
 #: single element, odd, empty, several chunks with a tail, exactly one chunk, one more than a chunk
@@ -80,7 +81,7 @@ def test_bitwise_equal_for_one_and_two_threads():
 
 def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
     monkeypatch.setattr(_cpu, "load_error", lambda: "ImportError: pretend the build is missing")
-    _cpu.warn_fallback.cache_clear()
+    backends._warn_fallback.cache_clear()
     try:
         params = make_params([(6,), (2, 3)])
         twin = clone_params(params)
@@ -89,7 +90,7 @@ def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
             for p in params:
                 p.grad = torch.randn(p.shape)
             opt.step()
-        assert [impl for impl, _, _ in opt._bucket_cache[1]] == ["reference"]
+        assert [backend.name for backend, _, _ in opt._bucket_cache[1]] == ["reference"]
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a second step must not warn again
             opt._bucket_cache = None
@@ -97,7 +98,7 @@ def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
         with pytest.raises(RuntimeError, match="impl='cpu' but the compiled CPU kernel is not available"):
             AdamSPD(twin, impl="cpu")
     finally:
-        _cpu.warn_fallback.cache_clear()
+        backends._warn_fallback.cache_clear()
 
 
 def test_import_works_without_the_extension():
@@ -110,7 +111,7 @@ def test_import_works_without_the_extension():
         "    warnings.simplefilter('always')\n"
         "    opt = spd_kernels.AdamSPD([p], weight_decay=1.0); opt.step()\n"
         "assert any('CPU kernel is not available' in str(x.message) for x in w), [str(x.message) for x in w]\n"
-        "assert opt._bucket_cache[1][0][0] == 'reference'\n"
+        "assert opt._bucket_cache[1][0][0].name == 'reference'\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -123,7 +124,7 @@ def test_op_schema_and_fake_impl():
     state = new_state([5, 20000], torch.float32, torch.float32, True, gen, CPU)
     grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
     args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-            state["anchors"], state["steps"], 0.01, 0.9, 0.999, 1e-8, 1.0, float("inf"), 1.0)
+            state["anchors"], state["steps"], Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_step.default, args,
         test_utils=("test_schema", "test_faketensor"),
@@ -131,10 +132,25 @@ def test_op_schema_and_fake_impl():
 
 
 @needs_kernel
+def test_the_op_reads_hyper_in_the_order_python_packs_it():
+    # the C++ slots are named once (HP_*); a build that disagrees is not loaded
+    assert tuple(torch.ops.spd_kernels.hyperparameter_names()) == PACKED
+    gen = torch.Generator().manual_seed(6)
+    state = new_state([5], torch.float32, torch.float32, False, gen, CPU)
+    before = clone_state(state)
+    with pytest.raises(RuntimeError, match=r"hyper must hold 6 values \(lr, beta1, beta2, eps, weight_decay"):
+        torch.ops.spd_kernels.adam_spd_step(
+            state["params"], [torch.ones(5)], state["exp_avgs"], state["exp_avg_sqs"], [], state["anchors"],
+            state["steps"], [0.1, 0.9, 0.999], 1.0)
+    for key in ("params", "exp_avgs", "steps"):
+        assert all(torch.equal(x, y) for x, y in zip(state[key], before[key]))
+
+
+@needs_kernel
 def test_auto_picks_the_cpu_kernel():
     params = make_params([(3,)])
-    assert backends.choose("auto", params[0], None) == "cpu"
-    assert backends.choose("auto", params[0].double(), None) == "reference"
+    assert backends.choose("auto", params[0], None).name == "cpu"
+    assert backends.choose("auto", params[0].double(), None).name == "reference"
 
 
 @needs_kernel
@@ -174,16 +190,17 @@ def test_split_ops_schema_and_fake_impl():
     grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
     sums = torch.zeros((2, 3), dtype=torch.float64)
     lr = torch.tensor(0.01)
+    hyper = Hyperparameters(lr=lr, weight_decay=1.0).packed()
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_partials.default,
         (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-         state["anchors"], state["steps"], 0.0, 0.9, 0.999, 1e-8, 1.0, sums, lr),
+         state["anchors"], state["steps"], hyper, 1.0, sums, lr),
         test_utils=("test_schema", "test_faketensor"),
     )
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_project.default,
         (state["params"], state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"], state["anchors"],
-         state["steps"], sums, 0.0, 0.9, 0.999, 1e-8, 1.0, float("inf"), lr),
+         state["steps"], sums, hyper, lr),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -192,12 +209,12 @@ def test_split_ops_schema_and_fake_impl():
 def test_ops_name_bad_sums_and_lr_tensor():
     state = new_state([5], torch.float32, None, False, torch.Generator().manual_seed(1), CPU)
     grads = [torch.randn(5)]
-    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], [], state["steps"], 0.01, 0.9,
-            0.999, 1e-8, 1.0)
+    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], [], state["steps"],
+            Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
     with pytest.raises(RuntimeError, match=r"adam_spd_partials: sums must be a contiguous fp64 CPU tensor of shape \[1, 3\]"):
         torch.ops.spd_kernels.adam_spd_partials(*args, torch.zeros((1, 3)))
     with pytest.raises(RuntimeError, match="adam_spd_step: lr_tensor must be a one-element CPU tensor"):
-        torch.ops.spd_kernels.adam_spd_step(*args, float("inf"), 1.0, torch.ones(2))
+        torch.ops.spd_kernels.adam_spd_step(*args, torch.ones(2))
 
 
 _THREAD_PROBE = """

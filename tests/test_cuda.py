@@ -7,7 +7,7 @@ SPD's condition taken; the split step (two shards per tensor) likewise;
 determinism; CUDA-graph capture; AMP's GradScaler; a one-rank FSDP2 run over
 NCCL; an optimizer built before ``model.cuda()``; the Hugging Face examples.
 Skipped without a GPU. Timings are not here: ``python -m spd_kernels bench``
-and ``bench/gpu_check.py`` measure them.
+(with ``--kernels-only --cuda-graph`` for where a step's time goes) measures them.
 """
 from __future__ import annotations
 

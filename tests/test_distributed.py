@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spd_kernels import _cpu, backends
+from spd_kernels import backends
 
 from . import distributed_scenarios as sc
 
@@ -26,11 +26,9 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-FSDP_IMPLS = ["reference"] + (["cpu"] if _cpu.available() else []) + (
-    ["triton"] if backends.triton_runs_on(torch.device("cpu")) else []
-)
+FSDP_IMPLS = backends.available("cpu")
 #: what impl='auto' runs on CPU tensors here
-AUTO = "cpu" if _cpu.available() else "reference"
+AUTO = backends.choose("auto", torch.empty(1), None).name
 
 #: fp32 params and states after the run; the stats rows (c and the norms carry the
 #: sums' rounding, and c cancels) get a looser bound

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from spd_kernels import AdamSPD, backends
+from spd_kernels.hyperparameters import Hyperparameters
 from spd_kernels.reference import adam_spd_step_, compute_dtype
 from spd_kernels.stats import STAT_C, STAT_R, to_log_dict
 
@@ -20,7 +22,7 @@ class ReferenceLoop:
 
     def __init__(self, params, anchors, lr, betas, eps, lam, amsgrad):
         self.params, self.anchors = params, anchors
-        self.hp = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=lam, amsgrad=amsgrad)
+        self.hp = Hyperparameters(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=lam, amsgrad=amsgrad)
         self.state = {}
 
     def step(self):
@@ -38,7 +40,7 @@ class ReferenceLoop:
             with torch.no_grad():
                 stats[p] = adam_spd_step_(
                     p, p.grad, s["exp_avg"], s["exp_avg_sq"],
-                    s["max_exp_avg_sq"] if self.hp["amsgrad"] else None, a, s["step"], **self.hp,
+                    s["max_exp_avg_sq"] if self.hp.amsgrad else None, a, s["step"], self.hp,
                 )
         return stats
 
@@ -92,7 +94,7 @@ def assert_states_equal(opt, loops, ours, refs, exact=True, rtol=0.0, atol=0.0):
             check(mine.detach(), theirs.detach())
             s, r = opt.state[mine], loop.state[theirs]
             assert s["step"].item() == r["step"].item()
-            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if loop.hp["amsgrad"] else ()):
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if loop.hp.amsgrad else ()):
                 assert s[key].dtype == compute_dtype(mine.dtype)
                 check(s[key], r[key])
 
@@ -143,10 +145,8 @@ def test_lambda_zero_is_torch_adam_within_rounding_for_fused_backends(impl):
     # The fused kernels compute the same function in another rounding order (one fused
     # pass, the lerp as m + (1-b1)(g-m), bias corrections in fp64): the README's claim
     # is 1e-6 of each tensor's largest entry after 20 steps, measured ~6e-8.
-    if impl == "cpu" and backends.cpu_kernel_error():
-        pytest.skip("CPU kernel not built")
-    if impl == "triton" and not backends.triton_runs_on(torch.device("cpu")):
-        pytest.skip("needs TRITON_INTERPRET=1")
+    if impl not in backends.available("cpu"):
+        pytest.skip(f"{impl} does not run here: needs the built CPU kernel / TRITON_INTERPRET=1")
     gen = torch.Generator().manual_seed(1)
     ours = make_params(SHAPES + [(40000,)], generator=gen)
     theirs = clone_params(ours)
@@ -359,7 +359,7 @@ def test_lr_schedule_reaches_cached_buckets():
         set_grads(ours, pre, [1.0 if t % 3 else -1.0, -1.0], gen)
         for p, q in zip(ours, theirs):
             q.grad = p.grad.clone()
-        loop.hp["lr"] = 0.1 * 0.5 ** (t // 2)
+        loop.hp = dataclasses.replace(loop.hp, lr=0.1 * 0.5 ** (t // 2))
         opt.step()
         loop.step()
         sched.step()
@@ -453,7 +453,7 @@ def test_spd_stats_by_name_and_counts_match_the_reference():
 
 @pytest.mark.parametrize("impl", ["reference", "auto", "triton"])
 def test_projection_counts_survive_bucket_rebuilds(impl):
-    if impl == "triton" and not backends.triton_runs_on(torch.device("cpu")):
+    if impl == "triton" and "triton" not in backends.available("cpu"):
         pytest.skip("needs TRITON_INTERPRET=1")
     gen = torch.Generator().manual_seed(13)
     # the second tensor spans several Triton chunks, so its count comes from the finalize kernel

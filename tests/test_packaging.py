@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,3 +30,11 @@ def test_readme_says_how_a_cpu_only_machine_gets_the_cpu_build():
     # the two set-up commands stay as .ci/run runs them
     assert "pip install -r requirements.txt && pip install --no-build-isolation -e . && python -m pytest -q" in readme
     assert "python -m pytest -q" in _read(".ci/run")
+
+
+def test_demo_module_imports_only_what_the_package_needs():
+    # the demo's data and plotting libraries load when it runs, not when it is imported
+    code = ("import sys, spd_kernels.demo; "
+            "assert not {'sklearn', 'matplotlib', 'triton'} & set(sys.modules), sorted(sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

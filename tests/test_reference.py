@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spd_kernels import backends
+from spd_kernels.hyperparameters import Hyperparameters
 from spd_kernels.reference import adam_spd_step_
 from spd_kernels.stats import STAT_C, STAT_NORM_P_A, STAT_NORM_Q_A, STAT_R, STAT_SCALE
 from spd_kernels.testing import CASES, run_step_parity, two_shard_step
@@ -66,7 +67,7 @@ def test_reference_matches_float64_derivation(shape, lr, b1, b2, eps, lam, amsgr
         )
         got = adam_spd_step_(
             p, g, m, v, vmax if amsgrad else None, a, step,
-            lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=lam, amsgrad=amsgrad,
+            Hyperparameters(lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=lam, amsgrad=amsgrad),
         )
         assert step.item() == t
         torch.testing.assert_close(p.double(), p64, rtol=1e-5, atol=1e-6)
@@ -98,8 +99,8 @@ def test_zero_distance_after_step_gives_r_zero_not_nan():
     g = torch.tensor([1.0])
     m, v = torch.zeros(1), torch.zeros(1)
     stats = adam_spd_step_(
-        p, g, m, v, None, a, torch.zeros(()), lr=1.0, beta1=0.0, beta2=0.0, eps=0.0,
-        weight_decay=1.0, amsgrad=False,
+        p, g, m, v, None, a, torch.zeros(()),
+        Hyperparameters(lr=1.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=1.0),
     )
     assert stats[STAT_C].item() < 0
     assert stats[STAT_NORM_Q_A].item() == 0.0
@@ -117,8 +118,8 @@ def test_projection_pulls_toward_anchor_by_lambda_r():
     m.fill_(-10.0)
     v.fill_(1.0)
     stats = adam_spd_step_(
-        p, g, m, v, None, a, torch.zeros(()), lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
-        weight_decay=0.5, amsgrad=False,
+        p, g, m, v, None, a, torch.zeros(()),
+        Hyperparameters(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.5),
     )
     m_new = 0.9 * -10.0 + 0.1 * 1.0
     v_new = 0.999 * 1.0 + 0.001 * 1.0
@@ -134,4 +135,4 @@ def test_projection_pulls_toward_anchor_by_lambda_r():
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6]], ids=["fp32", "bf16-amsgrad", "bf16-anchor-free"])
 def test_split_reference_step_on_two_shards_matches_reference(case):
     # the reference's split step (Adam half, sums, projection) where the sums of two shards are added
-    run_step_parity(two_shard_step(backends.start_reference), [1, 7, 0, 300, 64], case, torch.device("cpu"), steps=8)
+    run_step_parity(two_shard_step(backends.get("reference").start), [1, 7, 0, 300, 64], case, torch.device("cpu"), steps=8)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spd_kernels import AdamSPD
-from spd_kernels.backends import triton_runs_on
+from spd_kernels import backends
 from spd_kernels.ops import adam_spd as k
 from spd_kernels.stats import STAT_C, STAT_NORM_Q_A, STAT_R
 from spd_kernels.testing import CASES, bucket_of, new_state, run_step_parity, signed_grad, two_shard_step
@@ -18,7 +18,7 @@ from spd_kernels.testing import CASES, bucket_of, new_state, run_step_parity, si
 from .helpers import clone_params, make_params
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif("triton" not in backends.available(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
 
 CHUNK = k.BLOCK * k.TILES
 #: single element, odd, just over a tile, empty, several chunks with a tail, exactly one chunk

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import dataclasses
+
 import torch
 
 from spd_kernels import backends, verify
@@ -26,17 +28,19 @@ def test_verify_command_passes():
 
 
 def test_verify_fails_when_a_backend_skips_the_projection(monkeypatch):
+    reference = backends.get("reference")
+
     def no_projection(bucket):
-        saved = bucket.weight_decay
-        bucket.weight_decay = 0.0  # the step then never pulls toward the anchor
+        saved = bucket.hp
+        bucket.hp = dataclasses.replace(saved, weight_decay=0.0)  # the step then never pulls toward the anchor
         try:
-            stats = backends.run_reference(bucket)
+            stats = reference.run(bucket)
         finally:
-            bucket.weight_decay = saved
+            bucket.hp = saved
         stats[:, STAT_SCALE] = 0.0
         return stats
 
-    monkeypatch.setitem(backends._RUNNERS, "reference", no_projection)
+    monkeypatch.setitem(backends.REGISTRY, "reference", dataclasses.replace(reference, run=no_projection))
     row = verify.run_backend("reference", torch.float32, torch.device("cpu"), steps=6)
     assert row.fired > 0
     assert not row.passed and row.errors["param"] > verify.TOLERANCE[torch.float32]
@@ -45,7 +49,7 @@ def test_verify_fails_when_a_backend_skips_the_projection(monkeypatch):
 def test_bench_command_writes_table_json_csv_png(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "spd_kernels", "bench", "--small", "--sets", "vit_b,lora", "--rounds", "2",
-         "--warmup", "1", "--out", str(tmp_path)],
+         "--warmup", "1", "--kernels-only", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
@@ -54,6 +58,8 @@ def test_bench_command_writes_table_json_csv_png(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     impls = {r["impl"] for r in data["rows"]}
     assert {"spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled"} <= impls
+    if "cpu" in backends.available("cpu"):  # the kernels-only lines need a fast backend
+        assert {"spd", "spd_kernels", "spd_split"} <= impls
     assert {r["set"] for r in data["rows"]} == {"vit_b", "lora"}
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gbs"] > 0
@@ -64,7 +70,7 @@ def test_bench_command_writes_table_json_csv_png(tmp_path):
 
 
 def test_verify_on_a_parameter_set_takes_both_branches():
-    impl = "cpu" if not backends.cpu_kernel_error() else "reference"
+    impl = "cpu" if "cpu" in backends.available("cpu") else "reference"
     row = verify.run_backend(impl, torch.float32, torch.device("cpu"), steps=3, param_set="lora")
     assert row.passed, row
     assert 0 < row.fired < row.total
@@ -79,8 +85,10 @@ def test_importing_the_package_leaves_triton_unimported():
 
 def test_verify_split_row_fails_when_the_sums_are_not_combined(monkeypatch):
     # a split step that finishes from its own shard's sums alone must not pass
+    reference = backends.get("reference")
+
     def local_only(bucket):
-        finish = backends.start_reference(bucket)
+        finish = reference.start(bucket)
         local = bucket.sums.clone()
 
         def finish_local():
@@ -89,6 +97,6 @@ def test_verify_split_row_fails_when_the_sums_are_not_combined(monkeypatch):
 
         return finish_local
 
-    monkeypatch.setitem(backends._STARTERS, "reference", local_only)
+    monkeypatch.setitem(backends.REGISTRY, "reference", dataclasses.replace(reference, start=local_only))
     row = verify.run_split("reference", torch.float32, torch.device("cpu"), steps=6)
     assert not row.passed and row.errors["param"] > verify.TOLERANCE[torch.float32]

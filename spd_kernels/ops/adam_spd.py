@@ -485,7 +485,7 @@ class _Plan:
             [t.data_ptr() for t in bucket.grads],
             [t.data_ptr() for t in bucket.exp_avgs],
             [t.data_ptr() for t in bucket.exp_avg_sqs],
-            [t.data_ptr() for t in bucket.max_exp_avg_sqs] if bucket.amsgrad else zero,
+            [t.data_ptr() for t in bucket.max_exp_avg_sqs] if bucket.hp.amsgrad else zero,
             [t.data_ptr() for t in bucket.anchors] if bucket.anchors is not None else zero,
             [t.data_ptr() for t in bucket.steps],
         ]
@@ -568,7 +568,8 @@ class _Step:
         self.g_dtype = _TORCH_TO_TL[bucket.grads[0].dtype]
         self.anchored = bucket.anchors is not None
         self.a_dtype = _TORCH_TO_TL[bucket.anchors[0].dtype] if self.anchored else tl.float32
-        lr = bucket.lr
+        hp = self.hp = bucket.hp
+        lr = hp.lr
         self.lr_is_tensor = isinstance(lr, Tensor)
         if self.lr_is_tensor and lr.device.type == "cpu" and bucket.device.type != "cpu":
             lr, self.lr_is_tensor = float(lr.item()), False
@@ -579,27 +580,27 @@ class _Step:
         self.counts = bucket.projections if bucket.projections is not None else plan.counts
         self.grad_scale = _amp_arg(bucket.grad_scale, plan.amp_default[0:1])
         self.found_inf = _amp_arg(bucket.found_inf, plan.amp_default[1:2])
-        self.ln_b1, self.ln_b2 = _ln(bucket.beta1), _ln(bucket.beta2)
+        self.ln_b1, self.ln_b2 = _ln(hp.beta1), _ln(hp.beta2)
         self.store_q = self.p_dtype == tl.float32
 
     def phase1(self) -> None:
-        b, plan = self.bucket, self.plan
+        hp, plan = self.hp, self.plan
         if plan.n_chunks == 0:  # every tensor an empty shard
             return
         _phase1_kernel[(plan.n_chunks,)](
             plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, self.counts, self.lr_buf,
             self.grad_scale, self.found_inf, plan.n_tensors, plan.n_chunks, plan.single_max, self.lr_value,
-            1.0 - b.beta1, b.beta2, 1.0 - b.beta2, self.ln_b1, self.ln_b2, b.eps, b.weight_decay, b.max_scale,
-            P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, A_DTYPE=self.a_dtype, HAS_ANCHOR=self.anchored,
-            AMSGRAD=b.amsgrad, LR_IS_TENSOR=self.lr_is_tensor, STORE_Q=self.store_q, ALIGNED=plan.aligned,
+            1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, self.ln_b1, self.ln_b2, hp.eps, hp.weight_decay,
+            hp.max_scale, P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, A_DTYPE=self.a_dtype,
+            HAS_ANCHOR=self.anchored, AMSGRAD=hp.amsgrad, LR_IS_TENSOR=self.lr_is_tensor, STORE_Q=self.store_q, ALIGNED=plan.aligned,
             BLOCK=self.block, TILES=self.tiles, num_warps=self.num_warps,
         )
 
     def finalize(self) -> None:
-        b, plan = self.bucket, self.plan
+        hp, plan = self.hp, self.plan
         _finalize_kernel[(plan.n_multi,)](
             plan.ptrs, plan.multi, plan.partials, plan.stats, self.counts, self.found_inf, plan.n_tensors,
-            plan.n_multi, b.weight_decay, b.max_scale, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
+            plan.n_multi, hp.weight_decay, hp.max_scale, FINALIZE_BLOCK=FINALIZE_BLOCK, num_warps=4,
         )
 
     def sum_partials(self, sums: Tensor) -> None:
@@ -609,20 +610,20 @@ class _Step:
         )
 
     def finalize_sums(self, sums: Tensor) -> None:
-        b, plan = self.bucket, self.plan
+        hp, plan = self.hp, self.plan
         _finalize_sums_kernel[(plan.n_tensors,)](
-            plan.ptrs, sums, plan.stats, self.counts, self.found_inf, plan.n_tensors, b.weight_decay, b.max_scale,
+            plan.ptrs, sums, plan.stats, self.counts, self.found_inf, plan.n_tensors, hp.weight_decay, hp.max_scale,
             num_warps=1,
         )
 
     def phase2(self) -> None:
-        b, plan = self.bucket, self.plan
+        hp, plan = self.hp, self.plan
         if plan.n_multi_chunks == 0:
             return
         _phase2_kernel[(plan.n_multi_chunks,)](
             plan.ptrs, plan.numels, plan.chunks, plan.stats, self.lr_buf, self.found_inf,
-            plan.n_tensors, plan.n_chunks, self.lr_value, self.ln_b1, self.ln_b2, b.eps,
-            P_DTYPE=self.p_dtype, A_DTYPE=self.a_dtype, HAS_ANCHOR=self.anchored, AMSGRAD=b.amsgrad,
+            plan.n_tensors, plan.n_chunks, self.lr_value, self.ln_b1, self.ln_b2, hp.eps,
+            P_DTYPE=self.p_dtype, A_DTYPE=self.a_dtype, HAS_ANCHOR=self.anchored, AMSGRAD=hp.amsgrad,
             LR_IS_TENSOR=self.lr_is_tensor, RECOMPUTE_Q=not self.store_q, ALIGNED=plan.aligned,
             BLOCK=self.block, TILES=self.tiles, num_warps=self.num_warps,
         )

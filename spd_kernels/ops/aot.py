@@ -5,6 +5,10 @@ the ptxas bundled in the triton wheel then reports registers and spills. This
 is how CI knows that every kernel variant lowers for sm_80 and sm_90a, does not
 spill, and keeps 128-bit global accesses.
 
+The variants and their signatures are not typed here: ``variants()`` runs the
+launcher on small CPU buckets with each kernel replaced by a recorder, so a
+kernel argument added to the kernel and its launch is compiled here as it is.
+
     python -m spd_kernels.ops.aot      # prints one line per variant
 """
 from __future__ import annotations
@@ -15,44 +19,26 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..bucket import Bucket
+from ..hyperparameters import Hyperparameters
 from . import adam_spd as k
 
 #: (compute capability, ptxas arch) pairs CI compiles for
 TARGETS: Tuple[Tuple[int, str], ...] = ((80, "sm_80"), (90, "sm_90a"))
 
 _DTYPE_NAMES = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
-
-_PHASE1_SIG = {
-    "ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunks_ptr": "*i64", "partials_ptr": "*fp32",
-    "stats_ptr": "*fp32", "counts_ptr": "*fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
-    "found_inf_ptr": "*fp32",
-    "n_tensors": "i32", "n_chunks": "i32", "single_max": "i32", "lr": "fp32", "one_minus_beta1": "fp32",
-    "beta2": "fp32",
-    "one_minus_beta2": "fp32", "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32",
-    "weight_decay": "fp32", "max_scale": "fp32",
-}
-_FINALIZE_SIG = {
-    "ptrs_ptr": "*i64", "multi_ptr": "*i64", "partials_ptr": "*fp32", "stats_ptr": "*fp32",
-    "counts_ptr": "*fp32", "found_inf_ptr": "*fp32", "n_tensors": "i32", "n_multi": "i32", "weight_decay": "fp32",
-    "max_scale": "fp32",
-}
-_SUM_PARTIALS_SIG = {"multi_ptr": "*i64", "partials_ptr": "*fp32", "sums_ptr": "*fp64", "n_tensors": "i32"}
-_FINALIZE_SUMS_SIG = {
-    "ptrs_ptr": "*i64", "sums_ptr": "*fp64", "stats_ptr": "*fp32", "counts_ptr": "*fp32", "found_inf_ptr": "*fp32",
-    "n_tensors": "i32", "weight_decay": "fp32", "max_scale": "fp32",
-}
-_PHASE2_SIG = {
-    "ptrs_ptr": "*i64", "numels_ptr": "*i64", "chunks_ptr": "*i64", "stats_ptr": "*fp32",
-    "lr_ptr": "*fp32", "found_inf_ptr": "*fp32", "n_tensors": "i32", "n_chunks": "i32", "lr": "fp32",
-    "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32",
-}
+#: how a launch argument's Python value maps to a kernel signature type
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
+#: the kernels the launcher may call (module globals it looks up at call time)
+_KERNELS = ("_phase1_kernel", "_finalize_kernel", "_sum_partials_kernel", "_finalize_sums_kernel", "_phase2_kernel")
 
 
 @dataclass
@@ -66,37 +52,85 @@ class Variant:
     expect_v4: bool
 
 
-def variants() -> Iterator[Variant]:
-    """Every specialization the launcher can produce (dtypes x switches)."""
-    dtypes = (tl.float32, tl.bfloat16, tl.float16)
-    for p_dtype, a_dtype, anchored, amsgrad, lr_tensor in itertools.product(
-        dtypes, dtypes, (True, False), (True, False), (True, False)
-    ):
-        if not anchored and a_dtype != tl.float32:
-            continue  # the anchor dtype is unused without anchors
-        tag = (
-            f"p={_DTYPE_NAMES[p_dtype]} a={_DTYPE_NAMES[a_dtype] if anchored else '-'}"
-            f" amsgrad={int(amsgrad)} lr_tensor={int(lr_tensor)}"
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"a launch argument of type {type(value).__name__} has no signature type here")
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call's
+    signature and constexprs instead of launching."""
+
+    def __init__(self, fn, seen: Dict[tuple, Variant]) -> None:
+        self.fn, self.seen = fn, seen
+
+    def __getitem__(self, grid):
+        return self.launch
+
+    def launch(self, *args, num_warps: int, **constexprs) -> None:
+        names = self.fn.arg_names
+        signature = {name: _arg_type(value) for name, value in zip(names, args)}
+        missing = [n for n in names if n not in signature and n not in constexprs]
+        if missing:
+            raise TypeError(f"{self.fn.__name__}: the launcher passed no {missing}")
+        key = (self.fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())), num_warps)
+        if key in self.seen:
+            return
+        p, a = constexprs.get("P_DTYPE"), constexprs.get("A_DTYPE")
+        switches = [f"{k.lower()}={int(constexprs[k])}" for k in ("HAS_ANCHOR", "AMSGRAD", "LR_IS_TENSOR")
+                    if k in constexprs]
+        tag = " ".join(filter(None, [
+            f"p={_DTYPE_NAMES[p]}" if p is not None else "",
+            f"a={_DTYPE_NAMES[a] if constexprs.get('HAS_ANCHOR') else '-'}" if a is not None else "",
+            *switches,
+        ]))
+        all_fp32 = p == tl.float32 and (a == tl.float32 or not constexprs.get("HAS_ANCHOR"))
+        self.seen[key] = Variant(
+            f"{self.fn.__name__.strip('_').removesuffix('_kernel')} {tag}".strip(), self.fn, signature,
+            constexprs, num_warps, all_fp32,
         )
-        common = dict(
-            P_DTYPE=p_dtype, A_DTYPE=a_dtype, HAS_ANCHOR=anchored, AMSGRAD=amsgrad,
-            LR_IS_TENSOR=lr_tensor, ALIGNED=True, BLOCK=k.BLOCK, TILES=k.TILES,
-        )
-        all_fp32 = p_dtype == tl.float32 and (a_dtype == tl.float32 or not anchored)
-        yield Variant(
-            f"phase1 {tag}", k._phase1_kernel, _PHASE1_SIG,
-            dict(common, G_DTYPE=p_dtype, STORE_Q=p_dtype == tl.float32), k.NUM_WARPS, all_fp32,
-        )
-        yield Variant(
-            f"phase2 {tag}", k._phase2_kernel, _PHASE2_SIG,
-            dict(common, RECOMPUTE_Q=p_dtype != tl.float32), k.NUM_WARPS, all_fp32,
-        )
-    yield Variant("finalize", k._finalize_kernel, _FINALIZE_SIG, dict(FINALIZE_BLOCK=k.FINALIZE_BLOCK), 4, False)
-    # the split step (sharded params) adds these two around the caller's all-reduce
-    yield Variant(
-        "sum_partials", k._sum_partials_kernel, _SUM_PARTIALS_SIG, dict(FINALIZE_BLOCK=k.FINALIZE_BLOCK), 4, False
+
+
+def _bucket(p_dtype, a_dtype, amsgrad: bool, lr_tensor: bool) -> Bucket:
+    """A CPU bucket with a one-chunk and a multi-chunk tensor, so every kernel is called."""
+    sizes = (7, k.BLOCK * k.TILES + 1)
+    params = [torch.zeros(n, dtype=p_dtype) for n in sizes]
+    return Bucket(
+        params=params, grads=[torch.zeros_like(p) for p in params],
+        exp_avgs=[torch.zeros(n) for n in sizes], exp_avg_sqs=[torch.zeros(n) for n in sizes],
+        max_exp_avg_sqs=[torch.zeros(n) for n in sizes] if amsgrad else None,
+        anchors=[torch.zeros(n, dtype=a_dtype) for n in sizes] if a_dtype is not None else None,
+        steps=[torch.zeros(()) for _ in sizes],
+        hp=Hyperparameters(lr=torch.tensor(1e-3) if lr_tensor else 1e-3, amsgrad=amsgrad),
+        sums=torch.zeros((len(sizes), 3), dtype=torch.float64),
     )
-    yield Variant("finalize_sums", k._finalize_sums_kernel, _FINALIZE_SUMS_SIG, {}, 1, False)
+
+
+def variants() -> List[Variant]:
+    """Every specialization the launcher produces, recorded from the launcher itself:
+    whole and split steps over every storage dtype and switch it supports."""
+    seen: Dict[tuple, Variant] = {}
+    saved = {name: getattr(k, name) for name in _KERNELS}
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    try:
+        for name, fn in saved.items():
+            setattr(k, name, _Recorder(fn, seen))
+        for p_dtype, a_dtype, amsgrad, lr_tensor in itertools.product(
+            dtypes, (*dtypes, None), (False, True), (False, True)
+        ):
+            k.adam_spd_triton_step(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor))
+            k.adam_spd_triton_partials(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor))()
+    finally:
+        for name, fn in saved.items():
+            setattr(k, name, fn)
+    return list(seen.values())
 
 
 @dataclass
@@ -112,12 +146,9 @@ class CompileReport:
 
 def ptxas_path(capability: int) -> str:
     """The ptxas triton itself uses for this target (bundled in the wheel)."""
-    try:  # triton >= 3.5 picks a newer ptxas for sm_90+
-        from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas  # picks a newer ptxas for sm_90+
 
-        return get_ptxas(capability).path
-    except ImportError:
-        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return get_ptxas(capability).path
 
 
 def ptxas_usage(ptx: str, capability: int, arch: str) -> Tuple[int, int, int]:

@@ -7,7 +7,9 @@ through, and for the same reason ``torch.library.triton_op`` / ``wrap_triton``
 (which need the compiler to see each tensor a kernel touches) do not apply. So
 the compiled step calls this opaque op instead: the graph records which tensors
 it mutates, a fake impl gives the stats' shape, and at run time the op runs the
-same kernels. A tensor ``lr`` is an op input, so changing it recompiles nothing.
+same kernels. The settings travel as one float list, ``hyper``, in
+``spd_kernels.hyperparameters.PACKED`` order (as the C++ op takes them); a
+tensor ``lr`` is an op input, so changing it recompiles nothing.
 
 Plans (the device tables) are cached by every pointer they hold, since the op,
 unlike the optimizer's buckets, cannot know when a state tensor was replaced.
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..bucket import Bucket
+from ..hyperparameters import Hyperparameters
 from ..stats import NUM_STATS
 
 #: how many bucket plans the op keeps (a model's buckets, several optimizers)
@@ -54,13 +57,8 @@ def adam_spd_triton_step_op(
     anchors: List[Tensor],
     steps: List[Tensor],
     counts: Tensor,
-    lr: float,
+    hyper: List[float],
     lr_tensor: Optional[Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    max_scale: float,
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
 ) -> Tensor:
@@ -71,8 +69,7 @@ def adam_spd_triton_step_op(
     bucket = Bucket(
         params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
         max_exp_avg_sqs=max_exp_avg_sqs or None, anchors=anchors or None, steps=steps,
-        lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, amsgrad=bool(max_exp_avg_sqs), max_scale=max_scale,
+        hp=Hyperparameters.from_packed(hyper, amsgrad=bool(max_exp_avg_sqs), lr_tensor=lr_tensor),
         grad_scale=grad_scale, found_inf=found_inf, projections=counts,
     )
     key, bucket.backend_cache = _cached_plan(bucket)
@@ -85,22 +82,19 @@ def adam_spd_triton_step_op(
 
 
 @adam_spd_triton_step_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, counts, lr, lr_tensor, beta1, beta2,
-      eps, weight_decay, max_scale, grad_scale, found_inf):
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, counts, hyper, lr_tensor, grad_scale,
+      found_inf):
     return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 
 
 def run_bucket(bucket: Bucket) -> Tensor:
     """The compiled step's call: the bucket's tensors through the op."""
-    lr = bucket.lr
-    lr_tensor = lr if isinstance(lr, Tensor) else None
+    hp = bucket.hp
     counts = bucket.projections
     if counts is None:
         counts = torch.zeros(len(bucket), dtype=torch.float32, device=bucket.device)
     return adam_spd_triton_step_op(
         bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
-        bucket.max_exp_avg_sqs if bucket.amsgrad else [], bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, counts, 0.0 if lr_tensor is not None else float(lr), lr_tensor,
-        bucket.beta1, bucket.beta2, bucket.eps, bucket.weight_decay, bucket.max_scale,
-        bucket.grad_scale, bucket.found_inf,
+        bucket.max_exp_avg_sqs if hp.amsgrad else [], bucket.anchors if bucket.anchors is not None else [],
+        bucket.steps, counts, hp.packed(), hp.lr_tensor, bucket.grad_scale, bucket.found_inf,
     )
