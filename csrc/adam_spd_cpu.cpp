@@ -21,6 +21,13 @@
 // Each chunk's sums have a fixed order (fp64 accumulators), so results are
 // bitwise the same for any thread count.
 //
+// 8-bit moments (spd_kernels/quantization.py): exp_avgs/exp_avg_sqs hold uint8 codes and
+// exp_avg_absmaxs/exp_avg_sq_absmaxs one fp32 absmax per block of 256 elements; qmaps [2, 256]
+// the values codes stand for (signed for m, unsigned for v). Chunks start on block bounds, so a
+// block is one stretch of one chunk: dequantize, update in fp32, q from the fp32 moments (kept
+// in the param's dtype, stored into p), the block's new absmax, then the nearest code for each
+// value: the number of midpoints below it (a midpoint itself takes the lower code).
+//
 // Settings. The ops take the step's float settings as one list ``hyper`` in the
 // order of spd_kernels.hyperparameters.PACKED; the HP_* slots below name it, and
 // ``hyperparameter_names`` lets the Python side check the two agree at load time.
@@ -42,6 +49,9 @@
 #include <Python.h>
 
 #include <array>
+#include <cstring>
+#include <limits>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <cmath>
@@ -190,12 +200,170 @@ void finalize(const Sums& sums, float weight_decay, float max_scale, float* row)
   row[STAT_SCALE] = static_cast<float>(scale);
 }
 
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
+constexpr int64_t QBLOCK = 256;  // elements per absmax block (quantization.BLOCK_SIZE)
+static_assert(CHUNK % QBLOCK == 0, "chunks must start on block bounds");
+
+// Nearest code in O(1). A float's sign, exponent and top 7 mantissa bits pick a bucket of
+// values narrower than the gap between two midpoints of either map, so at most one midpoint
+// lies in a bucket (build_qmaps checks it). start[map][sign][key] is the number of midpoints
+// below the bucket's smallest value; the code of y is that, plus one if the next midpoint is
+// below y. Magnitudes under 2^-24 share the lowest bucket, which reaches down to 0: the
+// maps' midpoints next to 0 are farther out (their smallest nonzero values are above 1e-7).
+constexpr uint32_t KEY_MIN = 103u << 7, KEY_MAX = 0x3F80;  // |y| in [2^-24, 1]: exponent, 7 mantissa bits
+constexpr int NUM_KEYS = KEY_MAX - KEY_MIN + 1;
+
+// The two maps (0: signed, for m; 1: unsigned, for v), their midpoints (mid[k][255] = +inf
+// pads the search) and the bucket table.
+struct QMaps {
+  float value[2][256];
+  float mid[2][256];
+  uint8_t start[2][2][NUM_KEYS];  // [map][sign][key - KEY_MIN]
+};
+
+inline uint32_t float_bits(float y) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, sizeof bits);
+  return bits;
+}
+
+inline float bits_float(uint32_t bits) {
+  float y;
+  std::memcpy(&y, &bits, sizeof y);
+  return y;
+}
+
+// The number of midpoints below y, by binary search (to build and check the table).
+int count_below(float y, const float* mid) {
+  int code = 0;
+  for (int step = 128; step >= 1; step >>= 1) code += (mid[code + step - 1] < y) ? step : 0;
+  return code;
+}
+
+void build_qmaps(const float* values, QMaps& out) {
+  for (int k = 0; k < 2; ++k) {
+    for (int c = 0; c < 256; ++c) out.value[k][c] = values[256 * k + c];
+    for (int c = 0; c < 255; ++c) out.mid[k][c] = (out.value[k][c] + out.value[k][c + 1]) / 2.0f;
+    out.mid[k][255] = std::numeric_limits<float>::infinity();
+    for (int sign = 0; sign < 2; ++sign) {
+      for (int key = 0; key < NUM_KEYS; ++key) {
+        // the bucket's magnitudes [lo, hi]; the lowest bucket reaches down to 0, the top one is {1}
+        const uint32_t bucket = KEY_MIN + static_cast<uint32_t>(key);
+        const float lo = key == 0 ? 0.0f : bits_float(bucket << 16);
+        const float hi = bucket == KEY_MAX ? 1.0f : bits_float((bucket << 16) | 0xFFFFu);
+        const float smallest = sign ? -hi : lo, largest = sign ? -lo : hi;
+        const int below = count_below(smallest, out.mid[k]);
+        TORCH_CHECK(count_below(largest, out.mid[k]) - below <= 1,
+                    "qmaps: two midpoints of a map fall in one bucket of the quantizer");
+        out.start[k][sign][key] = static_cast<uint8_t>(below);
+      }
+    }
+  }
+}
+
+// The table for these maps: built once (the maps are constants), rebuilt if they change.
+const QMaps& make_qmaps(const at::Tensor& qmaps) {
+  static QMaps cached;
+  static float cached_values[512];
+  static bool built = false;
+  static std::mutex lock;
+  const float* values = qmaps.data_ptr<float>();
+  std::lock_guard<std::mutex> guard(lock);
+  if (!built || std::memcmp(values, cached_values, sizeof cached_values) != 0) {
+    build_qmaps(values, cached);
+    std::memcpy(cached_values, values, sizeof cached_values);
+    built = true;
+  }
+  return cached;
+}
+
+// The code of y (in [-1, 1]) in map k: the number of its midpoints below y.
+inline uint8_t nearest_code(float y, const QMaps& maps, int k) {
+  const uint32_t bits = float_bits(y);
+  const uint32_t key = std::min(std::max((bits & 0x7FFFFFFFu) >> 16, KEY_MIN), KEY_MAX) - KEY_MIN;
+  const uint8_t below = maps.start[k][bits >> 31][key];
+  return static_cast<uint8_t>(below + (maps.mid[k][below] < y ? 1 : 0));
+}
+
+// One tensor's 8-bit moments: codes and per-block absmax.
+struct Moments8 {
+  uint8_t* m;
+  uint8_t* v;
+  float* m_absmax;
+  float* v_absmax;
+};
+
+// Adam on [begin, end) (begin on a block bound) with 8-bit moments: q, kept in the param's
+// dtype, goes into p; the moments are re-quantized block by block. Returns the three sums.
+template <typename P, typename A, bool HAS_ANCHOR>
+Sums adam_chunk8(P* __restrict p, const P* __restrict g, const Moments8& mo, const A* __restrict a, int64_t begin,
+                 int64_t end, const Scalars& s, const QMaps& maps) {
+  double gd = 0.0, dd = 0.0, qq = 0.0;
+  const float w1 = s.one_minus_beta1, b2 = s.beta2, w2 = s.one_minus_beta2;
+  const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
+  const float inv_grad_scale = s.inv_grad_scale;
+  float mbuf[QBLOCK], vbuf[QBLOCK];
+  for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
+    const int64_t len = std::min(QBLOCK, end - b0), blk = b0 / QBLOCK;
+    const float m_scale = mo.m_absmax[blk], v_scale = mo.v_absmax[blk];
+    float m_max = 0.0f, v_max = 0.0f;
+#pragma omp simd reduction(+ : gd, dd, qq) reduction(max : m_max, v_max)
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t i = b0 + j;
+      const float gi = to_float(g[i]) * inv_grad_scale;
+      const float pi = to_float(p[i]);
+      const float m_old = maps.value[0][mo.m[i]] * m_scale;
+      const float v_old = maps.value[1][mo.v[i]] * v_scale;
+      const float mi = m_old + w1 * (gi - m_old);
+      const float vi = b2 * v_old + w2 * gi * gi;
+      mbuf[j] = mi;
+      vbuf[j] = vi;
+      m_max = std::max(m_max, std::fabs(mi));
+      v_max = std::max(v_max, std::fabs(vi));
+      const float q = to_float(static_cast<P>(pi - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps)));
+      float d = pi, e = q;
+      if constexpr (HAS_ANCHOR) {
+        const float ai = to_float(a[i]);
+        d = pi - ai;
+        e = q - ai;
+      }
+      gd += static_cast<double>(gi * d);
+      dd += static_cast<double>(d * d);
+      qq += static_cast<double>(e * e);
+      p[i] = static_cast<P>(q);
+    }
+    const float m_inv = m_max > 0.0f ? 1.0f / m_max : 0.0f, v_inv = v_max > 0.0f ? 1.0f / v_max : 0.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      mo.m[b0 + j] = nearest_code(std::min(std::max(mbuf[j] * m_inv, -1.0f), 1.0f), maps, 0);
+      mo.v[b0 + j] = nearest_code(std::min(std::max(vbuf[j] * v_inv, -1.0f), 1.0f), maps, 1);
+    }
+    mo.m_absmax[blk] = m_max;
+    mo.v_absmax[blk] = v_max;
+  }
+  Sums out;
+  out.gd = gd;
+  out.dd = dd;
+  out.qq = qq;
+  return out;
+}
+
+// The 8-bit moments of a bucket's tensors (empty lists: fp32 moments).
+struct Bucket8 {
+  at::TensorList exp_avgs, exp_avg_sqs, m_absmaxs, v_absmaxs;
+  Moments8 at(int64_t t) const {
+    return Moments8{exp_avgs[t].data_ptr<uint8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
+                    m_absmaxs[t].data_ptr<float>(), v_absmaxs[t].data_ptr<float>()};
+  }
+};
+
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, const Hyper& hyper,
-                double inv_grad_scale, float* stats) {
+                double inv_grad_scale, const Bucket8& eight, const QMaps* maps, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
-  constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once
+  // fp32 params hold q after phase 1; so do 8-bit buckets (their fp32 moments are gone after it,
+  // and q is defined in the param's dtype); else q is rebuilt and rounded once
+  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
 
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
@@ -205,10 +373,16 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     scalars[t] = make_scalars(count, hyper, inv_grad_scale);
   }
   auto ptrs = [&](int64_t t) {
-    return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
-                           exp_avg_sqs[t].data_ptr<float>(),
+    return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(),
+                           EIGHT ? nullptr : exp_avgs[t].data_ptr<float>(),
+                           EIGHT ? nullptr : exp_avg_sqs[t].data_ptr<float>(),
                            AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
                            HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr);
+  };
+  auto adam = [&](int64_t t, int64_t begin, int64_t end) {
+    auto [p, g, m, v, vmax, a] = ptrs(t);
+    if constexpr (EIGHT) return adam_chunk8<P, A, HAS_ANCHOR>(p, g, eight.at(t), a, begin, end, scalars[t], *maps);
+    else return adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, begin, end, scalars[t]);
   };
 
   // Tensors that fit one chunk: one task each does Adam, the sums, the finalize and
@@ -221,7 +395,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
         const int64_t t = small[k], numel = params[t].numel();
         auto [p, g, m, v, vmax, a] = ptrs(t);
         const Scalars& s = scalars[t];
-        const Sums sums = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, 0, numel, s);
+        const Sums sums = adam(t, 0, numel);
         float* row = stats + NUM_STATS * t;
         finalize(sums, s.weight_decay, s.max_scale, row);
         if (!STORE_Q || row[STAT_SCALE] != 0.0f)
@@ -238,8 +412,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     const Scalars& s = scalars[t];
     partials.assign(n_chunks, Sums{});
     parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
-      partials[c] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, c * CHUNK,
-                                                                   std::min((c + 1) * CHUNK, numel), s);
+      partials[c] = adam(t, c * CHUNK, std::min((c + 1) * CHUNK, numel));
     });
     Sums sums;
     for (const Sums& part : partials) sums.add(part);
@@ -281,12 +454,14 @@ ChunkList chunk_list(at::TensorList params, Keep keep) {
 
 // Split step, first half: Adam on every chunk of every tensor (steps += 1) and
 // each tensor's three sums, summed over its chunks in order, into sums [n, 3].
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
 void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, const Hyper& hyper, double inv_grad_scale, double* sums) {
+                     at::TensorList steps, const Hyper& hyper, double inv_grad_scale, const Bucket8& eight,
+                     const QMaps* maps, double* sums) {
   const int64_t n = static_cast<int64_t>(params.size());
-  constexpr bool STORE_Q = std::is_same<P, float>::value;  // else q is rebuilt and rounded once in the project op
+  // else q is rebuilt and rounded once in the project op
+  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
     float* step = steps[t].data_ptr<float>();
@@ -298,10 +473,16 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
   std::vector<Sums> partials(work.chunks.size());
   parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
     const auto [t, begin, end] = work.chunks[k];
-    partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
-        params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
-        exp_avg_sqs[t].data_ptr<float>(), AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
-        HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end, scalars[t]);
+    const A* a = HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr;
+    if constexpr (EIGHT) {
+      partials[k] = adam_chunk8<P, A, HAS_ANCHOR>(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), eight.at(t), a,
+                                                  begin, end, scalars[t], *maps);
+    } else {
+      partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
+          params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
+          exp_avg_sqs[t].data_ptr<float>(), AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr, a, begin, end,
+          scalars[t]);
+    }
   });
   for (int64_t t = 0; t < n; ++t) {
     Sums total;  // an empty shard contributes zeros
@@ -314,12 +495,12 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
 
 // Split step, second half: stats from the (all-reduced) sums, then the projection
 // of the tensors with s > 0 (every tensor for bf16/fp16, whose q was not stored).
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR>
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
 void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
                     const double* sums, const Hyper& hyper, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
-  constexpr bool STORE_Q = std::is_same<P, float>::value;
+  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
     const double count = static_cast<double>(*steps[t].data_ptr<float>());  // incremented by the partials op
@@ -333,8 +514,10 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[NUM_STATS * t + STAT_SCALE] != 0.0f; });
   parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
     const auto [t, begin, end] = work.chunks[k];
-    float* v = (AMSGRAD ? max_exp_avg_sqs[t] : exp_avg_sqs[t]).data_ptr<float>();  // q is built from vmax
-    project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(), v,
+    // q is rebuilt (bf16/fp16, 32-bit moments) from m and v, or vmax under amsgrad
+    const float* m = STORE_Q ? nullptr : exp_avgs[t].data_ptr<float>();
+    const float* v = STORE_Q ? nullptr : (AMSGRAD ? max_exp_avg_sqs[t] : exp_avg_sqs[t]).data_ptr<float>();
+    project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), m, v,
                                               HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
                                               scalars[t], stats[NUM_STATS * t + STAT_SCALE]);
   });
@@ -342,8 +525,18 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
 
 void check_inputs(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                  at::TensorList steps, bool with_grads) {
+                  at::TensorList steps, const Bucket8& eight, const std::optional<at::Tensor>& qmaps,
+                  bool with_grads) {
   const size_t n = params.size();
+  const bool eight_bit = !eight.m_absmaxs.empty();
+  TORCH_CHECK(eight.m_absmaxs.size() == eight.v_absmaxs.size() && (!eight_bit || eight.m_absmaxs.size() == n), op,
+              ": exp_avg_absmaxs and exp_avg_sq_absmaxs: one per tensor, or both empty (fp32 moments)");
+  if (eight_bit) {
+    TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": amsgrad with 8-bit moments is not supported");
+    TORCH_CHECK(qmaps.has_value() && qmaps->device().is_cpu() && qmaps->scalar_type() == at::kFloat &&
+                    qmaps->is_contiguous() && qmaps->numel() == 512,
+                op, ": 8-bit moments need qmaps, a contiguous fp32 CPU tensor of shape [2, 256]");
+  }
   TORCH_CHECK((!with_grads || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   steps.size() == n,
               op, ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
@@ -358,8 +551,15 @@ void check_inputs(const char* op, at::TensorList params, at::TensorList grads, a
                       grads[i].is_contiguous(),
                   op, ": grad ", i, " must be contiguous, with its param's shape and dtype");
     for (const auto* t : {&exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == p.numel(), op,
-                  ": moments of tensor ", i, " must be contiguous fp32 of its param's size");
+      TORCH_CHECK(t->scalar_type() == (eight_bit ? at::kByte : at::kFloat) && t->is_contiguous() &&
+                      t->numel() == p.numel(),
+                  op, ": moments of tensor ", i, " must be contiguous ", eight_bit ? "uint8 codes" : "fp32",
+                  " of its param's size");
+    if (eight_bit)
+      for (const auto* t : {&eight.m_absmaxs[i], &eight.v_absmaxs[i]})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                        t->numel() == (p.numel() + QBLOCK - 1) / QBLOCK,
+                    op, ": absmax of tensor ", i, " must be contiguous fp32, one per 256 elements");
     if (!max_exp_avg_sqs.empty())
       TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == at::kFloat && max_exp_avg_sqs[i].is_contiguous() &&
                       max_exp_avg_sqs[i].numel() == p.numel(),
@@ -400,17 +600,19 @@ struct Type {
   using type = T;
 };
 
-// Calls f(Type<P>, Type<A>, AMSGRAD, HAS_ANCHOR) with the storage types and switches
-// of a bucket as compile-time values: one instantiation per combination.
+// Calls f(Type<P>, Type<A>, AMSGRAD, HAS_ANCHOR, EIGHT) with the storage types and switches
+// of a bucket as compile-time values: one instantiation per combination (8-bit: no amsgrad).
 template <typename F>
 void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-              F&& f) {
+              bool eight_bit, F&& f) {
   const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
   auto switches = [&](auto p_type, auto a_type) {
-    if (amsgrad && anchored) return f(p_type, a_type, std::true_type{}, std::true_type{});
-    if (amsgrad) return f(p_type, a_type, std::true_type{}, std::false_type{});
-    if (anchored) return f(p_type, a_type, std::false_type{}, std::true_type{});
-    return f(p_type, a_type, std::false_type{}, std::false_type{});
+    if (eight_bit && anchored) return f(p_type, a_type, std::false_type{}, std::true_type{}, std::true_type{});
+    if (eight_bit) return f(p_type, a_type, std::false_type{}, std::false_type{}, std::true_type{});
+    if (amsgrad && anchored) return f(p_type, a_type, std::true_type{}, std::true_type{}, std::false_type{});
+    if (amsgrad) return f(p_type, a_type, std::true_type{}, std::false_type{}, std::false_type{});
+    if (anchored) return f(p_type, a_type, std::false_type{}, std::true_type{}, std::false_type{});
+    return f(p_type, a_type, std::false_type{}, std::false_type{}, std::false_type{});
   };
   auto anchor_type = [&](auto p_type) {
     // anchor-free buckets take the first case: their anchor type is never used
@@ -430,52 +632,68 @@ void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_
   }
 }
 
-#define SPD_TYPES(p_type, a_type, ams, anc)     \
-  using P = typename decltype(p_type)::type;    \
-  using A = typename decltype(a_type)::type;    \
-  constexpr bool AMS = decltype(ams)::value;    \
-  constexpr bool ANC = decltype(anc)::value
+#define SPD_TYPES(p_type, a_type, ams, anc, eig) \
+  using P = typename decltype(p_type)::type;      \
+  using A = typename decltype(a_type)::type;      \
+  constexpr bool AMS = decltype(ams)::value;      \
+  constexpr bool ANC = decltype(anc)::value;      \
+  constexpr bool EIG = decltype(eig)::value
 
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                         at::TensorList steps, at::ArrayRef<double> hyper, double inv_grad_scale,
+                         at::TensorList steps, at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                         const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
                          const std::optional<at::Tensor>& lr_tensor) {
-  check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
+  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs};
+  check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight, qmaps,
+               true);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
   float* out = stats.data_ptr<float>();
   const Hyper h = read_hyper("adam_spd_step", hyper, lr_tensor);
-  dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
-    SPD_TYPES(p_type, a_type, ams, anc);
-    run_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
-                               inv_grad_scale, out);
+  const bool eight_bit = !exp_avg_absmaxs.empty();
+  const QMaps* maps = eight_bit ? &make_qmaps(*qmaps) : nullptr;
+  dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, eight_bit,
+           [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
+    SPD_TYPES(p_type, a_type, ams, anc, eig);
+    run_bucket<P, A, AMS, ANC, EIG>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
+                                    inv_grad_scale, eight, maps, out);
   });
   return stats;
 }
 
 void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                       at::TensorList steps, at::ArrayRef<double> hyper, double inv_grad_scale,
+                       at::TensorList steps, at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                       const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
                        const at::Tensor& sums, const std::optional<at::Tensor>& lr_tensor) {
-  check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, true);
+  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs};
+  check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight,
+               qmaps, true);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_partials", sums, n);
   if (n == 0) return;
   double* out = sums.data_ptr<double>();
   const Hyper h = read_hyper("adam_spd_partials", hyper, lr_tensor);
-  dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
-    SPD_TYPES(p_type, a_type, ams, anc);
-    partials_bucket<P, A, AMS, ANC>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
-                                    inv_grad_scale, out);
+  const bool eight_bit = !exp_avg_absmaxs.empty();
+  const QMaps* maps = eight_bit ? &make_qmaps(*qmaps) : nullptr;
+  dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, eight_bit,
+           [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
+    SPD_TYPES(p_type, a_type, ams, anc, eig);
+    partials_bucket<P, A, AMS, ANC, EIG>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
+                                         inv_grad_scale, eight, maps, out);
   });
 }
 
 at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                             at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
-                            const at::Tensor& sums, at::ArrayRef<double> hyper,
-                            const std::optional<at::Tensor>& lr_tensor) {
-  check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, false);
+                            at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                            const std::optional<at::Tensor>& qmaps, const at::Tensor& sums,
+                            at::ArrayRef<double> hyper, const std::optional<at::Tensor>& lr_tensor) {
+  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs};
+  check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight, qmaps,
+               false);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_project", sums, n);
   at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
@@ -483,9 +701,10 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
   const double* in = sums.data_ptr<double>();
   float* out = stats.data_ptr<float>();
   const Hyper h = read_hyper("adam_spd_project", hyper, lr_tensor);
-  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, [&](auto p_type, auto a_type, auto ams, auto anc) {
-    SPD_TYPES(p_type, a_type, ams, anc);
-    project_bucket<P, A, AMS, ANC>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, h, out);
+  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, !exp_avg_absmaxs.empty(),
+           [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
+    SPD_TYPES(p_type, a_type, ams, anc, eig);
+    project_bucket<P, A, AMS, ANC, EIG>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, h, out);
   });
   return stats;
 }
@@ -497,15 +716,18 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
 TORCH_LIBRARY(spd_kernels, m) {
   m.def(
       "adam_spd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float[] hyper, float inv_grad_scale, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, Tensor(f!)[] exp_avg_absmaxs, "
+      "Tensor(g!)[] exp_avg_sq_absmaxs, Tensor? qmaps, float[] hyper, float inv_grad_scale, "
       "Tensor? lr_tensor=None) -> Tensor");
   m.def(
       "adam_spd_partials(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, float[] hyper, float inv_grad_scale, "
-      "Tensor(f!) sums, Tensor? lr_tensor=None) -> ()");
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, Tensor(f!)[] exp_avg_absmaxs, "
+      "Tensor(g!)[] exp_avg_sq_absmaxs, Tensor? qmaps, float[] hyper, float inv_grad_scale, "
+      "Tensor(h!) sums, Tensor? lr_tensor=None) -> ()");
   m.def(
       "adam_spd_project(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
-      "Tensor[] anchors, Tensor[] steps, Tensor sums, float[] hyper, Tensor? lr_tensor=None) -> Tensor");
+      "Tensor[] anchors, Tensor[] steps, Tensor[] exp_avg_absmaxs, Tensor[] exp_avg_sq_absmaxs, Tensor? qmaps, "
+      "Tensor sums, float[] hyper, Tensor? lr_tensor=None) -> Tensor");
   m.def("hyperparameter_names() -> str[]", &hyperparameter_names);
 }
 

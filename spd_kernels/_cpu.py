@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .bucket import Bucket
+from . import quantization
 from .hyperparameters import PACKED
 from .stats import NUM_STATS
 
@@ -42,18 +43,32 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("spd_kernels::adam_spd_step")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, hyper, inv_grad_scale,
-          lr_tensor=None):
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs,
+          exp_avg_sq_absmaxs, qmaps, hyper, inv_grad_scale, lr_tensor=None):
         return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 
     @torch.library.register_fake("spd_kernels::adam_spd_partials")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, hyper, inv_grad_scale, sums,
-          lr_tensor=None):
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs,
+          exp_avg_sq_absmaxs, qmaps, hyper, inv_grad_scale, sums, lr_tensor=None):
         return None
 
     @torch.library.register_fake("spd_kernels::adam_spd_project")
-    def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, sums, hyper, lr_tensor=None):
+    def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs, exp_avg_sq_absmaxs,
+          qmaps, sums, hyper, lr_tensor=None):
         return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def qmaps() -> Tensor:
+    """The two 8-bit maps as the ops take them: fp32 [2, 256], signed (first moment) then unsigned."""
+    return torch.stack([quantization.dynamic_map(True), quantization.dynamic_map(False)])
+
+
+def _state_args(bucket: Bucket):
+    """The state lists after ``steps`` in the ops' schemas: 8-bit absmax (or empty) and the maps."""
+    if not bucket.eight_bit:
+        return [], [], None
+    return bucket.exp_avg_absmaxs, bucket.exp_avg_sq_absmaxs, qmaps()
 
 
 def _host_args(bucket: Bucket):
@@ -82,7 +97,7 @@ def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if bucket.hp.amsgrad else [],
         bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, hyper, inv_scale, lr_tensor,
+        bucket.steps, *_state_args(bucket), hyper, inv_scale, lr_tensor,
     )
 
 
@@ -97,13 +112,13 @@ def adam_spd_cpu_partials(bucket: Bucket) -> Callable[[], Tensor]:
     anchors = bucket.anchors if bucket.anchors is not None else []
     torch.ops.spd_kernels.adam_spd_partials(
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, max_exp_avg_sqs, anchors, bucket.steps,
-        hyper, inv_scale, bucket.sums, lr_tensor,
+        *_state_args(bucket), hyper, inv_scale, bucket.sums, lr_tensor,
     )
 
     def finish() -> Tensor:
         return torch.ops.spd_kernels.adam_spd_project(
             bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, max_exp_avg_sqs, anchors, bucket.steps,
-            bucket.sums, hyper, lr_tensor,
+            *_state_args(bucket), bucket.sums, hyper, lr_tensor,
         )
 
     return finish

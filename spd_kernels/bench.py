@@ -4,11 +4,12 @@ For each parameter set (vit_b, a llama-like set sized to the device's memory,
 many_small, lora anchor-free) every implementation gets its own copy of the
 params, grads and state; then rounds run them interleaved (A B C A B C ...)
 after a warm-up, and the table shows per implementation the median ms/step,
-the ratio to ``torch.optim.AdamW(fused=True)``, the effective GB/s at the
-minimal byte count (32 B/param for SPD with anchors, 28 without and for
-AdamW), that rate as % of the bandwidth measured in the same run (a device
-copy on CUDA, an in-place add on CPU), and the peak extra memory of one step
-(CUDA only). Writes the same figures as JSON, CSV and a PNG plot.
+the ratio to ``torch.optim.AdamW(fused=True)``, the effective GB/s at each
+line's minimal byte count (``STEP_BYTES``: 32 B/param for SPD with fp32
+anchors, 28 for AdamW, ...), that rate as % of the bandwidth measured in the
+same run (a device copy on CUDA, an in-place add on CPU), the peak extra
+memory of one step (CUDA only) and the optimizer state's bytes per param.
+Writes the same figures as JSON, CSV and a PNG plot.
 
 Implementations:
     spd            AdamSPD with this machine's fast backend (triton on CUDA, cpu on CPU)
@@ -16,7 +17,10 @@ Implementations:
     adamw_fused    torch.optim.AdamW(fused=True)
     adamw_foreach  torch.optim.AdamW(foreach=True)
     spd_compiled   the per-tensor SPD step a user would write, under torch.compile
-and, on request (``--kernels-only``, ``--cuda-graph`` or ``--impls``):
+and, on request (``--state-formats``, ``--kernels-only``, ``--cuda-graph`` or ``--impls``):
+    spd_bf16a      AdamSPD with bf16 anchors (anchor_dtype=torch.bfloat16)
+    spd_8bit       AdamSPD with 8-bit moments and bf16 anchors (optim_bits=8)
+    adamw_8bit_bnb bitsandbytes' AdamW8bit (when bitsandbytes is installed)
     spd_kernels    the fast backend's whole step on AdamSPD's own bucket, without step()'s bookkeeping
     spd_split      the fast backend's split step (the one FSDP2 shards take) on that bucket, no collective
     spd_graph      AdamSPD(capturable=True).step() captured in a CUDA graph, replayed (CUDA only)
@@ -41,10 +45,15 @@ from .optim import AdamSPD
 
 #: the report's default lines
 IMPLS = ("spd", "spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled")
-#: lines added on request: where the time of a step goes
+#: lines added on request: the state formats (memory), and where the time of a step goes
+FORMAT_IMPLS = ("spd_bf16a", "spd_8bit", "adamw_8bit_bnb")
 KERNEL_IMPLS = ("spd_kernels", "spd_split")
 GRAPH_IMPLS = ("spd_graph",)
-ALL_IMPLS = IMPLS + KERNEL_IMPLS + GRAPH_IMPLS
+ALL_IMPLS = IMPLS + FORMAT_IMPLS + KERNEL_IMPLS + GRAPH_IMPLS
+
+#: the fewest bytes a step must move per param (fp32 params): read p, g, moments, anchor; write
+#: p and moments. AdamW 28; SPD 32 (fp32 anchor), 30 (bf16 anchor), 18 (8-bit moments, bf16 anchor)
+STEP_BYTES = {"adamw": 28, "spd": 32, "spd_bf16a": 30, "spd_8bit": 18, "adamw_8bit_bnb": 16}
 SETS = param_sets.NAMES
 
 
@@ -59,6 +68,8 @@ class Row:
     gbs: float
     pct_bandwidth: float
     peak_extra_mb: Optional[float]
+    #: optimizer state (moments, anchors, absmax, steps) in bytes per param, each storage counted once
+    state_bytes_per_param: Optional[float] = None
 
 
 # ------------------------------------------------------------------ the sets
@@ -174,6 +185,13 @@ def build(impl: str, shapes, device, anchored: bool, seed: int = 0):
     anchors = [p.detach() + 0.01 * torch.randn(p.shape, device=device, generator=gen) for p in params] \
         if anchored else [None] * len(params)
     pre = anchors if anchored else None
+    if impl in ("spd_bf16a", "spd_8bit"):
+        return AdamSPD([{"params": params, "pre": pre}], lr=1e-3, weight_decay=1.0, impl=fast_backend(device),
+                       anchor_dtype=torch.bfloat16, optim_bits=8 if impl == "spd_8bit" else 32)
+    if impl == "adamw_8bit_bnb":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=1e-3, weight_decay=0.01)
     if impl in ("spd", *KERNEL_IMPLS, *GRAPH_IMPLS):
         opt = AdamSPD([{"params": params, "pre": pre}], lr=1e-3, weight_decay=1.0, impl=fast_backend(device),
                       capturable=impl in GRAPH_IMPLS)
@@ -198,11 +216,45 @@ def fast_backend(device: torch.device) -> str:
         return backends.choose("auto", torch.empty(1, device=device), None).name
 
 
+def _bitsandbytes_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def available_impls(device: torch.device, impls=IMPLS) -> List[str]:
     """The lines of ``impls`` that can run on ``device`` here."""
     fast = fast_backend(device) != "reference"
     return [i for i in impls
-            if (i != "spd" and i not in KERNEL_IMPLS or fast) and (i not in GRAPH_IMPLS or device.type == "cuda")]
+            if (i not in ("spd", "spd_bf16a", "spd_8bit", *KERNEL_IMPLS) or fast)
+            and (i not in GRAPH_IMPLS or device.type == "cuda")
+            and (i != "adamw_8bit_bnb" or _bitsandbytes_importable())]
+
+
+def params_of(opt) -> List[torch.Tensor]:
+    """The params an implementation steps (optimizers, and the wrappers above)."""
+    inner = getattr(opt, "opt", opt)
+    if hasattr(inner, "param_groups"):
+        return [p for group in inner.param_groups for p in group["params"]]
+    return list(inner.params)
+
+
+def state_bytes_per_param(opt, n_params: int) -> Optional[float]:
+    """Bytes of optimizer state per param: every tensor in ``opt.state``, each storage once
+    (bitsandbytes' states share their quantization maps)."""
+    inner = getattr(opt, "opt", opt)
+    state = getattr(inner, "state", None)
+    if not isinstance(state, dict):
+        return None
+    seen, total = set(), 0
+    for entry in state.values():
+        for value in entry.values():
+            if isinstance(value, torch.Tensor):
+                key = (value.untyped_storage().data_ptr(), value.device)
+                if key not in seen:
+                    seen.add(key)
+                    total += value.untyped_storage().nbytes()
+    return total / n_params
 
 
 # --------------------------------------------------------------- measurement
@@ -247,7 +299,20 @@ def peak_extra_mb(fn: Callable, device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress) -> List[Row]:
+def step_bytes(impl: str, anchored: bool) -> int:
+    """The minimal bytes one step moves per fp32 param (``STEP_BYTES``); no anchor read without anchors."""
+    if impl in STEP_BYTES:
+        per_param = STEP_BYTES[impl]
+    else:
+        per_param = STEP_BYTES["adamw" if impl.startswith("adamw") else "spd"]
+    if not anchored and impl in ("spd_bf16a", "spd_8bit"):
+        return per_param - 2
+    if not anchored and not impl.startswith("adamw"):
+        return per_param - 4
+    return per_param
+
+
+def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_grads=False) -> List[Row]:
     anchored = name != "lora"
     opts = {impl: build(impl, shapes, device, anchored) for impl in impls}
     for impl, opt in opts.items():  # warm-up: compiles, tables, lazy state
@@ -261,6 +326,9 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress) -> List
         for impl, opt in opts.items():  # interleaved: drift and noise hit every impl alike
             if impl == "spd_reference" and r >= max(3, rounds // 4):
                 continue  # the oracle is slow and its ratio needs no more precision
+            if fresh_grads:  # new grads, untimed: SPD's condition then fires at a realistic rate
+                for p in params_of(opt):
+                    p.grad.normal_(0.0, 1e-2)
             times[impl].append(_time_once(opt.step, device))
             progress()
     n = param_sets.numel(shapes)
@@ -268,10 +336,10 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress) -> List
     rows = []
     for impl in impls:
         sec = statistics.median(times[impl])
-        per_param = 28 if impl.startswith("adamw") or not anchored else 32  # the minimal bytes moved
+        per_param = step_bytes(impl, anchored)
         gbs = n * per_param / sec / 1e9
         rows.append(Row(name, impl, len(shapes), n / 1e6, sec * 1e3, sec / fused if fused else float("nan"),
-                        gbs, 100 * gbs / bw, peaks[impl]))
+                        gbs, 100 * gbs / bw, peaks[impl], state_bytes_per_param(opts[impl], n)))
     del opts
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -283,12 +351,13 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress) -> List
 
 def format_table(rows: List[Row]) -> str:
     head = (f"{'set':11s} {'impl':14s} {'tensors':>7s} {'params':>8s} {'ms/step':>9s} {'vs fused':>8s} "
-            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s}")
+            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s} {'state B/p':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r.peak_extra_mb:8.1f}" if r.peak_extra_mb is not None else f"{'-':>8s}"
+        state = f"{r.state_bytes_per_param:9.2f}" if r.state_bytes_per_param is not None else f"{'-':>9s}"
         lines.append(f"{r.set:11s} {r.impl:14s} {r.tensors:7d} {r.params_m:7.1f}M {r.ms:9.3f} "
-                     f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak}")
+                     f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak} {state}")
     return "\n".join(lines)
 
 
@@ -365,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "as every ratio needs it)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 30 CUDA, 7 CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones (default 3)")
+    parser.add_argument("--state-formats", action="store_true",
+                        help="add the spd_bf16a, spd_8bit and adamw_8bit_bnb lines (bf16 anchors, 8-bit "
+                             "moments, bitsandbytes' AdamW8bit); the state bytes per param column compares them")
+    parser.add_argument("--fresh-grads", action="store_true",
+                        help="draw new random grads before every timed step (untimed), so SPD's condition "
+                             "fires at a realistic rate; default: the same grads every step")
     parser.add_argument("--kernels-only", action="store_true",
                         help="add the spd_kernels and spd_split lines: the fast backend's whole and split "
                              "step on AdamSPD's bucket, without step()'s bookkeeping")
@@ -397,8 +472,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unknown impls {unknown}; choose from {ALL_IMPLS}")
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph needs a CUDA device")
-    impls += [i for i in (KERNEL_IMPLS if args.kernels_only else ()) + (GRAPH_IMPLS if args.cuda_graph else ())
-              if i not in impls]
+    requested = ((available_impls(device, FORMAT_IMPLS) if args.state_formats else [])
+                 + list(KERNEL_IMPLS if args.kernels_only else ()) + list(GRAPH_IMPLS if args.cuda_graph else ()))
+    impls += [i for i in requested if i not in impls]
     if "adamw_fused" not in impls:
         impls.append("adamw_fused")  # the baseline every ratio needs
     cannot = [i for i in impls if i not in available_impls(device, ALL_IMPLS)]
@@ -411,7 +487,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bw = bandwidth_gbs(device)
     meta = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                 bandwidth_gbs=bw, bandwidth_kind="copy" if device.type == "cuda" else "in-place add",
-                rounds=rounds, small=args.small, date=time.strftime("%Y-%m-%d"))
+                rounds=rounds, small=args.small, fresh_grads=args.fresh_grads, date=time.strftime("%Y-%m-%d"))
     print(f"{meta['device_name']}, torch {torch.__version__}; {meta['bandwidth_kind']} bandwidth {bw:.1f} GB/s")
     rows: List[Row] = []
     total = len(sets) * len(impls) * (rounds + args.warmup)
@@ -419,7 +495,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in sets:
             shapes = sized_shapes(name, device, len(impls), args.small)
             bar.set_postfix_str(name)
-            rows += bench_set(name, shapes, impls, device, rounds, args.warmup, bw, lambda: bar.update(1))
+            rows += bench_set(name, shapes, impls, device, rounds, args.warmup, bw, lambda: bar.update(1),
+                              fresh_grads=args.fresh_grads)
     print(format_table(rows))
     for path in write_outputs(rows, meta, args.out):
         print(f"wrote {path}")

@@ -28,7 +28,8 @@ from .hyperparameters import Hyperparameters
 from .stats import NUM_STATS, STAT_C
 
 #: the per-tensor lists a backend reads and updates
-TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors", "steps")
+TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors", "steps",
+                "exp_avg_absmaxs", "exp_avg_sq_absmaxs")
 
 
 @dataclass
@@ -44,6 +45,10 @@ class Bucket:
     anchors: Optional[List[Tensor]] = None
     #: 0-d fp32 step counters, incremented by the backend
     steps: List[Tensor] = field(default_factory=list)
+    #: 8-bit moments: exp_avgs/exp_avg_sqs hold uint8 codes and these the fp32 absmax of
+    #: each block of 256 elements (spd_kernels.quantization); None for fp32 moments
+    exp_avg_absmaxs: Optional[List[Tensor]] = None
+    exp_avg_sq_absmaxs: Optional[List[Tensor]] = None
     #: the step's scalar settings, one record for every backend
     hp: Hyperparameters = field(default_factory=Hyperparameters)
     #: AMP (torch.amp.GradScaler): grads are divided by grad_scale; a nonzero
@@ -106,6 +111,11 @@ class Bucket:
         if self.found_inf is not None:  # a skipped step fired nothing
             fired = fired * (self.found_inf == 0).to(torch.float32)
         self.projections += fired
+
+    @property
+    def eight_bit(self) -> bool:
+        """Whether the moments are 8-bit codes with per-block absmax."""
+        return self.exp_avg_absmaxs is not None
 
     def skipped(self) -> bool:
         """Host-side check of found_inf, for the backends that run on the host (reference, CPU)."""

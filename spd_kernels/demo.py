@@ -175,7 +175,7 @@ def finetune(pre: SmallCNN, method: Method, data, steps: int, lr: float, record:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
     else:
         opt = AdamSPD(model.named_parameters(), lr=lr, weight_decay=method.strength,
-                      cap_projection=method.kind == "spd_capped")
+                      cap_projection=method.kind == "spd_capped", optim_bits=8 if method.kind == "spd8" else 32)
     fired: List[List[float]] = []
     for _ in range(steps):
         idx = torch.randint(0, len(y), (batch,), generator=g)
@@ -200,20 +200,22 @@ def evaluate(model, ref, test, seed: int):
     return accuracy(model, x, y), ood, deviation(model, ref)
 
 
-def default_methods(lambdas: List[float]) -> List[Method]:
+def default_methods(lambdas: List[float], eight_bit: bool = False) -> List[Method]:
     return (
         [Method("pre-trained (no fine-tuning)", "none", 0.0), Method("AdamW wd=0.01", "adamw", 0.01),
          Method("L2-SP a=0.1", "l2sp", 0.1)]
         + [Method(f"AdamSPD lambda={lam:g}", "spd", lam) for lam in lambdas]
         + [Method(f"AdamSPD lambda={max(lambdas):g} capped", "spd_capped", max(lambdas))]
+        # the same runs with 8-bit moments (the conv2/conv3 weights; smaller tensors stay fp32)
+        + ([Method(f"AdamSPD lambda={lam:g} 8-bit", "spd8", lam) for lam in lambdas] if eight_bit else [])
     )
 
 
 def run(seeds: int, pretrain_steps: int, finetune_steps: int, shots: int, lr: float, lambdas: List[float],
-        log=print) -> List[RunResult]:
+        log=print, eight_bit: bool = False) -> List[RunResult]:
     x, y = load_digits_tensors()
     results: List[RunResult] = []
-    methods = default_methods(lambdas)
+    methods = default_methods(lambdas, eight_bit)
     for seed in range(seeds):
         pre_split, few, test = splits(x, y, seed, shots)
         t0 = time.perf_counter()
@@ -300,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=3e-3, help="fine-tuning learning rate, every method (default 3e-3)")
     parser.add_argument("--lambdas", default="0.5,2,8",
                         help="comma-separated AdamSPD lambdas (weight_decay) to run (default 0.5,2,8)")
+    parser.add_argument("--eight-bit", action="store_true",
+                        help="also run each AdamSPD lambda with 8-bit moments (optim_bits=8), to compare "
+                             "its ID/OOD accuracy with the 32-bit runs")
     parser.add_argument("--out", default="demo-results", help="folder for demo.png and demo.json")
     return parser
 
@@ -310,7 +315,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     t0 = time.perf_counter()
     lambdas = [float(v) for v in args.lambdas.split(",")]
-    results = run(args.seeds, args.pretrain_steps, args.finetune_steps, args.shots, args.lr, lambdas)
+    results = run(args.seeds, args.pretrain_steps, args.finetune_steps, args.shots, args.lr, lambdas,
+                  eight_bit=args.eight_bit)
     rows = summarize(results)
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, distributed
+from . import backends, distributed, quantization
 from .backends import Backend
 from .bucket import Bucket
 from .hyperparameters import Hyperparameters
@@ -42,6 +42,11 @@ from .stats import STAT_C, STAT_NAMES
 _SNAPSHOT = object()
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+#: 8-bit moments: the per-block absmax beside each code tensor (spd_kernels.quantization)
+_ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
+_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+#: group keys that choose the state format: a loaded checkpoint keeps the running optimizer's
+_FORMAT_KEYS = ("optim_bits", "min_8bit_size")
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -63,6 +68,15 @@ def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: eps must be >= 0, got {group['eps']}")
     if not (group["weight_decay"] >= 0.0):
         raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']}")
+    bits = group.get("optim_bits", 32)
+    if isinstance(bits, bool) or bits not in (8, 32):
+        raise ValueError(f"{where}: optim_bits must be 32 or 8, got {bits!r}")
+    size = group.get("min_8bit_size", 4096)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"{where}: min_8bit_size must be an int >= 0, got {size!r}")
+    if bits == 8 and group["amsgrad"]:
+        raise ValueError(f"{where}: amsgrad with optim_bits=8 is not supported (its max would need "
+                         "a third 8-bit state); use optim_bits=32 for this group")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -139,6 +153,13 @@ class AdamSPD(Optimizer):
             rule). With lambda > 1, lambda * r > 1 overshoots the anchor and
             lambda * r > 2 moves the layer farther from it than before: turn
             this on when you sweep lambda above 1.
+        optim_bits: 32 (fp32 moments) or 8: tensors with at least
+            ``min_8bit_size`` elements keep ``exp_avg``/``exp_avg_sq`` as
+            uint8 codes plus an fp32 absmax per block of 256 elements
+            (``exp_avg_absmax``/``exp_avg_sq_absmax``), bitsandbytes' blockwise
+            dynamic format: 2 bytes per param instead of 8. Smaller tensors
+            stay fp32. Not with amsgrad. Kept in each group (bitsandbytes'
+            names and default).
     """
 
     #: torch.amp.GradScaler hands us grad_scale / found_inf instead of unscaling grads itself
@@ -157,6 +178,8 @@ class AdamSPD(Optimizer):
         impl: str = "auto",
         capturable: bool = False,
         cap_projection: bool = False,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -166,6 +189,8 @@ class AdamSPD(Optimizer):
             amsgrad=amsgrad,
             capturable=capturable,
             cap_projection=cap_projection,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
         )
         _check_hyperparameters(defaults, "AdamSPD")
         if impl not in backends.IMPLS:
@@ -225,10 +250,16 @@ class AdamSPD(Optimizer):
         if isinstance(merged["betas"], list):
             group["betas"] = merged["betas"] = tuple(merged["betas"])
         _check_hyperparameters(merged, where)
+        if merged["optim_bits"] == 8:
+            for i, p in enumerate(tensors):
+                if distributed.is_dtensor(p):
+                    raise ValueError(f"{where}['params'][{i}]: optim_bits=8 with sharded (DTensor) params is not "
+                                     "supported yet; use optim_bits=32 for this group")
         if self._backend is not None:
             for i, p in enumerate(tensors):
                 error = (self._backend.device_error(p.device)
-                         or self._backend.layout_error(distributed.local(p), self.anchor_dtype))
+                         or self._backend.layout_error(distributed.local(p), self.anchor_dtype,
+                                                       8 if self._eight_bit(p, merged) else 32))
                 if error:
                     raise ValueError(f"{where}['params'][{i}]: {error}")
         anchors = self._check_anchors(pre, tensors, where)
@@ -323,7 +354,8 @@ class AdamSPD(Optimizer):
 
     def _backend_for(self, p: Tensor, group: Dict[str, Any]) -> Backend:
         anchor = self.state[p].get("anchor") if not group["anchor_free"] else None
-        return backends.choose(self.impl, distributed.local(p), anchor.dtype if anchor is not None else None)
+        return backends.choose(self.impl, distributed.local(p), anchor.dtype if anchor is not None else None,
+                               8 if self._eight_bit(p, group) else 32)
 
     def _step_device(self, p: Tensor, group: Dict[str, Any], backend: Optional[Backend] = None) -> torch.device:
         """Where ``step`` lives: on the param's device when its backend keeps it there or
@@ -334,21 +366,58 @@ class AdamSPD(Optimizer):
     def _init_state(self, p: Tensor, group: Dict[str, Any], step_device: torch.device) -> Dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
-            moment_dtype = compute_dtype(p.dtype)
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            if self._eight_bit(p, group):
+                for key in _ABSMAX_KEYS:
+                    local = distributed.local(p)
+                    state[key] = torch.full_like(local, quantization.zero_code(_SIGNED[key]), dtype=torch.uint8,
+                                                 memory_format=torch.contiguous_format)
+                    state[_ABSMAX_KEYS[key]] = torch.zeros(quantization.num_blocks(local.numel()),
+                                                           dtype=torch.float32, device=p.device)
+            else:
+                moment_dtype = compute_dtype(p.dtype)
+                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
         elif state["step"].device != step_device:
             state["step"] = state["step"].to(step_device)
         # State built before the model moved (model.to(device) after the optimizer) follows its param.
-        for key in (*_MOMENT_KEYS, "anchor"):
+        for key in (*_MOMENT_KEYS, *_ABSMAX_KEYS.values(), "anchor"):
             t = state.get(key)
             if t is not None and t.device != p.device:
                 state[key] = t.to(p.device)
+        self._match_format(p, group)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             # amsgrad switched on mid-run starts its max from the current v, as if it had been on.
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
         return state
+
+    @staticmethod
+    def _eight_bit(p: Tensor, group: Dict[str, Any]) -> bool:
+        """Whether ``p``'s moments are 8-bit under ``group``'s settings (by its whole size, so
+        every rank of a sharded param decides alike)."""
+        return group.get("optim_bits", 32) == 8 and p.numel() >= group.get("min_8bit_size", 4096)
+
+    def _match_format(self, p: Tensor, group: Dict[str, Any]) -> None:
+        """Convert ``p``'s moments to the format its group asks for: a 32-bit checkpoint
+        loaded into an 8-bit optimizer is quantized, an 8-bit one into a 32-bit optimizer
+        dequantized."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            return
+        want_8bit = self._eight_bit(p, group)
+        if want_8bit == (state["exp_avg"].dtype == torch.uint8):
+            return
+        for key, absmax_key in _ABSMAX_KEYS.items():
+            value = state[key]
+            if want_8bit:
+                local = distributed.local(value).float()
+                codes = torch.empty(local.shape, dtype=torch.uint8, device=p.device)
+                absmax = torch.empty(quantization.num_blocks(local.numel()), dtype=torch.float32, device=p.device)
+                quantization.quantize_(codes, absmax, local, _SIGNED[key])
+                state[key], state[absmax_key] = codes, absmax
+            else:
+                fp32 = quantization.dequantize(value, state.pop(absmax_key), _SIGNED[key])
+                state[key] = distributed.place_like(p, fp32.to(compute_dtype(p.dtype)), f"state {key!r}")
 
     def _buckets(self, work) -> Tuple[List[Tuple[Backend, int, Bucket]], List[distributed.SumsReduction]]:
         """The buckets of this step's params, and the all-reduces their split steps need.
@@ -371,11 +440,15 @@ class AdamSPD(Optimizer):
                 state = self._init_state(p, group, self._step_device(p, group, backend))
                 anchor = state.get("anchor") if anchored else None  # after _init_state: it may have moved it
                 reduce = distributed.reduce_key(p, f"param_groups[{gi}]['params'][{pi}]")
-                key = (gi, backend.name, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None, reduce)
+                eight_bit = "exp_avg_absmax" in state
+                key = (gi, backend.name, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None,
+                       eight_bit, reduce)
                 if key not in buckets:
                     bucket = Bucket(
                         max_exp_avg_sqs=[] if group["amsgrad"] else None,
                         anchors=[] if anchored else None,
+                        exp_avg_absmaxs=[] if eight_bit else None,
+                        exp_avg_sq_absmaxs=[] if eight_bit else None,
                         hp=Hyperparameters.from_group(group),
                     )
                     buckets[key] = (backend, gi, bucket)
@@ -390,6 +463,9 @@ class AdamSPD(Optimizer):
                     b.max_exp_avg_sqs.append(distributed.local(state["max_exp_avg_sq"]))
                 if anchored:
                     b.anchors.append(distributed.local(anchor))
+                if eight_bit:
+                    b.exp_avg_absmaxs.append(state["exp_avg_absmax"])
+                    b.exp_avg_sq_absmaxs.append(state["exp_avg_sq_absmax"])
                 if reduce is not None:
                     sharded_rows[key].append(n_rows[reduce])
                     n_rows[reduce] += 1
@@ -409,6 +485,8 @@ class AdamSPD(Optimizer):
                 g["amsgrad"],
                 g["anchor_free"],
                 g["capturable"],
+                g.get("optim_bits", 32),
+                g.get("min_8bit_size", 4096),
             )
             for g in self.param_groups
         )
@@ -519,14 +597,19 @@ class AdamSPD(Optimizer):
         """Load our own state_dict or one saved by the official ``adamSPD.py``.
 
         Unlike ``Optimizer.load_state_dict``, fp32 moments of low-precision
-        params stay fp32 and anchors keep their dtype.
+        params stay fp32 and anchors keep their dtype. The moments' format is
+        this optimizer's (``optim_bits``, ``min_8bit_size``): 32-bit saved
+        moments are quantized into an 8-bit optimizer, 8-bit ones dequantized
+        into a 32-bit optimizer.
         """
         state_dict = _from_official_format(state_dict)
         self._check_loadable(state_dict)
         # Groups saved by an older version (or edited by hand) may lack some of our
         # keys: they keep this optimizer's values, as torch.optim fills its defaults.
+        # The state format is a choice of the running optimizer, not a training setting: it stays.
         state_dict = {**state_dict, "param_groups": [
-            {**{k: v for k, v in group.items() if k != "params"}, **saved}
+            {**{k: v for k, v in group.items() if k != "params"}, **saved,
+             **{k: group[k] for k in _FORMAT_KEYS}}
             for saved, group in zip(state_dict["param_groups"], self.param_groups)
         ]}
         self._bucket_cache = None  # the buckets hold the state tensors about to be replaced
@@ -545,12 +628,15 @@ class AdamSPD(Optimizer):
                 step = self.state[p].get("step")
                 if step is not None and not isinstance(step, Tensor):
                     self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
+                self._match_format(p, group)
         self._last_buckets = []
 
     def _loaded_tensor(self, key: str, value: Tensor, p: Tensor) -> Tensor:
         if key == "step":
             # the first step moves it to where its backend wants it
             return distributed.local(value).detach().to(dtype=torch.float32, device="cpu", copy=True)
+        if key in _ABSMAX_KEYS.values() or value.dtype == torch.uint8:  # 8-bit moments: codes and absmax
+            return distributed.local(value).detach().to(device=p.device, copy=True)
         if key in _MOMENT_KEYS:
             dtype = compute_dtype(value.dtype)
         elif key == "anchor":
@@ -577,7 +663,11 @@ class AdamSPD(Optimizer):
                 entry = state_dict["state"].get(pid, {})
                 where = f"load_state_dict: param_groups[{gi}]['params'][{pi}]"
                 for key, value in entry.items():
-                    if isinstance(value, Tensor) and key != "step":
+                    if key in _ABSMAX_KEYS.values():
+                        blocks = quantization.num_blocks(distributed.local(p).numel())
+                        if value.numel() != blocks:
+                            raise ValueError(f"{where}: saved {key} has {value.numel()} blocks, param needs {blocks}")
+                    elif isinstance(value, Tensor) and key != "step":
                         if value.shape != p.shape:
                             raise ValueError(
                                 f"{where}: saved {key} has shape {tuple(value.shape)}, param {tuple(p.shape)}"

@@ -17,7 +17,14 @@ anchor ``a`` (the frozen pre-trained copy; ``a = 0`` in anchor-free mode)::
 
 All math is fp32 (or the parameter's dtype when that is wider), whatever the
 storage dtype: bf16/fp16 parameters are loaded, updated in fp32 and rounded
-once on store. The three reductions accumulate in fp64. The Adam part uses the same operations in the same order as
+once on store.
+
+8-bit moments (``exp_avg``/``exp_avg_sq`` as uint8 codes with per-block absmax,
+``spd_kernels.quantization``): each step dequantizes them, updates in fp32,
+computes q from the fp32 moments (as bitsandbytes' 8-bit Adam does: a second
+moment rounded to a code near 0 would blow up the step), then re-quantizes. As
+the moments are not kept in fp32, q is kept in the param's storage dtype (a
+no-op for fp32 params), so a kernel can store it and project it later. The three reductions accumulate in fp64. The Adam part uses the same operations in the same order as
 ``torch.optim.Adam(foreach=False)``, so with ``lam = 0`` an fp32 run matches it.
 """
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import quantization
 from .hyperparameters import Hyperparameters
 from .stats import NUM_STATS, STAT_C, STAT_NORM_P_A, STAT_NORM_Q_A, STAT_R, STAT_SCALE
 
@@ -47,10 +55,15 @@ def adam_q_(
     step: Tensor,
     hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
+    exp_avg_absmax: Optional[Tensor] = None,
+    exp_avg_sq_absmax: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The Adam half of a step: increments ``step``, updates the moments in place
     and returns ``(p, g, q)`` in the compute dtype (p before the step, the
-    unscaled grad, the plain Adam step). ``param`` itself is not written."""
+    unscaled grad, the plain Adam step). ``param`` itself is not written.
+
+    With ``exp_avg_absmax``/``exp_avg_sq_absmax`` the moments are 8-bit codes
+    (``spd_kernels.quantization``), updated through fp32 and stored back."""
     cdt = compute_dtype(param.dtype)
     lr, beta1, beta2 = hp.lr_value(), hp.beta1, hp.beta2
     step += 1
@@ -64,6 +77,11 @@ def adam_q_(
         # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
         g = g * grad_scale.double().reciprocal().to(cdt)
 
+    eight_bit = exp_avg_absmax is not None
+    if eight_bit:
+        codes = (exp_avg, exp_avg_sq)
+        exp_avg = quantization.dequantize(codes[0], exp_avg_absmax, signed=True)
+        exp_avg_sq = quantization.dequantize(codes[1], exp_avg_sq_absmax, signed=False)
     # Adam, as torch.optim.Adam's single-tensor path writes it.
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -74,6 +92,10 @@ def adam_q_(
         second_moment = exp_avg_sq
     denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(hp.eps)
     q = p.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
+    if eight_bit:
+        quantization.quantize_(codes[0], exp_avg_absmax, exp_avg, signed=True)
+        quantization.quantize_(codes[1], exp_avg_sq_absmax, exp_avg_sq, signed=False)
+        q = q.to(param.dtype).to(cdt)
     return p, g, q
 
 
@@ -132,6 +154,8 @@ def adam_spd_step_(
     step: Tensor,
     hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
+    exp_avg_absmax: Optional[Tensor] = None,
+    exp_avg_sq_absmax: Optional[Tensor] = None,
 ) -> Tensor:
     """One AdamSPD step of one tensor, in place, with the settings ``hp``. Returns its stats row.
 
@@ -142,7 +166,8 @@ def adam_spd_step_(
     compute dtype; ``step`` is a 0-d tensor incremented here. The returned
     1-d tensor has ``NUM_STATS`` entries (see ``spd_kernels.stats``).
     """
-    p, g, q = adam_q_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hp, grad_scale)
+    p, g, q = adam_q_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hp, grad_scale,
+                      exp_avg_absmax, exp_avg_sq_absmax)
     # The selective projection: its sums use p before the step.
     stats = spd_finalize(spd_sums(p, g, q, anchor), hp)
     spd_project_(param, q, anchor, stats)
@@ -159,8 +184,12 @@ def reference_step(
     steps: Sequence[Tensor],
     hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
+    exp_avg_absmaxs: Optional[Sequence[Tensor]] = None,
+    exp_avg_sq_absmaxs: Optional[Sequence[Tensor]] = None,
 ) -> Tensor:
-    """The reference over a list of tensors: returns stats of shape ``[n, NUM_STATS]``."""
+    """The reference over a list of tensors: returns stats of shape ``[n, NUM_STATS]``.
+
+    ``exp_avg_absmaxs``/``exp_avg_sq_absmaxs`` (one per tensor) mark 8-bit moments."""
     if hp.lr_tensor is not None:
         hp = dataclasses.replace(hp, lr=hp.lr_value())  # read once, not once per tensor
     rows = []
@@ -176,6 +205,8 @@ def reference_step(
                 steps[i],
                 hp,
                 grad_scale,
+                exp_avg_absmaxs[i] if exp_avg_absmaxs is not None else None,
+                exp_avg_sq_absmaxs[i] if exp_avg_sq_absmaxs is not None else None,
             )
         )
     if not rows:

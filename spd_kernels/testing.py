@@ -12,12 +12,14 @@ noise's contribution), so two correct implementations take the same branch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import quantization
 from .bucket import Bucket
 from .hyperparameters import Hyperparameters
 from .reference import reference_step
@@ -80,10 +82,31 @@ def signed_grad(p: Tensor, anchor: Optional[Tensor], sign: float, generator=None
     return (noise - sign * k * d).to(p.dtype)
 
 
-def new_state(shapes: Sequence, p_dtype, a_dtype, amsgrad: bool, gen, device) -> Dict[str, Optional[List[Tensor]]]:
-    """A bucket's tensors (params, zero moments, anchors near the params, steps) from ``gen``."""
+def new_state(shapes: Sequence, p_dtype, a_dtype, amsgrad: bool, gen, device,
+              eight_bit: bool = False) -> Dict[str, Optional[List[Tensor]]]:
+    """A bucket's tensors (params, zero moments, anchors near the params, steps) from ``gen``;
+    with ``eight_bit`` the moments are 8-bit codes (of zero) and their absmax lists."""
     shapes = [(s,) if isinstance(s, int) else tuple(s) for s in shapes]
     params = [torch.randn(s, generator=gen).to(p_dtype).to(device) for s in shapes]
+    if eight_bit:
+        def codes(s, signed):
+            return torch.full(s, quantization.zero_code(signed), dtype=torch.uint8, device=device)
+
+        def absmax(s):
+            return torch.zeros(quantization.num_blocks(math.prod(s)), device=device)
+
+        return dict(
+            params=params,
+            exp_avgs=[codes(s, True) for s in shapes],
+            exp_avg_sqs=[codes(s, False) for s in shapes],
+            exp_avg_absmaxs=[absmax(s) for s in shapes],
+            exp_avg_sq_absmaxs=[absmax(s) for s in shapes],
+            max_exp_avg_sqs=None,
+            anchors=None if a_dtype is None else [
+                (p.float() + 0.5 * torch.randn(p.shape, generator=gen).to(device)).to(a_dtype) for p in params
+            ],
+            steps=[torch.zeros((), device=device) for _ in shapes],
+        )
     return dict(
         params=params,
         exp_avgs=[torch.zeros(s, device=device) for s in shapes],
@@ -112,10 +135,13 @@ def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None
         tol = dict(PARAM_TOL[p.dtype])
         tol["atol"] *= max(1.0, lam)
         torch.testing.assert_close(p.float(), q.float(), **tol, msg=lambda m: f"param {i}: {m}")
-    for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
-        if got_state[key] is not None:
-            for x, y in zip(got_state[key], want_state[key]):
-                torch.testing.assert_close(x, y, **MOMENT_TOL)
+    if got_state.get("exp_avg_absmaxs") is not None:
+        check_codes(got_state, want_state)
+    else:
+        for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+            if got_state[key] is not None:
+                for x, y in zip(got_state[key], want_state[key]):
+                    torch.testing.assert_close(x, y, **MOMENT_TOL)
     assert [s.item() for s in got_state["steps"]] == [s.item() for s in want_state["steps"]]
     got_stats, want_stats = got_stats.cpu(), want_stats.cpu()
     for i in range(len(grads)):
@@ -128,8 +154,29 @@ def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None
         assert abs(g[STAT_SCALE] - w[STAT_SCALE]) <= 1e-4 * max(lam, 1.0)
 
 
+#: 8-bit moments: the share of a bucket's codes that may differ from the reference's, and by how
+#: much. A code differs only where the value sits within rounding of a midpoint between two codes
+#: (the backends round m and v in another order): by one code, in about 1e-6 of the elements.
+CODE_TIES = dict(share=1e-4, codes=1)
+
+
+def check_codes(got_state, want_state) -> None:
+    """8-bit moments: absmax within fp32 rounding, codes equal but for ties (``CODE_TIES``)."""
+    for codes_key, absmax_key in (("exp_avgs", "exp_avg_absmaxs"), ("exp_avg_sqs", "exp_avg_sq_absmaxs")):
+        for i, (x, y) in enumerate(zip(got_state[absmax_key], want_state[absmax_key])):
+            torch.testing.assert_close(x, y, **MOMENT_TOL, msg=lambda m: f"{absmax_key}[{i}]: {m}")
+        differ = total = 0
+        for i, (x, y) in enumerate(zip(got_state[codes_key], want_state[codes_key])):
+            diff = (x.int() - y.int()).abs()
+            if x.numel():
+                assert int(diff.max()) <= CODE_TIES["codes"], f"{codes_key}[{i}]: codes {int(diff.max())} apart"
+            differ += int((diff > 0).sum())
+            total += x.numel()
+        assert differ <= CODE_TIES["share"] * total, f"{codes_key}: {differ} of {total} codes differ"
+
+
 def run_step_parity(step_fn: Callable[[Bucket], Tensor], shapes, case, device, steps=10, lam=1.5,
-                    max_scale=float("inf"), seed=0) -> None:
+                    max_scale=float("inf"), seed=0, eight_bit=False) -> None:
     """``steps`` steps of ``step_fn(bucket) -> stats`` against the reference; both branches must occur.
 
     Each step starts both from the same state (the backend's), so this checks one
@@ -142,7 +189,7 @@ def run_step_parity(step_fn: Callable[[Bucket], Tensor], shapes, case, device, s
     gen = torch.Generator().manual_seed(seed)
     # grads are drawn where the params live (on a GPU, realistic sizes would be slow to draw on the host)
     grad_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
-    state = new_state(shapes, p_dtype, a_dtype, amsgrad, gen, device)
+    state = new_state(shapes, p_dtype, a_dtype, amsgrad, gen, device, eight_bit)
     lr = torch.tensor(0.02, device=device) if lr_tensor else 0.02
     hp = Hyperparameters(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=lam, amsgrad=amsgrad,
                          max_scale=max_scale)

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from spd_kernels import AdamSPD, _cpu, backends
+from spd_kernels import quantization
 from spd_kernels.hyperparameters import PACKED, Hyperparameters
-from spd_kernels.testing import CASES, bucket_of, clone_state, new_state, run_step_parity, two_shard_step
+from spd_kernels.reference import reference_step
+from spd_kernels.testing import CASES, bucket_of, case_id, clone_state, new_state, run_step_parity, two_shard_step
 
 from .helpers import clone_params, make_anchors, make_params, set_grads
 
@@ -124,7 +126,16 @@ def test_op_schema_and_fake_impl():
     state = new_state([5, 20000], torch.float32, torch.float32, True, gen, CPU)
     grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
     args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-            state["anchors"], state["steps"], Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
+            state["anchors"], state["steps"], [], [], None, Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
+    torch.library.opcheck(
+        torch.ops.spd_kernels.adam_spd_step.default, args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    # and with 8-bit moments
+    state = new_state([5, 20000], torch.float32, torch.float32, False, gen, CPU, eight_bit=True)
+    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], state["anchors"], state["steps"],
+            state["exp_avg_absmaxs"], state["exp_avg_sq_absmaxs"], _cpu.qmaps(),
+            Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_step.default, args,
         test_utils=("test_schema", "test_faketensor"),
@@ -141,7 +152,7 @@ def test_the_op_reads_hyper_in_the_order_python_packs_it():
     with pytest.raises(RuntimeError, match=r"hyper must hold 6 values \(lr, beta1, beta2, eps, weight_decay"):
         torch.ops.spd_kernels.adam_spd_step(
             state["params"], [torch.ones(5)], state["exp_avgs"], state["exp_avg_sqs"], [], state["anchors"],
-            state["steps"], [0.1, 0.9, 0.999], 1.0)
+            state["steps"], [], [], None, [0.1, 0.9, 0.999], 1.0)
     for key in ("params", "exp_avgs", "steps"):
         assert all(torch.equal(x, y) for x, y in zip(state[key], before[key]))
 
@@ -194,13 +205,13 @@ def test_split_ops_schema_and_fake_impl():
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_partials.default,
         (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-         state["anchors"], state["steps"], hyper, 1.0, sums, lr),
+         state["anchors"], state["steps"], [], [], None, hyper, 1.0, sums, lr),
         test_utils=("test_schema", "test_faketensor"),
     )
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_project.default,
         (state["params"], state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"], state["anchors"],
-         state["steps"], sums, hyper, lr),
+         state["steps"], [], [], None, sums, hyper, lr),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -209,7 +220,7 @@ def test_split_ops_schema_and_fake_impl():
 def test_ops_name_bad_sums_and_lr_tensor():
     state = new_state([5], torch.float32, None, False, torch.Generator().manual_seed(1), CPU)
     grads = [torch.randn(5)]
-    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], [], state["steps"],
+    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], [], state["steps"], [], [], None,
             Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
     with pytest.raises(RuntimeError, match=r"adam_spd_partials: sums must be a contiguous fp64 CPU tensor of shape \[1, 3\]"):
         torch.ops.spd_kernels.adam_spd_partials(*args, torch.zeros((1, 3)))
@@ -248,3 +259,73 @@ def test_small_buckets_do_not_wake_threads(shapes, fans_out):
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = map(int, out.stdout.split())
     assert (after > before) == fans_out, (before, after)
+
+
+EIGHT_BIT_CASES = [c for c in CASES if not c[2]]  # 8-bit moments: no amsgrad
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", EIGHT_BIT_CASES, ids=[case_id(c) for c in EIGHT_BIT_CASES])
+def test_8bit_kernel_step_matches_reference(case):
+    # 8-bit moments in every tensor of the bucket (the optimizer keeps the small ones fp32,
+    # the kernel takes any size): codes equal but for ties, params within the fp32 tolerance
+    run_step_parity(_cpu.adam_spd_cpu_step, SIZES + [300], case, CPU, steps=12, eight_bit=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", EIGHT_BIT_CASES[:4], ids=[case_id(c) for c in EIGHT_BIT_CASES[:4]])
+def test_8bit_split_step_on_one_shard_equals_the_whole_step(case):
+    # the split ops (partials, then project from the sums) on the whole tensors: bitwise the fused step
+    gen = torch.Generator().manual_seed(21)
+    p_dtype, a_dtype, _, _ = case
+    state = new_state(SIZES, p_dtype, a_dtype, False, gen, CPU, eight_bit=True)
+    twin = clone_state(state)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=gen).to(p_dtype) for p in state["params"]]
+        whole = _cpu.adam_spd_cpu_step(bucket_of(state, grads, lr=0.02, weight_decay=1.5))
+        split = bucket_of(twin, grads, lr=0.02, weight_decay=1.5)
+        split.sums = torch.zeros((len(SIZES), 3), dtype=torch.float64)
+        stats = _cpu.adam_spd_cpu_partials(split)()
+        assert torch.equal(whole, stats), step
+        for key, value in state.items():
+            if value is not None:
+                assert all(torch.equal(x, y) for x, y in zip(value, twin[key])), (step, key)
+
+
+@needs_kernel
+def test_8bit_ops_name_bad_inputs():
+    state = new_state([300], torch.float32, torch.float32, False, torch.Generator().manual_seed(2), CPU,
+                      eight_bit=True)
+    hyper = Hyperparameters(lr=0.01).packed()
+    base = (state["params"], [torch.randn(300)], state["exp_avgs"], state["exp_avg_sqs"], [], state["anchors"],
+            state["steps"])
+    with pytest.raises(RuntimeError, match="8-bit moments need qmaps"):
+        torch.ops.spd_kernels.adam_spd_step(*base, state["exp_avg_absmaxs"], state["exp_avg_sq_absmaxs"], None,
+                                            hyper, 1.0)
+    with pytest.raises(RuntimeError, match="absmax of tensor 0 must be contiguous fp32, one per 256 elements"):
+        torch.ops.spd_kernels.adam_spd_step(*base, [torch.zeros(1)], [torch.zeros(1)], _cpu.qmaps(), hyper, 1.0)
+    with pytest.raises(RuntimeError, match="moments of tensor 0 must be contiguous fp32"):
+        torch.ops.spd_kernels.adam_spd_step(*base, [], [], None, hyper, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16])
+def test_8bit_kernel_codes_every_midpoint_like_the_reference(p_dtype):
+    # beta1 = 0 on a fresh state makes m the grad itself: the kernel then quantizes values we
+    # choose. Every midpoint of the signed map (times the block's absmax, a power of two, so
+    # the scaling is exact) and its two float neighbours: the codes must be the reference's,
+    # bit for bit, ties (a value on a midpoint) to the lower code included.
+    mids = quantization.midpoints(quantization.dynamic_map(True)) * 8.0
+    values = torch.stack([torch.nextafter(mids, torch.full_like(mids, -9.0)), mids,
+                          torch.nextafter(mids, torch.full_like(mids, 9.0))], dim=1).reshape(-1)
+    per_block = quantization.BLOCK_SIZE - 1  # each block also holds an 8.0: its absmax
+    blocks = [torch.cat([torch.tensor([8.0]), values[i:i + per_block]]) for i in range(0, values.numel(), per_block)]
+    grad = torch.cat(blocks).to(p_dtype)
+    assert torch.equal(grad.float(), torch.cat(blocks)) or p_dtype != torch.float32
+    state = new_state([grad.numel()], p_dtype, torch.float32, False, torch.Generator().manual_seed(4), CPU,
+                      eight_bit=True)
+    want = clone_state(state)
+    _cpu.adam_spd_cpu_step(bucket_of(state, [grad], lr=0.01, beta1=0.0, weight_decay=1.0))
+    reference_step(**want, grads=[grad], hp=Hyperparameters(lr=0.01, beta1=0.0, weight_decay=1.0))
+    assert torch.equal(state["exp_avg_absmaxs"][0], want["exp_avg_absmaxs"][0])
+    assert torch.equal(state["exp_avgs"][0], want["exp_avgs"][0])

@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 def test_demo_runs_and_its_table_is_sane(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "spd_kernels", "demo", "--seeds", "2", "--pretrain-steps", "150",
-         "--finetune-steps", "60", "--lambdas", "1,20", "--out", str(tmp_path)],
+         "--finetune-steps", "60", "--lambdas", "1,20", "--eight-bit", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
@@ -22,6 +22,7 @@ def test_demo_runs_and_its_table_is_sane(tmp_path):
     assert list(rows) == [
         "pre-trained (no fine-tuning)", "AdamW wd=0.01", "L2-SP a=0.1",
         "AdamSPD lambda=1", "AdamSPD lambda=20", "AdamSPD lambda=20 capped",
+        "AdamSPD lambda=1 8-bit", "AdamSPD lambda=20 8-bit",
     ]
     for r in rows.values():
         assert r["seeds"] == 2

@@ -48,8 +48,9 @@ def _warn_fallback(name: str, reason: str) -> None:
     )
 
 
-def choose(impl: str, param: Tensor, anchor_dtype: Optional[torch.dtype]) -> Backend:
-    """The backend that runs ``param`` (a local tensor) under the optimizer's ``impl`` setting.
+def choose(impl: str, param: Tensor, anchor_dtype: Optional[torch.dtype], state_bits: int = 32) -> Backend:
+    """The backend that runs ``param`` (a local tensor) with moments of ``state_bits``
+    under the optimizer's ``impl`` setting.
 
     For ``'auto'``: the first registered backend meant for the param's device type
     that takes its dtypes and layout and can run here; one whose library is
@@ -60,7 +61,10 @@ def choose(impl: str, param: Tensor, anchor_dtype: Optional[torch.dtype]) -> Bac
     for backend in REGISTRY.values():
         if backend.auto_devices is not None and param.device.type not in backend.auto_devices:
             continue
-        if backend.layout_error(param, anchor_dtype):
+        layout = backend.layout_error(param, anchor_dtype, state_bits)
+        if layout:
+            if state_bits not in backend.state_bits:  # a format it lacks, not a tensor it never takes: say so
+                _warn_fallback(backend.name, layout)
             continue
         reason = backend.unavailable() or backend.device_error(param.device)
         if reason:

@@ -1,0 +1,103 @@
+"""Blockwise 8-bit storage for Adam's moments (the reference definition).
+
+A moment tensor of n elements is stored as n ``uint8`` codes plus one fp32
+``absmax`` per block of ``BLOCK_SIZE`` consecutive elements of the flattened
+tensor (the last block may be short). A code indexes a 256-entry map of values
+in [-1, 1]; the element's value is ``map[code] * absmax[block]``. This is
+bitsandbytes' blockwise scheme (same block size, same maps), so our 8-bit Adam
+and its ``Adam8bit`` agree step for step at lambda = 0.
+
+Quantizing a block (fp32 values x)::
+
+    absmax = max |x|                       (0 for an all-zero block)
+    y      = clamp(x * (1 / absmax), -1, 1)   (y = 0 when absmax = 0; 1/absmax rounded once)
+    code   = number of midpoints m_i < y     (m_i = (map[i] + map[i+1]) / 2, fp32)
+
+so a value exactly on a midpoint takes the lower code: every backend applies
+this one tie rule and produces the same codes.
+
+The maps are bitsandbytes' "dynamic" maps (Dettmers 2015, "8-Bit Approximations
+for Parallelism in Deep Learning"): signed for the first moment, unsigned for
+the second. ``dynamic_map`` builds them here with the same fp32 arithmetic, so
+they are equal bit for bit (a test holds them to it).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+#: elements per absmax block (bitsandbytes' optimizer block size)
+BLOCK_SIZE = 256
+
+
+def num_blocks(numel: int) -> int:
+    return -(-numel // BLOCK_SIZE)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cpu(signed: bool) -> Tensor:
+    # 7 exponent levels 10^-6 .. 10^0; at level i the fraction takes 2^i (signed) or
+    # 2^(i+1) (unsigned) values: the midpoints of an even split of [0.1, 1]. Plus 0 and 1.
+    exponent_levels, non_sign_bits = 7, 7
+    values = []
+    for i in range(exponent_levels):
+        count = 2 ** (i + non_sign_bits - exponent_levels + (0 if signed else 1)) + 1
+        edges = torch.linspace(0.1, 1, count, dtype=torch.float32)
+        fractions = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(exponent_levels - 1) + i)
+        values += (scale * fractions).tolist()
+        if signed:
+            values += (-scale * fractions).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))  # the unsigned map is full; the signed one pads with zeros
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def dynamic_map(signed: bool, device=None) -> Tensor:
+    """The 256 sorted fp32 values a code stands for (signed: first moment; unsigned: second)."""
+    return _dynamic_map_cpu(signed).to(device) if device is not None else _dynamic_map_cpu(signed)
+
+
+def midpoints(qmap: Tensor) -> Tensor:
+    """The 255 decision boundaries between neighbouring codes, in fp32."""
+    return (qmap[:-1] + qmap[1:]) / 2
+
+
+def zero_code(signed: bool) -> int:
+    """The code whose value is 0 (what a fresh moment holds)."""
+    return int((dynamic_map(signed) == 0).nonzero()[0])
+
+
+def _blocks(x: Tensor) -> Tuple[Tensor, int]:
+    """``x`` flattened and zero-padded to whole blocks, shaped [blocks, BLOCK_SIZE]."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % BLOCK_SIZE
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, BLOCK_SIZE), pad
+
+
+def quantize_(codes: Tensor, absmax: Tensor, x: Tensor, signed: bool) -> None:
+    """Store fp32 ``x`` as ``codes`` (uint8, x's shape) and ``absmax`` (fp32 [blocks]), in place."""
+    blocks, pad = _blocks(x.float())
+    amax = blocks.abs().amax(dim=1)
+    inv = torch.where(amax > 0, torch.reciprocal(amax), torch.zeros_like(amax))
+    scaled = (blocks * inv[:, None]).clamp_(-1.0, 1.0)
+    index = torch.bucketize(scaled, midpoints(dynamic_map(signed, x.device)))  # ties: the lower code
+    flat = index.reshape(-1)
+    if pad:
+        flat = flat[: flat.numel() - pad]
+    codes.copy_(flat.view(codes.shape))
+    absmax.copy_(amax)
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The fp32 values that ``codes`` and ``absmax`` stand for, in ``codes``' shape."""
+    values, pad = _blocks(dynamic_map(signed, codes.device)[codes.long()])
+    out = (values * absmax[:, None]).reshape(-1)
+    if pad:
+        out = out[: out.numel() - pad]
+    return out.view(codes.shape)
