@@ -50,6 +50,9 @@
 
 #include <array>
 #include <cstring>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -130,7 +133,7 @@ struct Sums {
 // Adam on [begin, end): writes m, v (vmax) and, if STORE_Q, q into p; returns the
 // chunk's three sums. One plain loop the compiler vectorizes (omp simd); its
 // reduction order is fixed by the build, never by the thread count.
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool STORE_Q>
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool STORE_Q, bool ROUND_Q = false>
 __attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* __restrict g, float* __restrict m, float* __restrict v,
                 float* __restrict vmax, const A* __restrict a, int64_t begin, int64_t end, const Scalars& s) {
   double gd = 0.0, dd = 0.0, qq = 0.0;
@@ -149,7 +152,8 @@ __attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* 
       vi = std::max(vmax[i], vi);
       vmax[i] = vi;
     }
-    const float q = pi - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+    float q = pi - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+    if constexpr (ROUND_Q) q = to_float(static_cast<P>(q));  // 8-bit moments: q lives in p's dtype
     float d = pi, e = q;
     if constexpr (HAS_ANCHOR) {
       const float ai = to_float(a[i]);
@@ -217,7 +221,7 @@ constexpr int NUM_KEYS = KEY_MAX - KEY_MIN + 1;
 struct QMaps {
   float value[2][256];
   float mid[2][256];
-  uint8_t start[2][2][NUM_KEYS];  // [map][sign][key - KEY_MIN]
+  int32_t start[2][2][NUM_KEYS];  // [map][sign][key - KEY_MIN]; int32 so a vector gather reads it
 };
 
 inline uint32_t float_bits(float y) {
@@ -254,7 +258,7 @@ void build_qmaps(const float* values, QMaps& out) {
         const int below = count_below(smallest, out.mid[k]);
         TORCH_CHECK(count_below(largest, out.mid[k]) - below <= 1,
                     "qmaps: two midpoints of a map fall in one bucket of the quantizer");
-        out.start[k][sign][key] = static_cast<uint8_t>(below);
+        out.start[k][sign][key] = below;
       }
     }
   }
@@ -280,7 +284,7 @@ const QMaps& make_qmaps(const at::Tensor& qmaps) {
 inline uint8_t nearest_code(float y, const QMaps& maps, int k) {
   const uint32_t bits = float_bits(y);
   const uint32_t key = std::min(std::max((bits & 0x7FFFFFFFu) >> 16, KEY_MIN), KEY_MAX) - KEY_MIN;
-  const uint8_t below = maps.start[k][bits >> 31][key];
+  const int32_t below = maps.start[k][bits >> 31][key];
   return static_cast<uint8_t>(below + (maps.mid[k][below] < y ? 1 : 0));
 }
 
@@ -292,59 +296,74 @@ struct Moments8 {
   float* v_absmax;
 };
 
-// Adam on [begin, end) (begin on a block bound) with 8-bit moments: q, kept in the param's
-// dtype, goes into p; the moments are re-quantized block by block. Returns the three sums.
+// One block's codes to fp32: out[j] = table[codes[j]] * scale.
+inline void dequantize_block(const uint8_t* __restrict codes, int64_t len, const float* __restrict table, float scale,
+                             float* __restrict out) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (; j + 16 <= len; j += 16) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_i32gather_ps(index, table, 4), vscale));
+  }
+#endif
+  for (; j < len; ++j) out[j] = table[codes[j]] * scale;
+}
+
+// One block's fp32 values to codes of map k: y = clamp(x * inv, -1, 1); code = midpoints below y.
+inline void quantize_block(const float* __restrict x, int64_t len, float inv, const QMaps& maps, int k,
+                           uint8_t* __restrict codes) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  // the same steps as nearest_code, 16 lanes at a time (two gathers: the table, the next midpoint)
+  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), key_min = _mm512_set1_epi32(KEY_MIN),
+                key_max = _mm512_set1_epi32(KEY_MAX), keys = _mm512_set1_epi32(NUM_KEYS), one = _mm512_set1_epi32(1);
+  const int32_t* start = &maps.start[k][0][0];
+  for (; j + 16 <= len; j += 16) {
+    const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv), lo), hi);
+    const __m512i bits = _mm512_castps_si512(y);
+    __m512i key = _mm512_srli_epi32(_mm512_and_si512(bits, magnitude), 16);
+    key = _mm512_min_epi32(_mm512_max_epi32(key, key_min), key_max);
+    const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(bits, 31), keys),
+                                          _mm512_sub_epi32(key, key_min));
+    const __m512i below = _mm512_i32gather_epi32(slot, start, 4);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_i32gather_ps(below, maps.mid[k], 4), y, _CMP_LT_OQ);
+    const __m512i code = _mm512_mask_add_epi32(below, up, below, one);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(code));
+  }
+#endif
+  for (; j < len; ++j) codes[j] = nearest_code(std::min(std::max(x[j] * inv, -1.0f), 1.0f), maps, k);
+}
+
+inline float max_abs(const float* __restrict x, int64_t len) {
+  float out = 0.0f;
+#pragma omp simd reduction(max : out)
+  for (int64_t j = 0; j < len; ++j) out = std::max(out, std::fabs(x[j]));
+  return out;
+}
+
+// Adam on [begin, end) (begin on a block bound) with 8-bit moments, block by block:
+// dequantize m and v, the fp32 step (q, kept in the param's dtype, into p; the sums), the
+// blocks' new absmax, quantize. Returns the three sums.
 template <typename P, typename A, bool HAS_ANCHOR>
 Sums adam_chunk8(P* __restrict p, const P* __restrict g, const Moments8& mo, const A* __restrict a, int64_t begin,
                  int64_t end, const Scalars& s, const QMaps& maps) {
-  double gd = 0.0, dd = 0.0, qq = 0.0;
-  const float w1 = s.one_minus_beta1, b2 = s.beta2, w2 = s.one_minus_beta2;
-  const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
-  const float inv_grad_scale = s.inv_grad_scale;
-  float mbuf[QBLOCK], vbuf[QBLOCK];
+  Sums total;
+  float m[QBLOCK], v[QBLOCK];
   for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
     const int64_t len = std::min(QBLOCK, end - b0), blk = b0 / QBLOCK;
-    const float m_scale = mo.m_absmax[blk], v_scale = mo.v_absmax[blk];
-    float m_max = 0.0f, v_max = 0.0f;
-#pragma omp simd reduction(+ : gd, dd, qq) reduction(max : m_max, v_max)
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t i = b0 + j;
-      const float gi = to_float(g[i]) * inv_grad_scale;
-      const float pi = to_float(p[i]);
-      const float m_old = maps.value[0][mo.m[i]] * m_scale;
-      const float v_old = maps.value[1][mo.v[i]] * v_scale;
-      const float mi = m_old + w1 * (gi - m_old);
-      const float vi = b2 * v_old + w2 * gi * gi;
-      mbuf[j] = mi;
-      vbuf[j] = vi;
-      m_max = std::max(m_max, std::fabs(mi));
-      v_max = std::max(v_max, std::fabs(vi));
-      const float q = to_float(static_cast<P>(pi - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps)));
-      float d = pi, e = q;
-      if constexpr (HAS_ANCHOR) {
-        const float ai = to_float(a[i]);
-        d = pi - ai;
-        e = q - ai;
-      }
-      gd += static_cast<double>(gi * d);
-      dd += static_cast<double>(d * d);
-      qq += static_cast<double>(e * e);
-      p[i] = static_cast<P>(q);
-    }
-    const float m_inv = m_max > 0.0f ? 1.0f / m_max : 0.0f, v_inv = v_max > 0.0f ? 1.0f / v_max : 0.0f;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      mo.m[b0 + j] = nearest_code(std::min(std::max(mbuf[j] * m_inv, -1.0f), 1.0f), maps, 0);
-      mo.v[b0 + j] = nearest_code(std::min(std::max(vbuf[j] * v_inv, -1.0f), 1.0f), maps, 1);
-    }
+    dequantize_block(mo.m + b0, len, maps.value[0], mo.m_absmax[blk], m);
+    dequantize_block(mo.v + b0, len, maps.value[1], mo.v_absmax[blk], v);
+    total.add(adam_chunk<P, A, false, HAS_ANCHOR, true, true>(p + b0, g + b0, m, v, nullptr,
+                                                               HAS_ANCHOR ? a + b0 : nullptr, 0, len, s));
+    const float m_max = max_abs(m, len), v_max = max_abs(v, len);
+    quantize_block(m, len, m_max > 0.0f ? 1.0f / m_max : 0.0f, maps, 0, mo.m + b0);
+    quantize_block(v, len, v_max > 0.0f ? 1.0f / v_max : 0.0f, maps, 1, mo.v + b0);
     mo.m_absmax[blk] = m_max;
     mo.v_absmax[blk] = v_max;
   }
-  Sums out;
-  out.gd = gd;
-  out.dd = dd;
-  out.qq = qq;
-  return out;
+  return total;
 }
 
 // The 8-bit moments of a bucket's tensors (empty lists: fp32 moments).
