@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU machine runs (from the source tree, no install):
-# the GPU tests, the verify table, and the benchmark report with the kernels-only,
-# split-step and CUDA-graph lines.
+# the GPU tests, the verify table, and the benchmark report with the state-format
+# (bf16 anchors, 8-bit moments), kernels-only, split-step and CUDA-graph lines.
 #   OUT=results-folder bash bench/gpu_session.sh
 set -u -o pipefail
 OUT=${OUT:-gpu-results}
@@ -13,5 +13,5 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 rc=0
 timeout 200 python3 -m pytest -m cuda -q -p no:cacheprovider 2>&1 | tee -a "$OUT/cuda_tests.log" | tail -25 || rc=1
 timeout 60 python3 -m spd_kernels verify 2>&1 | tee "$OUT/verify.log" | tail -12 || rc=1
-timeout 240 python3 -m spd_kernels bench --kernels-only --cuda-graph --out "$OUT/bench" 2>&1 | grep -v "it/s\]" | tee "$OUT/bench.log" | tail -40 || rc=1
+timeout 300 python3 -m spd_kernels bench --kernels-only --cuda-graph --state-formats --fresh-grads --out "$OUT/bench" 2>&1 | grep -v "it/s\]" | tee "$OUT/bench.log" | tail -40 || rc=1
 exit $rc

@@ -101,3 +101,49 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     if pad:
         out = out[: out.numel() - pad]
     return out.view(codes.shape)
+
+
+#: The kernels find a value's code without a search: a float's sign, exponent and top 7
+#: mantissa bits pick a bucket narrower than any gap between two midpoints of either map;
+#: ``bucket_table`` holds, per bucket, the number of midpoints below its smallest value, and
+#: the code is that plus one if the next midpoint is below the value. Magnitudes below 2^-24
+#: share the lowest bucket (which reaches down to 0). The C++ kernel builds the same table.
+KEY_MIN = 103 << 7
+KEY_MAX = 0x3F80
+NUM_KEYS = KEY_MAX - KEY_MIN + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_table_cpu() -> Tensor:
+    keys = torch.arange(KEY_MIN, KEY_MAX + 1, dtype=torch.int64)
+    lo = (keys << 16).to(torch.int32).view(torch.float32).clone()
+    lo[0] = 0.0  # the lowest bucket reaches down to 0
+    hi = ((keys << 16) | 0xFFFF).to(torch.int32).view(torch.float32).clone()
+    hi[-1] = 1.0  # the top bucket is 1.0 itself
+    table = torch.empty((2, 2, NUM_KEYS), dtype=torch.int32)
+    for k, signed in enumerate((True, False)):
+        mids = midpoints(dynamic_map(signed))
+        for sign, (smallest, largest) in enumerate(((lo, hi), (-hi, -lo))):
+            below = torch.searchsorted(mids, smallest, side="left")  # midpoints < smallest
+            assert bool((torch.searchsorted(mids, largest, side="left") - below <= 1).all())
+            table[k, sign] = below.to(torch.int32)
+    return table
+
+
+def bucket_table(device=None) -> Tensor:
+    """int32 [2 maps (signed, unsigned), 2 signs, NUM_KEYS]: midpoints below each bucket."""
+    table = _bucket_table_cpu()
+    return table.to(device) if device is not None else table
+
+
+def padded_midpoints(device=None) -> Tensor:
+    """fp32 [2, 256]: each map's 255 midpoints and +inf (so ``code + 1`` never reads past them)."""
+    rows = [torch.cat([midpoints(dynamic_map(s)), torch.tensor([float("inf")])]) for s in (True, False)]
+    out = torch.stack(rows)
+    return out.to(device) if device is not None else out
+
+
+def maps(device=None) -> Tensor:
+    """fp32 [2, 256]: the signed map (first moment), then the unsigned one (second)."""
+    out = torch.stack([dynamic_map(True), dynamic_map(False)])
+    return out.to(device) if device is not None else out

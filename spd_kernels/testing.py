@@ -134,6 +134,10 @@ def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None
         # s = lam * r carries the sums' rounding times lam into p: scale the absolute slack with lam
         tol = dict(PARAM_TOL[p.dtype])
         tol["atol"] *= max(1.0, lam)
+        if got_state.get("exp_avg_absmaxs") is not None and p.dtype != torch.float32 and q.numel():
+            # 8-bit moments: q itself is rounded to p's dtype before the projection, so a q on a
+            # rounding tie of that dtype moves the result by one unit of q, not of the result
+            tol["atol"] = max(tol["atol"], torch.finfo(p.dtype).eps * float(q.float().abs().max()))
         torch.testing.assert_close(p.float(), q.float(), **tol, msg=lambda m: f"param {i}: {m}")
     if got_state.get("exp_avg_absmaxs") is not None:
         check_codes(got_state, want_state)
@@ -156,8 +160,10 @@ def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None
 
 #: 8-bit moments: the share of a bucket's codes that may differ from the reference's, and by how
 #: much. A code differs only where the value sits within rounding of a midpoint between two codes
-#: (the backends round m and v in another order): by one code, in about 1e-6 of the elements.
-CODE_TIES = dict(share=1e-4, codes=1)
+#: (the backends round m and v in another order, a GPU fuses multiply-adds): by one code, in
+#: about 1e-6 of the elements on the CPU with fp32 grads, 2e-4 on an H200 with bf16 grads
+#: (whose squares land on the maps' midpoints more often).
+CODE_TIES = dict(share=1e-3, codes=1)
 
 
 def check_codes(got_state, want_state) -> None:

@@ -139,7 +139,8 @@ def test_triton_custom_op_schema_and_fake_impl():
     args = (
         [torch.randn(n, generator=gen) for n in sizes], [torch.randn(n, generator=gen) for n in sizes],
         [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes], [],
-        [torch.randn(n, generator=gen) for n in sizes], [torch.zeros(()) for _ in sizes], torch.zeros(len(sizes)),
+        [torch.randn(n, generator=gen) for n in sizes], [torch.zeros(()) for _ in sizes], [], [],
+        torch.zeros(len(sizes)),
         Hyperparameters(lr=0.01, weight_decay=1.0).packed(), None, None, None,
     )
     torch.library.opcheck(adam_spd_triton_step_op, args, test_utils=("test_schema", "test_faketensor"))

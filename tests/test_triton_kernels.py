@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spd_kernels import AdamSPD
-from spd_kernels import backends
+from spd_kernels import AdamSPD, backends, quantization
+from spd_kernels.hyperparameters import Hyperparameters
+from spd_kernels.reference import reference_step
 from spd_kernels.ops import adam_spd as k
 from spd_kernels.stats import STAT_C, STAT_NORM_Q_A, STAT_R
-from spd_kernels.testing import CASES, bucket_of, new_state, run_step_parity, signed_grad, two_shard_step
+from spd_kernels.testing import CASES, bucket_of, case_id, new_state, run_step_parity, signed_grad, two_shard_step
 
 from .helpers import clone_params, make_params
 
@@ -146,3 +147,47 @@ def test_split_step_on_two_shards_matches_reference(case):
     # phase 1 -> per-tensor sums -> (the shards' sums added, as FSDP2's all-reduce) -> finalize -> phase 2
     sizes = [1, 7, 0, 2 * CHUNK + 5, 1025]
     run_step_parity(two_shard_step(k.adam_spd_triton_partials), sizes, case, DEVICE, steps=8)
+
+
+EIGHT_BIT_CASES = [CASES[i] for i in (0, 2, 3, 4, 6, 7)]  # no amsgrad with 8-bit moments
+
+
+@pytest.mark.parametrize("case", EIGHT_BIT_CASES, ids=[case_id(c) for c in EIGHT_BIT_CASES])
+def test_8bit_step_matches_reference(case):
+    # dequantize, fp32 update, block absmax and nearest code inside phase 1 (no extra launch);
+    # tensors of one tile, partial blocks, several chunks
+    run_step_parity(k.adam_spd_triton_step, [1, 7, 0, 300, 3 * CHUNK + 5, CHUNK + 1], case, DEVICE, steps=10,
+                    eight_bit=True)
+
+
+def _one_shard(start):
+    """The split step on one shard (the sums need no reduction): its own kernels, whole tensors."""
+    def step(bucket):
+        bucket.sums = torch.zeros((len(bucket), 3), dtype=torch.float64, device=bucket.device)
+        return start(bucket)()
+    return step
+
+
+@pytest.mark.parametrize("case", EIGHT_BIT_CASES[:2], ids=[case_id(c) for c in EIGHT_BIT_CASES[:2]])
+def test_8bit_split_step_matches_reference(case):
+    run_step_parity(_one_shard(k.adam_spd_triton_partials), [7, 300, 3 * CHUNK + 5], case, DEVICE, steps=10,
+                    eight_bit=True)
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16])
+def test_8bit_codes_every_midpoint_like_the_reference(p_dtype):
+    # beta1 = 0 on a fresh state: m is the grad, so the kernel quantizes chosen values; every
+    # midpoint (x8, the block absmax) and both neighbours, ties to the lower code, bit for bit
+    mids = quantization.midpoints(quantization.dynamic_map(True)) * 8.0
+    values = torch.stack([torch.nextafter(mids, torch.full_like(mids, -9.0)), mids,
+                          torch.nextafter(mids, torch.full_like(mids, 9.0))], dim=1).reshape(-1)
+    per_block = quantization.BLOCK_SIZE - 1
+    grad = torch.cat([torch.cat([torch.tensor([8.0]), values[i:i + per_block]])
+                      for i in range(0, values.numel(), per_block)]).to(p_dtype).to(DEVICE)
+    state = new_state([grad.numel()], p_dtype, torch.float32, False, torch.Generator().manual_seed(4), DEVICE,
+                      eight_bit=True)
+    want = {key: None if v is None else [t.cpu().clone() for t in v] for key, v in state.items()}
+    k.adam_spd_triton_step(bucket_of(state, [grad], lr=0.01, beta1=0.0, weight_decay=1.0))
+    reference_step(**want, grads=[grad.cpu()], hp=Hyperparameters(lr=0.01, beta1=0.0, weight_decay=1.0))
+    assert torch.equal(state["exp_avg_absmaxs"][0].cpu(), want["exp_avg_absmaxs"][0])
+    assert torch.equal(state["exp_avgs"][0].cpu(), want["exp_avgs"][0])

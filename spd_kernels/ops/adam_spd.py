@@ -11,7 +11,7 @@ Math (docs/design.md, "The algorithm"), per tensor p with grad g, moments m, v, 
     s = min(lam*r, max_scale) if c < 0 else 0;   p = q - s*(q - a)
 
 Memory layout. Every tensor of the bucket is contiguous and reached through a
-pointer table ``ptrs`` (int64 data_ptrs, shape [7, n], rows ``ROW_*``), its
+pointer table ``ptrs`` (int64 data_ptrs, shape [NUM_ROWS, n], rows ``ROW_*``), its
 element count in ``numels`` [n]. Work is cut into chunks of ``BLOCK * TILES``
 elements; the chunk table ``chunks`` (int64 [2, num_chunks]: tensor index, first
 element) maps each phase-1 program to one chunk. Chunks of multi-chunk tensors
@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import stats
+from .. import quantization, stats
 from ..bucket import Bucket
 
 #: rows of the pointer table ([NUM_ROWS, n] int64 data_ptrs), as the kernels read them
@@ -66,7 +66,9 @@ ROW_V = tl.constexpr(3)
 ROW_VMAX = tl.constexpr(4)
 ROW_A = tl.constexpr(5)
 ROW_STEP = tl.constexpr(6)
-NUM_ROWS = 7
+ROW_M_ABSMAX = tl.constexpr(7)  # 8-bit moments: fp32 absmax per block of 256 (0 otherwise)
+ROW_V_ABSMAX = tl.constexpr(8)
+NUM_ROWS = 9
 
 #: the stats row layout of spd_kernels.stats, for the kernels
 NUM_STATS = tl.constexpr(stats.NUM_STATS)
@@ -81,8 +83,17 @@ BLOCK = 1024
 #: tiles per phase-1 program: a chunk is BLOCK * TILES elements
 TILES = 4
 NUM_WARPS = 8
+#: phase 1 with 8-bit moments: the per-block reductions and table reads hold more values per
+#: thread; 16 warps (2 elements a thread) keep every variant free of spills on sm_80 and sm_90a
+NUM_WARPS_8BIT = 16
 #: partial rows summed per iteration by the finalize program
 FINALIZE_BLOCK = 256
+
+#: 8-bit moments (spd_kernels.quantization): elements per absmax block, and the bucket keys
+QBLOCK = tl.constexpr(quantization.BLOCK_SIZE)
+KEY_MIN = tl.constexpr(quantization.KEY_MIN)
+KEY_MAX = tl.constexpr(quantization.KEY_MAX)
+NUM_KEYS = tl.constexpr(quantization.NUM_KEYS)
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -191,6 +202,93 @@ def _project_tile(
 
 
 @triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded to ``DTYPE`` (to nearest, ties to even, as torch) and back to fp32.
+
+    bf16 by its bits: the interpreter's bf16 cast truncates, and this must agree everywhere."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float32:
+        return x
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _nearest_code(y, mids_ptr, table_ptr, K: tl.constexpr):
+    """Code of y in [-1, 1] in map K: the number of its midpoints below y (a value on a
+    midpoint takes the lower code). The bucket table gives the count below y's bucket
+    (sign, exponent, 7 mantissa bits), one comparison with the next midpoint the rest."""
+    bits = y.to(tl.int32, bitcast=True)
+    key = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) >> 16, KEY_MIN), KEY_MAX) - KEY_MIN
+    sign = (bits >> 31) & 1
+    below = tl.load(table_ptr + (K * 2 + sign) * NUM_KEYS + key)
+    above = tl.load(mids_ptr + K * 256 + below)
+    return below + (above < y).to(tl.int32)
+
+
+@triton.jit
+def _quantize_tile(x, codes_ptr, absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr,
+                   K: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Store fp32 ``x`` (one tile, dead lanes 0) as codes of map K and one absmax per block of QBLOCK."""
+    NB: tl.constexpr = BLOCK // QBLOCK
+    amax = tl.max(tl.reshape(tl.abs(x), (NB, QBLOCK)), axis=1)
+    inv = tl.where(amax > 0.0, tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), amax), 0.0)
+    inv = tl.reshape(tl.broadcast_to(inv[:, None], (NB, QBLOCK)), (BLOCK,))
+    y = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
+    code = _nearest_code(y, mids_ptr, table_ptr, K).to(tl.uint8)
+    blocks = tile_start // QBLOCK + tl.arange(0, NB)
+    if MASKED:
+        tl.store(codes_ptr + offs, code, mask=mask)
+        tl.store(absmax_ptr + blocks, amax, mask=blocks * QBLOCK < numel)
+    else:
+        tl.store(codes_ptr + offs, code)
+        tl.store(absmax_ptr + blocks, amax)
+
+
+@triton.jit
+def _phase1_tile8(
+    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, mids_ptr, table_ptr,
+    offs, mask, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2,
+    HAS_ANCHOR: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Adam on one tile with 8-bit moments: dequantize m, v; update in fp32; q (rounded to
+    p's dtype) into p; re-quantize per block. Returns the three per-element sum terms."""
+    p = _load(p_ptr + offs, mask, MASKED)
+    g = _load(g_ptr + offs, mask, MASKED) * inv_scale
+    if MASKED:
+        m_code = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.int32)
+        v_code = tl.load(v_ptr + offs, mask=mask, other=0).to(tl.int32)
+    else:
+        m_code = tl.load(m_ptr + offs).to(tl.int32)
+        v_code = tl.load(v_ptr + offs).to(tl.int32)
+    m_old = tl.load(maps_ptr + m_code) * _load(m_absmax_ptr + offs // QBLOCK, mask, MASKED)
+    v_old = tl.load(maps_ptr + 256 + v_code) * _load(v_absmax_ptr + offs // QBLOCK, mask, MASKED)
+    m = m_old + one_minus_beta1 * (g - m_old)
+    v = beta2 * v_old + one_minus_beta2 * g * g
+    q = _round_to(_adam_q(p, m, v, step_size, inv_sqrt_bc2, eps), p_ptr.dtype.element_ty)
+    if MASKED:  # dead lanes: out of the sums and of the blocks' absmax
+        m = tl.where(mask, m, 0.0)
+        v = tl.where(mask, v, 0.0)
+        q = tl.where(mask, q, 0.0)
+    _store(p_ptr + offs, q, mask, MASKED)
+    # the sum terms first: p, g, q and a are then dead while the moments are quantized
+    if HAS_ANCHOR:
+        a = _load(a_ptr + offs, mask, MASKED)
+        d = p - a
+        e = q - a
+    else:
+        d = p
+        e = q
+    gd, dd, qq = g * d, d * d, e * e
+    _quantize_tile(m, m_ptr, m_absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr, 0, MASKED, BLOCK)
+    _quantize_tile(v, v_ptr, v_absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr, 1, MASKED, BLOCK)
+    return gd, dd, qq
+
+
+@triton.jit
 def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts_ptr, tid, step_ptr, t):
     """From a tensor's three sums: write its stats row, step t and projection count; return the scale s."""
     c = -sum_gd
@@ -213,7 +311,7 @@ def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts
 
 @triton.jit
 def _phase1_kernel(
-    ptrs_ptr,  # int64 [7, n_tensors]: data_ptrs of p, g, m, v, vmax, a, step per tensor
+    ptrs_ptr,  # int64 [NUM_ROWS, n_tensors]: data_ptrs of p, g, m, v, vmax, a, step per tensor
     numels_ptr,  # int64 [n_tensors]: elements of each tensor
     chunks_ptr,  # int64 [2, n_chunks]: (tensor index, first element) of each program's chunk
     partials_ptr,  # fp32 [n_chunks, 3]: this program's sums g.(p-a), |p-a|^2, |q-a|^2
@@ -222,6 +320,9 @@ def _phase1_kernel(
     lr_ptr,  # fp32 [1] device lr, read when LR_IS_TENSOR
     grad_scale_ptr,  # fp32 [1] AMP loss scale: grads are multiplied by 1/scale (1 when no scaler)
     found_inf_ptr,  # fp32 [1] AMP: nonzero means inf/NaN grads, and the whole step is skipped
+    maps_ptr,  # 8-bit: fp32 [2, 256] code values (signed map for m, unsigned for v)
+    mids_ptr,  # 8-bit: fp32 [2, 256] midpoints between codes, +inf last
+    table_ptr,  # 8-bit: int32 [2, 2, NUM_KEYS] midpoints below each bucket (quantization.bucket_table)
     n_tensors,
     n_chunks,
     single_max,  # tensors of at most this many elements finish here; -1 (split step): none do
@@ -240,7 +341,8 @@ def _phase1_kernel(
     HAS_ANCHOR: tl.constexpr,
     AMSGRAD: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr,
-    STORE_Q: tl.constexpr,  # fp32 p: store q now; bf16/fp16: q is rebuilt and rounded once later
+    STORE_Q: tl.constexpr,  # fp32 p or 8-bit moments: store q now; else q is rebuilt and rounded once later
+    EIGHT_BIT: tl.constexpr,  # m, v rows hold uint8 codes; their absmax rows are used
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,
@@ -257,8 +359,14 @@ def _phase1_kernel(
 
     p_ptr = _table_ptr(ptrs_ptr, ROW_P, n_tensors, tid, P_DTYPE, ALIGNED)
     g_ptr = _table_ptr(ptrs_ptr, ROW_G, n_tensors, tid, G_DTYPE, ALIGNED)
-    m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, tl.float32, ALIGNED)
-    v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, tl.float32, ALIGNED)
+    if EIGHT_BIT:
+        m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, tl.uint8, ALIGNED)
+        v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, tl.uint8, ALIGNED)
+        m_absmax_ptr = _table_ptr(ptrs_ptr, ROW_M_ABSMAX, n_tensors, tid, tl.float32, False)
+        v_absmax_ptr = _table_ptr(ptrs_ptr, ROW_V_ABSMAX, n_tensors, tid, tl.float32, False)
+    else:
+        m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, tl.float32, ALIGNED)
+        v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, tl.float32, ALIGNED)
     vmax_ptr = _table_ptr(ptrs_ptr, ROW_VMAX, n_tensors, tid, tl.float32, ALIGNED)
     a_ptr = _table_ptr(ptrs_ptr, ROW_A, n_tensors, tid, A_DTYPE, ALIGNED)
     step_ptr = _table_ptr(ptrs_ptr, ROW_STEP, n_tensors, tid, tl.float32, False)
@@ -274,7 +382,20 @@ def _phase1_kernel(
     for tile in tl.range(TILES):
         tile_start = start + tile * BLOCK
         offs = tile_start + tl.arange(0, BLOCK)
-        if tile_start + BLOCK <= numel:
+        if EIGHT_BIT:
+            if tile_start + BLOCK <= numel:
+                gd, dd, qq = _phase1_tile8(
+                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, mids_ptr, table_ptr,
+                    offs, None, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
+                    step_size, inv_sqrt_bc2, HAS_ANCHOR, False, BLOCK,
+                )
+            else:
+                gd, dd, qq = _phase1_tile8(
+                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, mids_ptr, table_ptr,
+                    offs, offs < numel, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
+                    step_size, inv_sqrt_bc2, HAS_ANCHOR, True, BLOCK,
+                )
+        elif tile_start + BLOCK <= numel:
             gd, dd, qq = _phase1_tile(
                 p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, None, inv_scale,
                 one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2, HAS_ANCHOR, AMSGRAD, STORE_Q, False,
@@ -337,7 +458,7 @@ def _sum_rows(partials_ptr, first, count, FINALIZE_BLOCK: tl.constexpr):
 
 @triton.jit
 def _finalize_kernel(
-    ptrs_ptr,  # int64 [7, n_tensors]: data_ptrs (the step row is used here)
+    ptrs_ptr,  # int64 [NUM_ROWS, n_tensors]: data_ptrs (the step row is used here)
     multi_ptr,  # int64 [3, n_multi]: (tensor index, first chunk, chunk count) per multi-chunk tensor
     partials_ptr,  # fp32 [n_chunks, 3]
     stats_ptr,  # fp32 [n_tensors, 5]
@@ -382,7 +503,7 @@ def _sum_partials_kernel(
 
 @triton.jit
 def _finalize_sums_kernel(
-    ptrs_ptr,  # int64 [7, n_tensors]: data_ptrs (the step row is used here)
+    ptrs_ptr,  # int64 [NUM_ROWS, n_tensors]: data_ptrs (the step row is used here)
     sums_ptr,  # fp64 [n_tensors, 3]: whole-tensor sums (all-reduced over the shards)
     stats_ptr,  # fp32 [n_tensors, 5]
     counts_ptr,  # fp32 [n_tensors]
@@ -405,7 +526,7 @@ def _finalize_sums_kernel(
 
 @triton.jit
 def _phase2_kernel(
-    ptrs_ptr,  # int64 [7, n_tensors]
+    ptrs_ptr,  # int64 [NUM_ROWS, n_tensors]
     numels_ptr,  # int64 [n_tensors]
     chunks_ptr,  # int64 [2, n_chunks]: this grid covers its first n_multi_chunks columns
     stats_ptr,  # fp32 [n_tensors, 5]: s in column 4, t already incremented by finalize
@@ -488,6 +609,8 @@ class _Plan:
             [t.data_ptr() for t in bucket.max_exp_avg_sqs] if bucket.hp.amsgrad else zero,
             [t.data_ptr() for t in bucket.anchors] if bucket.anchors is not None else zero,
             [t.data_ptr() for t in bucket.steps],
+            [t.data_ptr() for t in bucket.exp_avg_absmaxs] if bucket.eight_bit else zero,
+            [t.data_ptr() for t in bucket.exp_avg_sq_absmaxs] if bucket.eight_bit else zero,
         ]
         self.aligned = all(ptr % 16 == 0 for row in rows[:6] for ptr in row)
         self.single_max = -1 if split else chunk
@@ -533,6 +656,18 @@ def _get_plan(bucket: Bucket, chunk: int, split: bool) -> _Plan:
     return plan
 
 
+_QUANT_TABLES: dict = {}
+
+
+def _quantization_tables(device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    """The 8-bit maps, their padded midpoints and the bucket table on ``device`` (made once)."""
+    tables = _QUANT_TABLES.get(device)
+    if tables is None:
+        tables = _QUANT_TABLES[device] = (
+            quantization.maps(device), quantization.padded_midpoints(device), quantization.bucket_table(device))
+    return tables
+
+
 def _amp_arg(value, default: Tensor) -> Tensor:
     """A GradScaler tensor as a one-element fp32 buffer on the bucket's device (no sync)."""
     if value is None:
@@ -553,9 +688,10 @@ def _check_bucket(bucket: Bucket) -> None:
         g = bucket.grads[i]
         if g.shape != p.shape or g.dtype not in _TORCH_TO_TL or g.device != p.device:
             raise ValueError(f"triton backend: grad {i} must match its param, got {g.dtype} {tuple(g.shape)}")
+        moment = torch.uint8 if bucket.eight_bit else torch.float32
         for name, t in (("exp_avg", bucket.exp_avgs[i]), ("exp_avg_sq", bucket.exp_avg_sqs[i])):
-            if t.dtype != torch.float32 or not t.is_contiguous():
-                raise ValueError(f"triton backend: {name} of tensor {i} must be contiguous fp32")
+            if t.dtype != moment or not t.is_contiguous():
+                raise ValueError(f"triton backend: {name} of tensor {i} must be contiguous {moment}")
 
 
 class _Step:
@@ -581,7 +717,10 @@ class _Step:
         self.grad_scale = _amp_arg(bucket.grad_scale, plan.amp_default[0:1])
         self.found_inf = _amp_arg(bucket.found_inf, plan.amp_default[1:2])
         self.ln_b1, self.ln_b2 = _ln(hp.beta1), _ln(hp.beta2)
-        self.store_q = self.p_dtype == tl.float32
+        self.eight_bit = bucket.eight_bit
+        # 8-bit: q is defined in p's dtype and stored now (the fp32 moments are gone after phase 1)
+        self.store_q = self.p_dtype == tl.float32 or self.eight_bit
+        self.qmaps, self.qmids, self.qtable = _quantization_tables(bucket.device)
 
     def phase1(self) -> None:
         hp, plan = self.hp, self.plan
@@ -589,11 +728,13 @@ class _Step:
             return
         _phase1_kernel[(plan.n_chunks,)](
             plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, self.counts, self.lr_buf,
-            self.grad_scale, self.found_inf, plan.n_tensors, plan.n_chunks, plan.single_max, self.lr_value,
+            self.grad_scale, self.found_inf, self.qmaps, self.qmids, self.qtable,
+            plan.n_tensors, plan.n_chunks, plan.single_max, self.lr_value,
             1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, self.ln_b1, self.ln_b2, hp.eps, hp.weight_decay,
             hp.max_scale, P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, A_DTYPE=self.a_dtype,
-            HAS_ANCHOR=self.anchored, AMSGRAD=hp.amsgrad, LR_IS_TENSOR=self.lr_is_tensor, STORE_Q=self.store_q, ALIGNED=plan.aligned,
-            BLOCK=self.block, TILES=self.tiles, num_warps=self.num_warps,
+            HAS_ANCHOR=self.anchored, AMSGRAD=hp.amsgrad, LR_IS_TENSOR=self.lr_is_tensor, STORE_Q=self.store_q,
+            EIGHT_BIT=self.eight_bit, ALIGNED=plan.aligned,
+            BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS_8BIT if self.eight_bit else self.num_warps,
         )
 
     def finalize(self) -> None:

@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..bucket import Bucket
+from .. import quantization
 from ..hyperparameters import Hyperparameters
 from . import adam_spd as k
 
@@ -36,7 +37,8 @@ TARGETS: Tuple[Tuple[int, str], ...] = ((80, "sm_80"), (90, "sm_90a"))
 
 _DTYPE_NAMES = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
 #: how a launch argument's Python value maps to a kernel signature type
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32",
+                  torch.uint8: "*u8"}
 #: the kernels the launcher may call (module globals it looks up at call time)
 _KERNELS = ("_phase1_kernel", "_finalize_kernel", "_sum_partials_kernel", "_finalize_sums_kernel", "_phase2_kernel")
 
@@ -86,25 +88,32 @@ class _Recorder:
         p, a = constexprs.get("P_DTYPE"), constexprs.get("A_DTYPE")
         switches = [f"{k.lower()}={int(constexprs[k])}" for k in ("HAS_ANCHOR", "AMSGRAD", "LR_IS_TENSOR")
                     if k in constexprs]
+        if constexprs.get("EIGHT_BIT"):
+            switches.append("8bit")
         tag = " ".join(filter(None, [
             f"p={_DTYPE_NAMES[p]}" if p is not None else "",
             f"a={_DTYPE_NAMES[a] if constexprs.get('HAS_ANCHOR') else '-'}" if a is not None else "",
             *switches,
         ]))
-        all_fp32 = p == tl.float32 and (a == tl.float32 or not constexprs.get("HAS_ANCHOR"))
+        # 128-bit accesses are expected where every stream is fp32 (8-bit codes are 1 byte a lane)
+        all_fp32 = (p == tl.float32 and (a == tl.float32 or not constexprs.get("HAS_ANCHOR"))
+                    and not constexprs.get("EIGHT_BIT"))
         self.seen[key] = Variant(
             f"{self.fn.__name__.strip('_').removesuffix('_kernel')} {tag}".strip(), self.fn, signature,
             constexprs, num_warps, all_fp32,
         )
 
 
-def _bucket(p_dtype, a_dtype, amsgrad: bool, lr_tensor: bool) -> Bucket:
+def _bucket(p_dtype, a_dtype, amsgrad: bool, lr_tensor: bool, eight_bit: bool = False) -> Bucket:
     """A CPU bucket with a one-chunk and a multi-chunk tensor, so every kernel is called."""
     sizes = (7, k.BLOCK * k.TILES + 1)
     params = [torch.zeros(n, dtype=p_dtype) for n in sizes]
+    moment = torch.uint8 if eight_bit else torch.float32
+    absmax = [torch.zeros(quantization.num_blocks(n)) for n in sizes] if eight_bit else None
     return Bucket(
         params=params, grads=[torch.zeros_like(p) for p in params],
-        exp_avgs=[torch.zeros(n) for n in sizes], exp_avg_sqs=[torch.zeros(n) for n in sizes],
+        exp_avgs=[torch.zeros(n, dtype=moment) for n in sizes], exp_avg_sqs=[torch.zeros(n, dtype=moment) for n in sizes],
+        exp_avg_absmaxs=absmax, exp_avg_sq_absmaxs=[t.clone() for t in absmax] if eight_bit else None,
         max_exp_avg_sqs=[torch.zeros(n) for n in sizes] if amsgrad else None,
         anchors=[torch.zeros(n, dtype=a_dtype) for n in sizes] if a_dtype is not None else None,
         steps=[torch.zeros(()) for _ in sizes],
@@ -122,11 +131,13 @@ def variants() -> List[Variant]:
     try:
         for name, fn in saved.items():
             setattr(k, name, _Recorder(fn, seen))
-        for p_dtype, a_dtype, amsgrad, lr_tensor in itertools.product(
-            dtypes, (*dtypes, None), (False, True), (False, True)
+        for p_dtype, a_dtype, amsgrad, lr_tensor, eight_bit in itertools.product(
+            dtypes, (*dtypes, None), (False, True), (False, True), (False, True)
         ):
-            k.adam_spd_triton_step(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor))
-            k.adam_spd_triton_partials(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor))()
+            if eight_bit and amsgrad:
+                continue  # not a supported combination
+            k.adam_spd_triton_step(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor, eight_bit))
+            k.adam_spd_triton_partials(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor, eight_bit))()
     finally:
         for name, fn in saved.items():
             setattr(k, name, fn)

@@ -36,7 +36,8 @@ def _cached_plan(bucket: Bucket):
     key = tuple(
         tuple(map(ptr, ts))
         for ts in (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
-                   bucket.max_exp_avg_sqs or [], bucket.anchors or [], bucket.steps)
+                   bucket.max_exp_avg_sqs or [], bucket.anchors or [], bucket.steps,
+                   bucket.exp_avg_absmaxs or [], bucket.exp_avg_sq_absmaxs or [])
     )
     plan = _plans.get(key)
     if plan is not None:
@@ -46,7 +47,8 @@ def _cached_plan(bucket: Bucket):
 
 @torch.library.custom_op(
     "spd_kernels::adam_spd_triton_step",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "counts"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "exp_avg_absmaxs",
+                  "exp_avg_sq_absmaxs", "counts"),
 )
 def adam_spd_triton_step_op(
     params: List[Tensor],
@@ -56,6 +58,8 @@ def adam_spd_triton_step_op(
     max_exp_avg_sqs: List[Tensor],
     anchors: List[Tensor],
     steps: List[Tensor],
+    exp_avg_absmaxs: List[Tensor],
+    exp_avg_sq_absmaxs: List[Tensor],
     counts: Tensor,
     hyper: List[float],
     lr_tensor: Optional[Tensor],
@@ -63,12 +67,13 @@ def adam_spd_triton_step_op(
     found_inf: Optional[Tensor],
 ) -> Tensor:
     """One fused step of a bucket (empty ``max_exp_avg_sqs``: no amsgrad; empty
-    ``anchors``: anchor-free); returns a fresh copy of the stats [n, 5]."""
+    ``anchors``: anchor-free; empty absmax lists: fp32 moments); returns a fresh copy of the stats [n, 5]."""
     from .adam_spd import adam_spd_triton_step
 
     bucket = Bucket(
         params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
         max_exp_avg_sqs=max_exp_avg_sqs or None, anchors=anchors or None, steps=steps,
+        exp_avg_absmaxs=exp_avg_absmaxs or None, exp_avg_sq_absmaxs=exp_avg_sq_absmaxs or None,
         hp=Hyperparameters.from_packed(hyper, amsgrad=bool(max_exp_avg_sqs), lr_tensor=lr_tensor),
         grad_scale=grad_scale, found_inf=found_inf, projections=counts,
     )
@@ -82,8 +87,8 @@ def adam_spd_triton_step_op(
 
 
 @adam_spd_triton_step_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, counts, hyper, lr_tensor, grad_scale,
-      found_inf):
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs, exp_avg_sq_absmaxs,
+      counts, hyper, lr_tensor, grad_scale, found_inf):
     return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 
 
@@ -96,5 +101,6 @@ def run_bucket(bucket: Bucket) -> Tensor:
     return adam_spd_triton_step_op(
         bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if hp.amsgrad else [], bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, counts, hp.packed(), hp.lr_tensor, bucket.grad_scale, bucket.found_inf,
+        bucket.steps, bucket.exp_avg_absmaxs or [], bucket.exp_avg_sq_absmaxs or [], counts, hp.packed(),
+        hp.lr_tensor, bucket.grad_scale, bucket.found_inf,
     )
