@@ -26,7 +26,8 @@
 // the values codes stand for (signed for m, unsigned for v). Chunks start on block bounds, so a
 // block is one stretch of one chunk: dequantize, update in fp32, q from the fp32 moments (kept
 // in the param's dtype, stored into p), the block's new absmax, then the nearest code for each
-// value: the number of midpoints below it (a midpoint itself takes the lower code).
+// value: the number of midpoints below it (a midpoint itself takes the lower code); a positive
+// second moment takes at least code 1 (spd_kernels/quantization.py says why).
 //
 // Settings. The ops take the step's float settings as one list ``hyper`` in the
 // order of spd_kernels.hyperparameters.PACKED; the HP_* slots below name it, and
@@ -285,7 +286,9 @@ inline uint8_t nearest_code(float y, const QMaps& maps, int k) {
   const uint32_t bits = float_bits(y);
   const uint32_t key = std::min(std::max((bits & 0x7FFFFFFFu) >> 16, KEY_MIN), KEY_MAX) - KEY_MIN;
   const int32_t below = maps.start[k][bits >> 31][key];
-  return static_cast<uint8_t>(below + (maps.mid[k][below] < y ? 1 : 0));
+  const int32_t code = below + (maps.mid[k][below] < y ? 1 : 0);
+  // the second moment (map 1): a positive value never takes the zero code
+  return static_cast<uint8_t>(k == 1 && code == 0 && y > 0.0f ? 1 : code);
 }
 
 // One tensor's 8-bit moments: codes and per-block absmax.
@@ -329,7 +332,12 @@ inline void quantize_block(const float* __restrict x, int64_t len, float inv, co
                                           _mm512_sub_epi32(key, key_min));
     const __m512i below = _mm512_i32gather_epi32(slot, start, 4);
     const __mmask16 up = _mm512_cmp_ps_mask(_mm512_i32gather_ps(below, maps.mid[k], 4), y, _CMP_LT_OQ);
-    const __m512i code = _mm512_mask_add_epi32(below, up, below, one);
+    __m512i code = _mm512_mask_add_epi32(below, up, below, one);
+    if (k == 1) {  // the second moment: a positive value never takes the zero code
+      const __mmask16 lift = _mm512_mask_cmpeq_epi32_mask(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                                          code, _mm512_setzero_si512());
+      code = _mm512_mask_mov_epi32(code, lift, one);
+    }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(code));
   }
 #endif

@@ -66,6 +66,10 @@ def test_quantize_picks_the_nearest_code_and_the_lower_one_on_a_tie(signed, shap
     scaled = (flat * torch.reciprocal(amax)[blocks]).clamp(-1, 1)
     dist = (scaled.double()[:, None] - qmap.double()[None, :]).abs()
     nearest = (dist == dist.min(dim=1, keepdim=True).values).double().argmax(dim=1)
+    if not signed:  # a positive second moment never takes the zero code
+        lifted = (nearest == 0) & (scaled > 0)
+        assert bool(lifted.any()) == bool(((scaled > 0) & (scaled < mids[0])).any())
+        nearest = torch.where(lifted, 1, nearest)
     off = (got != nearest).nonzero().flatten()
     for i in off.tolist():
         boundary = mids[min(int(got[i]), int(nearest[i]))]
@@ -74,6 +78,18 @@ def test_quantize_picks_the_nearest_code_and_the_lower_one_on_a_tie(signed, shap
     gap = (qmap[1:] - qmap[:-1]).max()
     # within half the widest code gap of the block's scale (fp32 rounding of the product aside)
     assert bool(((back - flat).abs() <= gap * amax[blocks] / 2 * (1 + 1e-4)).all())
+
+
+def test_a_positive_second_moment_never_quantizes_to_zero():
+    # 1e-9 of the block's absmax is far below the unsigned map's first midpoint (1.6e-7): nearest
+    # would be 0, and the next step would divide by a second moment that forgot its history
+    x = torch.tensor([1.0, 1e-9, 0.0, 3e-7])
+    codes, absmax = torch.empty(4, dtype=torch.uint8), torch.empty(1)
+    quantization.quantize_(codes, absmax, x, signed=False)
+    assert codes.tolist()[1:3] == [1, 0]
+    signed_codes = torch.empty(4, dtype=torch.uint8)
+    quantization.quantize_(signed_codes, absmax, x, signed=True)  # the first moment may vanish
+    assert signed_codes[1] == quantization.zero_code(True)
 
 
 def test_an_all_zero_block_keeps_absmax_zero_and_the_zero_code():

@@ -219,14 +219,17 @@ def _round_to(x, DTYPE: tl.constexpr):
 @triton.jit
 def _nearest_code(y, mids_ptr, table_ptr, K: tl.constexpr):
     """Code of y in [-1, 1] in map K: the number of its midpoints below y (a value on a
-    midpoint takes the lower code). The bucket table gives the count below y's bucket
+    midpoint takes the lower code; a positive second moment, K = 1, at least code 1). The bucket table gives the count below y's bucket
     (sign, exponent, 7 mantissa bits), one comparison with the next midpoint the rest."""
     bits = y.to(tl.int32, bitcast=True)
     key = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) >> 16, KEY_MIN), KEY_MAX) - KEY_MIN
     sign = (bits >> 31) & 1
     below = tl.load(table_ptr + (K * 2 + sign) * NUM_KEYS + key)
     above = tl.load(mids_ptr + K * 256 + below)
-    return below + (above < y).to(tl.int32)
+    code = below + (above < y).to(tl.int32)
+    if K == 1:  # the second moment: a positive value never takes the zero code
+        code = tl.where((code == 0) & (y > 0.0), 1, code)
+    return code
 
 
 @triton.jit
