@@ -75,6 +75,13 @@ class Row:
 # ------------------------------------------------------------------ the sets
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now (CUDA: the allocator's view; CPU: available pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def sized_shapes(name: str, device: torch.device, n_impls: int, small: bool) -> List[tuple]:
     if small:  # CI: the same structure, tiny
         return {
@@ -86,11 +93,7 @@ def sized_shapes(name: str, device: torch.device, n_impls: int, small: bool) -> 
     if name != "llama_like":
         return param_sets.get(name)
     # every implementation holds p, g, m, v (and a): keep all of them within ~40% of memory
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    budget = 0.4 * free / (20 * n_impls)
+    budget = 0.4 * free_memory(device) / (20 * n_impls)
     layers, vocab = 16, 32000
     while layers > 1 and param_sets.numel(param_sets.llama_like(layers, vocab)) > budget:
         layers //= 2
@@ -448,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small", action="store_true",
                         help="tiny versions of the sets (for CI; the PNG title says so)")
     parser.add_argument("--out", default="bench-results", help="folder for bench.json, bench.csv, bench.png")
+    parser.add_argument("--sweep", choices=("size", "count"), default=None,
+                        help="instead of the report: how a step's time grows with total params ('size', "
+                             "transformer-shaped sets from 1M up to what fits) or with the number of tensors "
+                             "('count', a fixed total split 10 ... 20,000 ways); every line per point, "
+                             "interleaved; writes sweep-<kind>.json/.csv/.png (spd_kernels.sweep)")
     parser.add_argument("--loaded", action="store_true",
                         help="instead of the report: a 16-tensor MLP's CPU step with 1 and all threads, on a "
                              "quiet machine and with every core busy (spd_kernels.bench_loaded)")
@@ -462,6 +470,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(format_report(measure(rounds=args.rounds or 5)))
         return 0
+    if args.sweep:
+        from . import sweep
+
+        device = torch.device(args.device)
+        return sweep.main(args.sweep, device, args.small, args.rounds or (10 if device.type == "cuda" else 5),
+                          args.warmup, args.out)
     bad_sets = [s for s in args.sets.split(",") if s not in SETS]
     if bad_sets:
         parser.error(f"--sets: unknown set(s) {bad_sets}; choose from {','.join(SETS)}")

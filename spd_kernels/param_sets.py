@@ -54,3 +54,19 @@ def numel(shapes: List[Shape]) -> int:
             n *= d
         total += n
     return total
+
+
+def transformer(total: int) -> List[Shape]:
+    """A transformer-shaped set of about ``total`` params: blocks of qkv, out, MLP (4x) and
+    their biases and norms, width growing with size (d = 64 * layers, as GPT-style models)."""
+    d = max(64, int(round((total * 64 / 12) ** (1 / 3) / 64)) * 64)
+    layers = max(1, round(total / (12 * d * d)))
+    shapes: List[Shape] = []
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes
+
+
+def split(total: int, count: int) -> List[Shape]:
+    """``total`` params as ``count`` equal 1-d tensors (the fragmentation sweep)."""
+    return [(max(1, total // count),)] * count

@@ -1,0 +1,59 @@
+"""``bench --sweep``: a tiny sweep end to end (files, columns, points); no timing assertions."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from spd_kernels import bench, sweep
+
+COLUMNS = {"sweep", "x", "impl", "tensors", "params_m", "ms", "vs_adamw_fused", "gbs", "pct_bandwidth",
+           "peak_extra_mb", "state_bytes_per_param"}
+
+
+@pytest.mark.parametrize("kind", ["size", "count"])
+def test_a_tiny_sweep_writes_its_table_json_csv_and_png(kind, tmp_path, monkeypatch, capsys):
+    # two tiny points instead of the real ones, one round: what is checked is the plumbing
+    monkeypatch.setattr(sweep, "size_points", lambda device, small, n: [20_000, 80_000])
+    monkeypatch.setattr(sweep, "count_points", lambda small: [2, 8])
+    monkeypatch.setattr(sweep, "count_total", lambda device, small, n: 20_000)
+    lines = ("spd", "spd_8bit", "adamw_fused", "spd_reference")
+    assert sweep.main(kind, torch.device("cpu"), small=True, rounds=1, warmup=1, out_dir=str(tmp_path),
+                      lines=lines) == 0
+    data = json.loads((tmp_path / f"sweep-{kind}.json").read_text())
+    rows = data["rows"]
+    assert data["meta"]["sweep"] == kind and data["meta"]["small"] is True and data["meta"]["bandwidth_gbs"] > 0
+    assert all(COLUMNS <= set(r) for r in rows)
+    want_x = [20_000, 80_000] if kind == "size" else [2, 8]
+    assert sorted({r["x"] for r in rows}) == want_x
+    ran = set(bench.available_impls(torch.device("cpu"), lines))
+    for x in want_x:
+        assert {r["impl"] for r in rows if r["x"] == x} == ran  # every line at every point
+    for r in rows:
+        assert r["ms"] > 0 and r["gbs"] > 0 and r["pct_bandwidth"] > 0
+        assert r["vs_adamw_fused"] == pytest.approx(1.0) if r["impl"] == "adamw_fused" else r["vs_adamw_fused"] > 0
+    if kind == "count":
+        assert [r["tensors"] for r in rows if r["impl"] == "adamw_fused"] == [2, 8]
+    with open(tmp_path / f"sweep-{kind}.csv") as f:
+        assert COLUMNS <= set(next(csv.reader(f)))
+    assert (tmp_path / f"sweep-{kind}.png").stat().st_size > 10_000
+    assert "vs fused" in capsys.readouterr().out
+
+
+def test_sweep_points_fit_memory_and_the_small_flag():
+    cpu = torch.device("cpu")
+    small = sweep.size_points(cpu, small=True, n_lines=7)
+    assert sweep.size_points(cpu, small=False, n_lines=7)[-1] <= 300_000_000
+    assert small and small[0] == 1_000_000 and small[-1] <= 16_000_000
+    assert all(b == 4 * a for a, b in zip(small, small[1:]))
+    assert sweep.count_points(True)[-1] < sweep.count_points(False)[-1] == 20_000
+    assert 0 < sweep.count_total(cpu, small=True, n_lines=7) <= 8_000_000
+
+
+def test_bench_parser_offers_the_sweeps():
+    args = bench.build_parser().parse_args(["--sweep", "count", "--small"])
+    assert args.sweep == "count" and args.small
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--sweep", "depth"])
