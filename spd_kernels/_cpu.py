@@ -61,7 +61,7 @@ def _register_fake() -> None:
 @functools.lru_cache(maxsize=None)
 def qmaps() -> Tensor:
     """The two 8-bit maps as the ops take them: fp32 [2, 256], signed (first moment) then unsigned."""
-    return torch.stack([quantization.dynamic_map(True), quantization.dynamic_map(False)])
+    return quantization.maps()
 
 
 def _state_args(bucket: Bucket):

@@ -149,6 +149,19 @@ def _store(ptr, x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _sum_terms(p, g, q, a_ptr, offs, mask, HAS_ANCHOR: tl.constexpr, MASKED: tl.constexpr):
+    """The per-element terms of SPD's three sums: g*(p-a), (p-a)^2, (q-a)^2 (a = 0 anchor-free)."""
+    if HAS_ANCHOR:
+        a = _load(a_ptr + offs, mask, MASKED)
+        d = p - a
+        e = q - a
+    else:
+        d = p
+        e = q
+    return g * d, d * d, e * e
+
+
+@triton.jit
 def _phase1_tile(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, offs, mask, inv_scale,
     one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2,
@@ -172,14 +185,7 @@ def _phase1_tile(
         q = tl.where(mask, q, 0.0)  # dead lanes hold 0/0 when eps = 0; keep them out of the sums
     if STORE_Q:
         _store(p_ptr + offs, q, mask, MASKED)
-    if HAS_ANCHOR:
-        a = _load(a_ptr + offs, mask, MASKED)
-        d = p - a
-        e = q - a
-    else:
-        d = p
-        e = q
-    return g * d, d * d, e * e
+    return _sum_terms(p, g, q, a_ptr, offs, mask, HAS_ANCHOR, MASKED)
 
 
 @triton.jit
@@ -278,14 +284,7 @@ def _phase1_tile8(
         q = tl.where(mask, q, 0.0)
     _store(p_ptr + offs, q, mask, MASKED)
     # the sum terms first: p, g, q and a are then dead while the moments are quantized
-    if HAS_ANCHOR:
-        a = _load(a_ptr + offs, mask, MASKED)
-        d = p - a
-        e = q - a
-    else:
-        d = p
-        e = q
-    gd, dd, qq = g * d, d * d, e * e
+    gd, dd, qq = _sum_terms(p, g, q, a_ptr, offs, mask, HAS_ANCHOR, MASKED)
     _quantize_tile(m, m_ptr, m_absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr, 0, MASKED, BLOCK)
     _quantize_tile(v, v_ptr, v_absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr, 1, MASKED, BLOCK)
     return gd, dd, qq
