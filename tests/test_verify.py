@@ -7,6 +7,7 @@ import sys
 
 import dataclasses
 
+import pytest
 import torch
 
 from spd_kernels import backends, verify
@@ -49,7 +50,7 @@ def test_verify_fails_when_a_backend_skips_the_projection(monkeypatch):
 def test_bench_command_writes_table_json_csv_png(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "spd_kernels", "bench", "--small", "--sets", "vit_b,lora", "--rounds", "2",
-         "--warmup", "1", "--kernels-only", "--out", str(tmp_path)],
+         "--warmup", "1", "--kernels-only", "--state-formats", "--fresh-grads", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
@@ -60,6 +61,12 @@ def test_bench_command_writes_table_json_csv_png(tmp_path):
     assert {"spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled"} <= impls
     if "cpu" in backends.available("cpu"):  # the kernels-only lines need a fast backend
         assert {"spd", "spd_kernels", "spd_split"} <= impls
+        # the state formats: bf16 anchors save 2 B/param, 8-bit moments 6 more (+ absmax), vs 12 fp32
+        state = {r["impl"]: r["state_bytes_per_param"] for r in data["rows"] if r["set"] == "vit_b"}
+        assert state["spd"] == pytest.approx(12.0, abs=0.01) and state["adamw_fused"] == pytest.approx(8.0, abs=0.01)
+        assert state["spd_bf16a"] == pytest.approx(10.0, abs=0.01)
+        assert 4.0 < state["spd_8bit"] <= 4.1
+    assert data["meta"]["fresh_grads"] is True
     assert {r["set"] for r in data["rows"]} == {"vit_b", "lora"}
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gbs"] > 0
