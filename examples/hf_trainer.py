@@ -2,7 +2,9 @@
 
 A tiny BERT built from a config (no hub download) stands in for a pre-trained
 model; its classifier head is new, so it gets no SPD (see
-``fine_tuning_param_groups``). Run: ``python examples/hf_trainer.py``.
+``fine_tuning_param_groups``). ``SPDStatsCallback`` logs SPD's projection
+fraction, mean ratio r and per-layer deviation ||p - a|| at every logging step
+through the Trainer's own loggers. Run: ``python examples/hf_trainer.py``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from spd_kernels import AdamSPD, fine_tuning_param_groups  # noqa: E402
+from spd_kernels.callbacks import SPDStatsCallback  # noqa: E402
 
 
 def main(max_steps: int = 60, seed: int = 0):
@@ -33,10 +36,13 @@ def main(max_steps: int = 60, seed: int = 0):
         )
         trainer = Trainer(model=model, args=args, train_dataset=ContainsTokenDataset(),
                           optimizers=(optimizer, scheduler))
+        trainer.add_callback(SPDStatsCallback(trainer))
         trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    fired = sum(int(s["projections"]) for s in optimizer.spd_stats().values())
-    print(f"losses every 10 steps: {[round(v, 4) for v in losses]}; projections fired: {fired}")
+    spd = [e for e in trainer.state.log_history if "spd/projected_fraction" in e]
+    print(f"losses every 10 steps: {[round(v, 4) for v in losses]}")
+    print("SPD every 10 steps: projected fraction", [round(e["spd/projected_fraction"], 3) for e in spd],
+          "mean r", [round(e["spd/r_mean"], 3) for e in spd], "deviation", [round(e["spd/deviation"], 3) for e in spd])
     return losses, optimizer
 
 
