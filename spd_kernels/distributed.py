@@ -16,11 +16,14 @@ the param groups' order, which every rank shares; an empty shard adds zeros.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import quantization
 
 try:
     import torch.distributed as dist
@@ -101,6 +104,101 @@ def place_like(param: Tensor, value: Tensor, where: str) -> Tensor:
     if not is_dtensor(param) or is_dtensor(value):
         return value
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def copy_to(value: Tensor, device: torch.device) -> Tensor:
+    """A detached copy of ``value`` on ``device``; a DTensor stays one, placed as it was."""
+    if not is_dtensor(value):
+        return value.detach().to(device=device, copy=True)
+    return DTensor.from_local(value.to_local().detach().to(device=device, copy=True), value.device_mesh,
+                              value.placements, run_check=False, shape=value.shape, stride=value.stride())
+
+
+def wrap_like(param: Tensor, local_value: Tensor) -> Tensor:
+    """``local_value`` (this rank's part of a state shaped like ``param``'s shard) as a DTensor
+    placed like ``param``; a plain param takes it as it is."""
+    if not is_dtensor(param):
+        return local_value
+    return DTensor.from_local(local_value, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def _block_layout(param: Tensor) -> Tuple[int, int]:
+    """(shards, blocks per shard) of a sharded param's 8-bit absmax: every shard gets room for
+    the blocks of the largest shard (torch.chunk's first), so the absmax is an even split."""
+    shape = list(param.shape)
+    shards = 1
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            n = param.device_mesh.size(mesh_dim)
+            shape[placement.dim] = -(-shape[placement.dim] // n)
+            shards *= n
+    largest = 1
+    for size in shape:
+        largest *= size
+    return shards, quantization.num_blocks(largest)
+
+
+def new_absmax(param: Tensor) -> Tensor:
+    """A zero absmax for ``param``'s 8-bit moments, one fp32 per block of its local shard
+    (``quantization.BLOCK_SIZE`` elements). For a DTensor param: a 1-D DTensor of ``shards * blocks`` entries split
+    evenly over the param's sharded mesh dims (replicated over the others), so
+    ``torch.distributed.checkpoint`` saves and restores every rank's blocks; a shard with fewer
+    blocks than the largest leaves its tail unused (``local_absmax`` cuts it off)."""
+    local_param = local(param)
+    if not is_dtensor(param):
+        return torch.zeros(quantization.num_blocks(local_param.numel()), dtype=torch.float32,
+                           device=local_param.device)
+    from torch.distributed.tensor import Replicate, Shard
+
+    shards, blocks = _block_layout(param)
+    placements = [Shard(0) if pl.is_shard() else Replicate() for pl in param.placements]
+    values = torch.zeros(blocks, dtype=torch.float32, device=local_param.device)
+    return DTensor.from_local(values, param.device_mesh, placements, run_check=False, shape=(shards * blocks,),
+                              stride=(1,))
+
+
+def local_absmax(absmax: Tensor, param: Tensor) -> Tensor:
+    """The blocks of this rank's shard (a view: the kernels write through it)."""
+    if not is_dtensor(absmax):
+        return absmax
+    return absmax.to_local()[: quantization.num_blocks(local(param).numel())]
+
+
+def shard_of_blocks(param: Tensor, codes: Tensor, absmax: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """This rank's codes and absmax cut from a whole tensor's 8-bit state, when its shard is one
+    stretch of the flattened tensor (sharded on dim 0 only) that starts where a block starts and
+    ends where one ends (or at the tensor's end): its blocks are then the whole tensor's, exactly.
+    None otherwise (the caller re-quantizes)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(pl.is_shard() and not (type(pl) is Shard and pl.dim == 0) for pl in param.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    start = offset[0] * math.prod(param.shape[1:]) if param.dim() else 0  # elements before this shard
+    numel, block = local(param).numel(), quantization.BLOCK_SIZE
+    if start % block or (numel % block and start + numel != param.numel()):
+        return None
+    first = start // block
+    return (codes.reshape(-1)[start:start + numel].reshape(shape),
+            absmax[first:first + quantization.num_blocks(numel)])
+
+
+def absmax_error(param: Tensor, absmax: Tensor) -> str:
+    """Why a saved absmax cannot serve ``param`` ("" when it can)."""
+    if is_dtensor(param):
+        if not is_dtensor(absmax):
+            return ""  # a full-tensor checkpoint: dequantized and re-quantized per shard on load
+        shards, blocks = _block_layout(param)
+        if absmax.shape != (shards * blocks,) or absmax.device_mesh != param.device_mesh:
+            return (f"sharded absmax of {tuple(absmax.shape)} on {absmax.device_mesh}; this param needs "
+                    f"({shards * blocks},) on {param.device_mesh} (a checkpoint of the same world size)")
+        return ""
+    if is_dtensor(absmax):
+        return "a sharded (DTensor) absmax for a param that is a plain tensor"
+    need = quantization.num_blocks(param.numel())
+    return "" if absmax.numel() == need else f"{absmax.numel()} blocks, param needs {need}"
 
 
 def process_groups(key: ReduceKey) -> List[Any]:

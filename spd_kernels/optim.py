@@ -250,11 +250,6 @@ class AdamSPD(Optimizer):
         if isinstance(merged["betas"], list):
             group["betas"] = merged["betas"] = tuple(merged["betas"])
         _check_hyperparameters(merged, where)
-        if merged["optim_bits"] == 8:
-            for i, p in enumerate(tensors):
-                if distributed.is_dtensor(p):
-                    raise ValueError(f"{where}['params'][{i}]: optim_bits=8 with sharded (DTensor) params is not "
-                                     "supported yet; use optim_bits=32 for this group")
         if self._backend is not None:
             for i, p in enumerate(tensors):
                 error = (self._backend.device_error(p.device)
@@ -368,12 +363,13 @@ class AdamSPD(Optimizer):
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
             if self._eight_bit(p, group):
+                # blocks are local to a shard: a sharded param's codes are placed like it, its
+                # absmax is split evenly over its shards (distributed.new_absmax)
                 for key in _ABSMAX_KEYS:
-                    local = distributed.local(p)
-                    state[key] = torch.full_like(local, quantization.zero_code(_SIGNED[key]), dtype=torch.uint8,
-                                                 memory_format=torch.contiguous_format)
-                    state[_ABSMAX_KEYS[key]] = torch.zeros(quantization.num_blocks(local.numel()),
-                                                           dtype=torch.float32, device=p.device)
+                    codes = torch.full_like(distributed.local(p), quantization.zero_code(_SIGNED[key]),
+                                            dtype=torch.uint8, memory_format=torch.contiguous_format)
+                    state[key] = distributed.wrap_like(p, codes)
+                    state[_ABSMAX_KEYS[key]] = distributed.new_absmax(p)
             else:
                 moment_dtype = compute_dtype(p.dtype)
                 state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -408,16 +404,16 @@ class AdamSPD(Optimizer):
         if want_8bit == (state["exp_avg"].dtype == torch.uint8):
             return
         for key, absmax_key in _ABSMAX_KEYS.items():
-            value = state[key]
+            value = distributed.local(state[key])
             if want_8bit:
-                local = distributed.local(value).float()
-                codes = torch.empty(local.shape, dtype=torch.uint8, device=p.device)
-                absmax = torch.empty(quantization.num_blocks(local.numel()), dtype=torch.float32, device=p.device)
-                quantization.quantize_(codes, absmax, local, _SIGNED[key])
-                state[key], state[absmax_key] = codes, absmax
+                codes = torch.empty(value.shape, dtype=torch.uint8, device=p.device)
+                absmax = distributed.new_absmax(p)
+                quantization.quantize_(codes, distributed.local_absmax(absmax, p), value.float(), _SIGNED[key])
+                state[key], state[absmax_key] = distributed.wrap_like(p, codes), absmax
             else:
-                fp32 = quantization.dequantize(value, state.pop(absmax_key), _SIGNED[key])
-                state[key] = distributed.place_like(p, fp32.to(compute_dtype(p.dtype)), f"state {key!r}")
+                absmax = distributed.local_absmax(state.pop(absmax_key), p)
+                fp32 = quantization.dequantize(value, absmax, _SIGNED[key])
+                state[key] = distributed.wrap_like(p, fp32.to(compute_dtype(p.dtype)))
 
     def _buckets(self, work) -> Tuple[List[Tuple[Backend, int, Bucket]], List[distributed.SumsReduction]]:
         """The buckets of this step's params, and the all-reduces their split steps need.
@@ -464,8 +460,8 @@ class AdamSPD(Optimizer):
                 if anchored:
                     b.anchors.append(distributed.local(anchor))
                 if eight_bit:
-                    b.exp_avg_absmaxs.append(state["exp_avg_absmax"])
-                    b.exp_avg_sq_absmaxs.append(state["exp_avg_sq_absmax"])
+                    b.exp_avg_absmaxs.append(distributed.local_absmax(state["exp_avg_absmax"], p))
+                    b.exp_avg_sq_absmaxs.append(distributed.local_absmax(state["exp_avg_sq_absmax"], p))
                 if reduce is not None:
                     sharded_rows[key].append(n_rows[reduce])
                     n_rows[reduce] += 1
@@ -620,7 +616,11 @@ class AdamSPD(Optimizer):
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            for key, value in saved_state.get(pid, {}).items():
+            entry = saved_state.get(pid, {})
+            if distributed.is_dtensor(p) and _ABSMAX_KEYS["exp_avg"] in entry and \
+                    not distributed.is_dtensor(entry[_ABSMAX_KEYS["exp_avg"]]):
+                entry = self._shard_8bit_state(p, entry)
+            for key, value in entry.items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = self._loaded_tensor(key, value, p)
         for group in self.param_groups:
@@ -631,12 +631,31 @@ class AdamSPD(Optimizer):
                 self._match_format(p, group)
         self._last_buckets = []
 
+    def _shard_8bit_state(self, p: Tensor, entry: Dict[str, Any]) -> Dict[str, Any]:
+        """A whole tensor's saved 8-bit moments for sharded ``p``: where this shard's blocks are
+        the whole tensor's, its codes and absmax are cut out exactly (into ``self.state``);
+        elsewhere the moments are dequantized, for ``_match_format`` to quantize in the shard's
+        own blocks (one more rounding). Returns the entry left to load."""
+        rest = {k: v for k, v in entry.items() if k not in _ABSMAX_KEYS and k not in _ABSMAX_KEYS.values()}
+        for key, absmax_key in _ABSMAX_KEYS.items():
+            cut = distributed.shard_of_blocks(p, entry[key], entry[absmax_key])
+            if cut is None:
+                rest[key] = quantization.dequantize(entry[key], entry[absmax_key], _SIGNED[key])
+                self.state[p].pop(absmax_key, None)
+                continue
+            codes, blocks = cut
+            absmax = distributed.new_absmax(p)
+            distributed.local_absmax(absmax, p).copy_(blocks)
+            self.state[p][key] = distributed.wrap_like(p, codes.to(p.device, copy=True).contiguous())
+            self.state[p][absmax_key] = absmax
+        return rest
+
     def _loaded_tensor(self, key: str, value: Tensor, p: Tensor) -> Tensor:
         if key == "step":
             # the first step moves it to where its backend wants it
             return distributed.local(value).detach().to(dtype=torch.float32, device="cpu", copy=True)
         if key in _ABSMAX_KEYS.values() or value.dtype == torch.uint8:  # 8-bit moments: codes and absmax
-            return distributed.local(value).detach().to(device=p.device, copy=True)
+            return distributed.copy_to(value, p.device)
         if key in _MOMENT_KEYS:
             dtype = compute_dtype(value.dtype)
         elif key == "anchor":
@@ -664,9 +683,9 @@ class AdamSPD(Optimizer):
                 where = f"load_state_dict: param_groups[{gi}]['params'][{pi}]"
                 for key, value in entry.items():
                     if key in _ABSMAX_KEYS.values():
-                        blocks = quantization.num_blocks(distributed.local(p).numel())
-                        if value.numel() != blocks:
-                            raise ValueError(f"{where}: saved {key} has {value.numel()} blocks, param needs {blocks}")
+                        error = distributed.absmax_error(p, value)
+                        if error:
+                            raise ValueError(f"{where}: saved {key}: {error}")
                     elif isinstance(value, Tensor) and key != "step":
                         if value.shape != p.shape:
                             raise ValueError(

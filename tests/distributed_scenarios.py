@@ -15,17 +15,31 @@ import torch.distributed as dist
 from torch import nn
 
 from spd_kernels import AdamSPD
+from spd_kernels.distributed import local, local_absmax, wrap_like
+from spd_kernels.quantization import dequantize
 
 STEPS = 6
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
+#: 8-bit runs: moments of tensors of at least this many elements are 8-bit (EIGHT_BIT_MODEL's 512 x 64
+#: weight, its 512 bias and the 1 x 512 weight; the smaller ones stay fp32)
+MIN_8BIT_SIZE = 512
+
+
+def make_model(seed: int = 0, eight_bit: bool = False) -> nn.Sequential:
     """Uneven shards on 2 ranks: 5 and 1 rows split 3/2 and 1/0 (an empty shard);
-    the 1000 x 40 weight is more than one CPU-kernel chunk per shard."""
+    the 1000 x 40 weight is more than one CPU-kernel chunk per shard.
+
+    ``eight_bit``: the 8-bit model, whose 8-bit tensors split on 2 ranks where a
+    256-element block ends (512 x 64 and 512 into 256 rows each; 1 x 512 into 1/0
+    rows, an empty shard), so each shard's own blocks are the whole tensor's and
+    the sharded run must equal the single-process one."""
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 1000), nn.Tanh(), nn.Linear(1000, 1)
-    )
+    widths = (7, 5, 64, 512, 1) if eight_bit else (7, 5, 40, 1000, 1)
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(fan_in, fan_out)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
 
 
 def batch(step: int):
@@ -48,8 +62,9 @@ def param_groups(model: nn.Sequential, anchors: List[torch.Tensor]):
     ]
 
 
-def make_optimizer(model, anchors, impl):
-    return AdamSPD(param_groups(model, anchors), lr=0.05, weight_decay=1.0, impl=impl)
+def make_optimizer(model, anchors, impl, eight_bit: bool = False):
+    bits = dict(optim_bits=8, min_8bit_size=MIN_8BIT_SIZE) if eight_bit else {}
+    return AdamSPD(param_groups(model, anchors), lr=0.05, weight_decay=1.0, impl=impl, **bits)
 
 
 def train(model, opt, steps, first_step=0, count_comms=False) -> Dict[str, object]:
@@ -91,6 +106,11 @@ def snapshot(model, opt) -> Dict[str, torch.Tensor]:
             for key in ("exp_avg", "exp_avg_sq", "anchor"):
                 if key in opt.state[p]:
                     out[f"{key}/{name}"] = full(opt.state[p][key])
+            if "exp_avg_absmax" in opt.state[p]:  # 8-bit: the codes above, and the values they stand for
+                for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                    absmax = local_absmax(opt.state[p][f"{key}_absmax"], p)
+                    value = dequantize(local(opt.state[p][key]), absmax, signed)
+                    out[f"{key}_value/{name}"] = full(wrap_like(p, value))
             out[f"step/{name}"] = opt.state[p]["step"].detach().clone()
     # the last step's per-layer stats: c and the norms scale with the sums (r does not)
     stats = opt.spd_stats()
@@ -99,17 +119,17 @@ def snapshot(model, opt) -> Dict[str, torch.Tensor]:
     return out
 
 
-def single_process(impl: str) -> Dict[str, torch.Tensor]:
-    model = make_model()
-    opt = make_optimizer(model, pretrained_anchors(model), impl)
+def single_process(impl: str, eight_bit: bool = False) -> Dict[str, torch.Tensor]:
+    model = make_model(eight_bit=eight_bit)
+    opt = make_optimizer(model, pretrained_anchors(model), impl, eight_bit)
     result = train(model, opt, STEPS)
     return {**snapshot(model, opt), "fired": torch.tensor(result["fired"])}
 
 
-def fsdp_model(mesh):
+def fsdp_model(mesh, eight_bit: bool = False, seed: int = 0):
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
+    model = make_model(seed, eight_bit)
     anchors = pretrained_anchors(model)  # full tensors, as every rank loads the pre-trained weights
     for i in (0, 2, 4, 6):
         fully_shard(model[i], mesh=mesh)
@@ -117,9 +137,9 @@ def fsdp_model(mesh):
     return model, anchors
 
 
-def fsdp(impl: str, mesh) -> Dict[str, torch.Tensor]:
-    model, anchors = fsdp_model(mesh)
-    opt = make_optimizer(model, anchors, impl)
+def fsdp(impl: str, mesh, eight_bit: bool = False) -> Dict[str, torch.Tensor]:
+    model, anchors = fsdp_model(mesh, eight_bit)
+    opt = make_optimizer(model, anchors, impl, eight_bit)
     result = train(model, opt, STEPS, count_comms=True)
     locals_ = {f"local/{n}": p.to_local().clone() for n, p in model.named_parameters()}
     return {**snapshot(model, opt), **locals_, "fired": torch.tensor(result["fired"]), "comms": result["comms"]}
@@ -136,14 +156,14 @@ def ddp(impl: str) -> Dict[str, torch.Tensor]:
     return {**snapshot(model, opt), "fired": torch.tensor(result["fired"]), "comms": result["comms"]}
 
 
-def checkpoint_resume(mesh, ckpt_dir: str) -> Dict[str, torch.Tensor]:
+def checkpoint_resume(mesh, ckpt_dir: str, eight_bit: bool = False) -> Dict[str, torch.Tensor]:
     """Save with DCP mid-run, load into a fresh model and optimizer, finish the run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     half = STEPS // 2
-    model, anchors = fsdp_model(mesh)
-    opt = make_optimizer(model, anchors, "auto")
+    model, anchors = fsdp_model(mesh, eight_bit)
+    opt = make_optimizer(model, anchors, "auto", eight_bit)
     train(model, opt, half)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
@@ -153,21 +173,24 @@ def checkpoint_resume(mesh, ckpt_dir: str) -> Dict[str, torch.Tensor]:
     # a fresh model from another seed, with other anchors: everything must come from the checkpoint
     from torch.distributed.fsdp import fully_shard
 
-    fresh = make_model(seed=123)
+    fresh = make_model(seed=123, eight_bit=eight_bit)
     other_anchors = [a + 1.0 for a in pretrained_anchors(fresh)]
     for i in (0, 2, 4, 6):
         fully_shard(fresh[i], mesh=mesh)
     fully_shard(fresh, mesh=mesh)
-    fresh_opt = make_optimizer(fresh, other_anchors, "auto")
+    fresh_opt = make_optimizer(fresh, other_anchors, "auto", eight_bit)
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     anchor_kinds = sorted({type(fresh_opt.state[p]["anchor"]).__name__ for p in fresh_opt.state
                            if "anchor" in fresh_opt.state[p]})
+    state_kinds = sorted({f"{type(v).__name__}:{v.dtype}" for st in fresh_opt.state.values()
+                          for k, v in st.items() if k != "step"})
     train(fresh, fresh_opt, STEPS - half, first_step=half)
     resumed = snapshot(fresh, fresh_opt)
-    return {"uninterrupted": uninterrupted, "resumed": resumed, "anchor_kinds": anchor_kinds}
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "anchor_kinds": anchor_kinds,
+            "state_kinds": state_kinds}
 
 
 def errors(mesh) -> Dict[str, str]:
@@ -247,19 +270,20 @@ def two_dim_sharding(mesh, impl: str) -> Dict[str, torch.Tensor]:
     return out
 
 
-def load_full_state(mesh) -> Dict[str, Dict[str, torch.Tensor]]:
+def load_full_state(mesh, eight_bit: bool = False) -> Dict[str, Dict[str, torch.Tensor]]:
     """A single-process optimizer's state_dict (full tensors) loaded into an FSDP2 one: each
     rank keeps its slice, and both runs go on alike."""
     from torch.distributed.tensor import distribute_tensor
 
     half = STEPS // 2
-    plain = make_model()
-    plain_opt = make_optimizer(plain, pretrained_anchors(plain), "auto")
+    plain = make_model(eight_bit=eight_bit)
+    plain_opt = make_optimizer(plain, pretrained_anchors(plain), "auto", eight_bit)
     train(plain, plain_opt, half)
     saved = plain_opt.state_dict()
 
-    model, anchors = fsdp_model(mesh)
-    opt = make_optimizer(model, [a + 1.0 for a in anchors], "auto")  # wrong anchors: the load must replace them
+    model, anchors = fsdp_model(mesh, eight_bit)
+    # wrong anchors: the load must replace them
+    opt = make_optimizer(model, [a + 1.0 for a in anchors], "auto", eight_bit)
     with torch.no_grad():
         for (_, p), (_, full_p) in zip(model.named_parameters(), plain.named_parameters()):
             p.to_local().copy_(distribute_tensor(full_p, p.device_mesh, p.placements, src_data_rank=None).to_local())
@@ -281,7 +305,16 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str
     try:
         results = {}
         for name in scenarios:
-            if name.startswith("fsdp:"):
+            if name.startswith("fsdp8:"):
+                results[name] = fsdp(name.split(":", 1)[1], init_device_mesh("cpu", (world,)), eight_bit=True)
+            elif name.startswith("single8:"):
+                results[name] = single_process(name.split(":", 1)[1], eight_bit=True)
+            elif name == "dcp8":
+                results[name] = checkpoint_resume(init_device_mesh("cpu", (world,)), os.path.join(out_dir, "ckpt8"),
+                                                  eight_bit=True)
+            elif name == "load_full8":
+                results[name] = load_full_state(init_device_mesh("cpu", (world,)), eight_bit=True)
+            elif name.startswith("fsdp:"):
                 mesh = init_device_mesh("cpu", (world,))
                 results[name] = fsdp(name.split(":", 1)[1], mesh)
             elif name.startswith("hsdp:"):

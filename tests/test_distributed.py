@@ -52,6 +52,8 @@ def run_ranks(world: int, scenarios, tmp_path):
 def two_ranks(tmp_path_factory):
     scenarios = [f"fsdp:{impl}" for impl in FSDP_IMPLS] + [f"single:{impl}" for impl in FSDP_IMPLS]
     scenarios += [f"ddp:{AUTO}", "dcp", "errors", "load_full"]
+    scenarios += [f"fsdp8:{impl}" for impl in FSDP_IMPLS] + [f"single8:{impl}" for impl in FSDP_IMPLS]
+    scenarios += ["dcp8", "load_full8"]
     return run_ranks(2, scenarios, tmp_path_factory.mktemp("two_ranks"))
 
 
@@ -59,7 +61,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
-def assert_matches_single_process(sharded, single, min_fired=4):
+def assert_matches_single_process(sharded, single, min_fired=4, state_tol=STATE_TOL, stats_tol=STATS_TOL):
     assert sharded.keys() - {"comms"} >= single.keys() - {"fired"}
     for key, want in single.items():
         if key == "fired":
@@ -69,7 +71,7 @@ def assert_matches_single_process(sharded, single, min_fired=4):
         if key.startswith("step/"):
             assert torch.equal(got, want), key
         else:
-            tol = STATS_TOL if key.startswith("stats/") else STATE_TOL
+            tol = stats_tol if key.startswith("stats/") else state_tol
             assert relative_error(got, want) <= tol, (key, relative_error(got, want))
     # projections fired on both sides, and on the same (layer, step) count
     assert int(single["fired"]) >= min_fired
@@ -121,6 +123,43 @@ def test_dcp_checkpoint_resumes_bitwise(two_ranks):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     return run_ranks(4, [f"hsdp:{AUTO}", f"single:{AUTO}", f"2d:{AUTO}"], tmp_path_factory.mktemp("four_ranks"))
+
+
+EIGHT_BIT_TENSORS = {"4.weight", "4.bias", "6.weight"}  # of the 8-bit model, at MIN_8BIT_SIZE
+
+
+@pytest.mark.parametrize("impl", FSDP_IMPLS)
+def test_fsdp2_with_8bit_states_equals_single_process(two_ranks, impl):
+    # blocks are local to a shard; the 8-bit model's shards end on block bounds (one is empty),
+    # so codes, absmax and params must match the single-process run's
+    for rank in two_ranks:
+        sharded, single = rank[f"fsdp8:{impl}"], rank[f"single8:{impl}"]
+        assert {k.split("/", 1)[1] for k in single if k.startswith("exp_avg_value/")} == EIGHT_BIT_TENSORS
+        for name in EIGHT_BIT_TENSORS:
+            assert single[f"exp_avg/{name}"].dtype == sharded[f"exp_avg/{name}"].dtype == torch.uint8
+            assert single[f"exp_avg_sq/{name}"].any()  # the codes moved: not a test on zeros
+        assert_matches_single_process(sharded, single, min_fired=2)
+
+
+def test_dcp_checkpoint_with_8bit_states_resumes_bitwise(two_ranks):
+    for rank in two_ranks:
+        dcp = rank["dcp8"]
+        # codes, absmax and anchors all came back as DTensors (each rank's own blocks)
+        assert dcp["state_kinds"] == ["DTensor:torch.float32", "DTensor:torch.uint8"]
+        want, got = dcp["uninterrupted"], dcp["resumed"]
+        assert want.keys() == got.keys() and any(k.startswith("exp_avg_value/") for k in want)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_full_8bit_state_dict_loads_into_a_sharded_optimizer(two_ranks):
+    # a single-process 8-bit checkpoint: each shard's blocks are cut out of the whole tensor's
+    # (the 8-bit model's shards end on block bounds), so both runs go on alike
+    for rank in two_ranks:
+        out = rank["load_full8"]
+        assert out["kinds"] == ["DTensor"]
+        assert any(k.startswith("exp_avg_value/") for k in out["single"])
+        assert_matches_single_process(out["sharded"], out["single"], min_fired=1)
 
 
 def test_full_state_dict_loads_into_a_sharded_optimizer(two_ranks):

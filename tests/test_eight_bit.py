@@ -249,3 +249,17 @@ def test_grad_scaler_inf_step_leaves_8bit_state_untouched():
     opt.step()
     for key, value in before.items():
         assert torch.equal(opt.state[params[0]][key], value), key
+
+
+def test_two_shard_emulation_refuses_8bit_states():
+    # halving an absmax list would not give each half its own blocks: refused, never silently wrong
+    from spd_kernels import backends
+    from spd_kernels.testing import bucket_of, new_state, two_shard_step
+
+    gen = torch.Generator().manual_seed(0)
+    state = new_state([4096], torch.float32, torch.float32, False, gen, torch.device("cpu"), eight_bit=True)
+    grads = [torch.randn(4096, generator=gen)]
+    before = {k: [t.clone() for t in v] for k, v in state.items() if v is not None}
+    with pytest.raises(ValueError, match="8-bit states"):
+        two_shard_step(backends.get("reference").start)(bucket_of(state, grads, lr=1e-3))
+    assert all(torch.equal(a, b) for k, v in before.items() for a, b in zip(v, state[k]))
