@@ -10,7 +10,8 @@ import sys
 
 #: command -> what it does (the first line of its module's docstring says the same)
 COMMANDS = {
-    "demo": "robust fine-tuning demo: AdamW, L2-SP and AdamSPD on corrupted digits (the main job)",
+    "demo": "robust fine-tuning demo: OOD accuracy at matched ID, AdamSPD against AdamW, WiSE-FT, LP-FT and L2-SP "
+            "(the main job)",
     "verify": "check every backend here against the pure-PyTorch reference (exits 1 on a FAIL)",
     "bench": "benchmark report: AdamSPD backends vs AdamW fused/foreach and a compiled SPD",
 }

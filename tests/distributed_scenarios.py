@@ -270,18 +270,19 @@ def two_dim_sharding(mesh, impl: str) -> Dict[str, torch.Tensor]:
     return out
 
 
-def load_full_state(mesh, eight_bit: bool = False) -> Dict[str, Dict[str, torch.Tensor]]:
+def load_full_state(mesh, eight_bit: bool = False, aligned: bool = True) -> Dict[str, Dict[str, torch.Tensor]]:
     """A single-process optimizer's state_dict (full tensors) loaded into an FSDP2 one: each
-    rank keeps its slice, and both runs go on alike."""
+    rank keeps its slice, and both runs go on alike. ``aligned=False`` with ``eight_bit``: 8-bit
+    states on the first model, whose shards split blocks (re-quantized on load)."""
     from torch.distributed.tensor import distribute_tensor
 
     half = STEPS // 2
-    plain = make_model(eight_bit=eight_bit)
+    plain = make_model(eight_bit=eight_bit and aligned)
     plain_opt = make_optimizer(plain, pretrained_anchors(plain), "auto", eight_bit)
     train(plain, plain_opt, half)
     saved = plain_opt.state_dict()
 
-    model, anchors = fsdp_model(mesh, eight_bit)
+    model, anchors = fsdp_model(mesh, eight_bit and aligned)
     # wrong anchors: the load must replace them
     opt = make_optimizer(model, [a + 1.0 for a in anchors], "auto", eight_bit)
     with torch.no_grad():
@@ -314,6 +315,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str
                                                   eight_bit=True)
             elif name == "load_full8":
                 results[name] = load_full_state(init_device_mesh("cpu", (world,)), eight_bit=True)
+            elif name == "load_full8_unaligned":
+                results[name] = load_full_state(init_device_mesh("cpu", (world,)), eight_bit=True, aligned=False)
             elif name.startswith("fsdp:"):
                 mesh = init_device_mesh("cpu", (world,))
                 results[name] = fsdp(name.split(":", 1)[1], mesh)

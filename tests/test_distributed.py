@@ -53,7 +53,7 @@ def two_ranks(tmp_path_factory):
     scenarios = [f"fsdp:{impl}" for impl in FSDP_IMPLS] + [f"single:{impl}" for impl in FSDP_IMPLS]
     scenarios += [f"ddp:{AUTO}", "dcp", "errors", "load_full"]
     scenarios += [f"fsdp8:{impl}" for impl in FSDP_IMPLS] + [f"single8:{impl}" for impl in FSDP_IMPLS]
-    scenarios += ["dcp8", "load_full8"]
+    scenarios += ["dcp8", "load_full8", "load_full8_unaligned"]
     return run_ranks(2, scenarios, tmp_path_factory.mktemp("two_ranks"))
 
 
@@ -160,6 +160,23 @@ def test_full_8bit_state_dict_loads_into_a_sharded_optimizer(two_ranks):
         assert out["kinds"] == ["DTensor"]
         assert any(k.startswith("exp_avg_value/") for k in out["single"])
         assert_matches_single_process(out["sharded"], out["single"], min_fired=1)
+
+
+#: shards that split a block re-quantize a whole tensor's 8-bit moments in their own blocks: one
+#: more rounding (the signed map has no -1.0, so a block whose largest value is negative changes
+#: its absmax); measured 2.6e-2 worst relative error (a first moment) after 3 more steps here
+REQUANTIZED_TOL = 5e-2
+
+
+def test_full_8bit_state_dict_loads_into_shards_that_split_blocks(two_ranks):
+    for rank in two_ranks:
+        out = rank["load_full8_unaligned"]
+        assert out["kinds"] == ["DTensor"]
+        single = {k: v for k, v in out["single"].items() if v.dtype != torch.uint8}  # codes may differ
+        assert {k.split("/", 1)[1] for k in single if k.startswith("exp_avg_value/")} == {"4.weight", "4.bias",
+                                                                                         "6.weight"}
+        assert_matches_single_process(out["sharded"], single, min_fired=1, state_tol=REQUANTIZED_TOL,
+                                      stats_tol=REQUANTIZED_TOL)
 
 
 def test_full_state_dict_loads_into_a_sharded_optimizer(two_ranks):
