@@ -208,12 +208,17 @@ void finalize(const Sums& sums, float weight_decay, float max_scale, float* row)
 constexpr int64_t QBLOCK = 256;  // elements per absmax block (quantization.BLOCK_SIZE)
 static_assert(CHUNK % QBLOCK == 0, "chunks must start on block bounds");
 
-// Nearest code in O(1). A float's sign, exponent and top 7 mantissa bits pick a bucket of
-// values narrower than the gap between two midpoints of either map, so at most one midpoint
-// lies in a bucket (build_qmaps checks it). start[map][sign][key] is the number of midpoints
-// below the bucket's smallest value; the code of y is that, plus one if the next midpoint is
-// below y. Magnitudes under 2^-24 share the lowest bucket, which reaches down to 0: the
-// maps' midpoints next to 0 are farther out (their smallest nonzero values are above 1e-7).
+// Nearest code in O(1), one table read. A float's sign, exponent and top 7 mantissa bits (the
+// upper 16 bits of its magnitude, its "key") pick a bucket of values narrower than the gap
+// between two midpoints of either map, so at most one midpoint lies in a bucket (build_qmaps
+// checks it). entry[map][sign][key] packs: the number of midpoints below the bucket's
+// smallest value (bits 0-7); whether a midpoint lies in the bucket (bit 8); if so, the low 16
+// bits of its magnitude (bits 16-31). That midpoint shares the bucket's upper 16 bits, so
+// "midpoint < y" is a compare of low 16 bits: |mid| < |y| for y > 0, |mid| > |y| for y < 0.
+// The code of y is the count below, plus one if the bucket's midpoint is below y.
+// Magnitudes under 2^-24 share the lowest bucket, which reaches down to 0; they compare as
+// low bits -1 (below any midpoint's), and the maps' midpoints next to 0 are above 2^-24
+// (their smallest nonzero values are above 1e-7; build_qmaps checks it).
 constexpr uint32_t KEY_MIN = 103u << 7, KEY_MAX = 0x3F80;  // |y| in [2^-24, 1]: exponent, 7 mantissa bits
 constexpr int NUM_KEYS = KEY_MAX - KEY_MIN + 1;
 
@@ -222,8 +227,12 @@ constexpr int NUM_KEYS = KEY_MAX - KEY_MIN + 1;
 struct QMaps {
   float value[2][256];
   float mid[2][256];
-  int32_t start[2][2][NUM_KEYS];  // [map][sign][key - KEY_MIN]; int32 so a vector gather reads it
+  int32_t entry[2][2][NUM_KEYS];  // [map][sign][key - KEY_MIN]; int32 so a vector gather reads it
+  // byte b of value[k][c] at plane[k][b][c]: four 256-byte tables a byte shuffle reads (dequantize)
+  alignas(64) uint8_t plane[2][4][256];
 };
+
+constexpr int32_t HAS_MID = 1 << 8;
 
 inline uint32_t float_bits(float y) {
   uint32_t bits;
@@ -247,6 +256,8 @@ int count_below(float y, const float* mid) {
 void build_qmaps(const float* values, QMaps& out) {
   for (int k = 0; k < 2; ++k) {
     for (int c = 0; c < 256; ++c) out.value[k][c] = values[256 * k + c];
+    for (int c = 0; c < 256; ++c)
+      for (int b = 0; b < 4; ++b) out.plane[k][b][c] = static_cast<uint8_t>(float_bits(out.value[k][c]) >> (8 * b));
     for (int c = 0; c < 255; ++c) out.mid[k][c] = (out.value[k][c] + out.value[k][c + 1]) / 2.0f;
     out.mid[k][255] = std::numeric_limits<float>::infinity();
     for (int sign = 0; sign < 2; ++sign) {
@@ -257,9 +268,15 @@ void build_qmaps(const float* values, QMaps& out) {
         const float hi = bucket == KEY_MAX ? 1.0f : bits_float((bucket << 16) | 0xFFFFu);
         const float smallest = sign ? -hi : lo, largest = sign ? -lo : hi;
         const int below = count_below(smallest, out.mid[k]);
-        TORCH_CHECK(count_below(largest, out.mid[k]) - below <= 1,
-                    "qmaps: two midpoints of a map fall in one bucket of the quantizer");
-        out.start[k][sign][key] = below;
+        const int inside = count_below(largest, out.mid[k]) - below;
+        TORCH_CHECK(inside <= 1, "qmaps: two midpoints of a map fall in one bucket of the quantizer");
+        int32_t entry = below;
+        if (inside == 1) {
+          const uint32_t mid_bits = float_bits(out.mid[k][below]) & 0x7FFFFFFFu;
+          TORCH_CHECK((mid_bits >> 16) == bucket, "qmaps: a midpoint below 2^-24 (or above 1)");
+          entry |= HAS_MID | static_cast<int32_t>((mid_bits & 0xFFFFu) << 16);
+        }
+        out.entry[k][sign][key] = entry;
       }
     }
   }
@@ -283,10 +300,13 @@ const QMaps& make_qmaps(const at::Tensor& qmaps) {
 
 // The code of y (in [-1, 1]) in map k: the number of its midpoints below y.
 inline uint8_t nearest_code(float y, const QMaps& maps, int k) {
-  const uint32_t bits = float_bits(y);
-  const uint32_t key = std::min(std::max((bits & 0x7FFFFFFFu) >> 16, KEY_MIN), KEY_MAX) - KEY_MIN;
-  const int32_t below = maps.start[k][bits >> 31][key];
-  const int32_t code = below + (maps.mid[k][below] < y ? 1 : 0);
+  const uint32_t bits = float_bits(y), raw_key = (bits & 0x7FFFFFFFu) >> 16;
+  const uint32_t key = std::min(std::max(raw_key, KEY_MIN), KEY_MAX) - KEY_MIN;
+  const int32_t entry = maps.entry[k][bits >> 31][key];
+  const int32_t low = raw_key < KEY_MIN ? -1 : static_cast<int32_t>(bits & 0xFFFFu);
+  const int32_t mid_low = static_cast<int32_t>(static_cast<uint32_t>(entry) >> 16);
+  const bool up = (entry & HAS_MID) && ((bits >> 31) ? mid_low > low : mid_low < low);
+  const int32_t code = (entry & 0xFF) + (up ? 1 : 0);
   // the second moment (map 1): a positive value never takes the zero code
   return static_cast<uint8_t>(k == 1 && code == 0 && y > 0.0f ? 1 : code);
 }
@@ -299,12 +319,45 @@ struct Moments8 {
   float* v_absmax;
 };
 
-// One block's codes to fp32: out[j] = table[codes[j]] * scale.
-inline void dequantize_block(const uint8_t* __restrict codes, int64_t len, const float* __restrict table, float scale,
+// One block's codes to fp32: out[j] = table[codes[j]] * scale (table = maps.value[k]).
+inline void dequantize_block(const uint8_t* __restrict codes, int64_t len, const QMaps& maps, int k, float scale,
                              float* __restrict out) {
+  const float* __restrict table = maps.value[k];
   int64_t j = 0;
 #ifdef __AVX512F__
   const __m512 vscale = _mm512_set1_ps(scale);
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  // 64 codes at a time without a gather: each byte of the values is a 256-entry byte table,
+  // read with two 128-entry byte shuffles (vpermt2b) picked by the code's top bit; the four
+  // byte planes are then interleaved into 64 floats (unpacks work within 128-bit lanes,
+  // so lane l of A, B, C, D holds elements 16l + 0-3, 4-7, 8-11, 12-15; shuffles gather them)
+  if (len >= 64) {
+    __m512i quarter[4][4];
+    for (int b = 0; b < 4; ++b)
+      for (int q = 0; q < 4; ++q) quarter[b][q] = _mm512_load_si512(maps.plane[k][b] + 64 * q);
+    for (; j + 64 <= len; j += 64) {
+      const __m512i c = _mm512_loadu_si512(codes + j);
+      const __mmask64 top = _mm512_movepi8_mask(c);
+      __m512i byte[4];
+      for (int b = 0; b < 4; ++b)
+        byte[b] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(quarter[b][0], c, quarter[b][1]),
+                                         _mm512_permutex2var_epi8(quarter[b][2], c, quarter[b][3]));
+      const __m512i lo01 = _mm512_unpacklo_epi8(byte[0], byte[1]), hi01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(byte[2], byte[3]), hi23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+      const __m512i a = _mm512_unpacklo_epi16(lo01, lo23), bq = _mm512_unpackhi_epi16(lo01, lo23);
+      const __m512i cq = _mm512_unpacklo_epi16(hi01, hi23), d = _mm512_unpackhi_epi16(hi01, hi23);
+      const __m512i t1 = _mm512_shuffle_i32x4(a, bq, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i t2 = _mm512_shuffle_i32x4(cq, d, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i t3 = _mm512_shuffle_i32x4(a, bq, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m512i t4 = _mm512_shuffle_i32x4(cq, d, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m512i x[4] = {_mm512_shuffle_i32x4(t1, t2, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(t1, t2, _MM_SHUFFLE(3, 1, 3, 1)),
+                            _mm512_shuffle_i32x4(t3, t4, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(t3, t4, _MM_SHUFFLE(3, 1, 3, 1))};
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + j + 16 * q, _mm512_mul_ps(_mm512_castsi512_ps(x[q]), vscale));
+    }
+  }
+#endif
   for (; j + 16 <= len; j += 16) {
     const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
     _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_i32gather_ps(index, table, 4), vscale));
@@ -318,20 +371,27 @@ inline void quantize_block(const float* __restrict x, int64_t len, float inv, co
                            uint8_t* __restrict codes) {
   int64_t j = 0;
 #ifdef __AVX512F__
-  // the same steps as nearest_code, 16 lanes at a time (two gathers: the table, the next midpoint)
+  // the same steps as nearest_code, 16 lanes at a time (one gather: the table)
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), key_min = _mm512_set1_epi32(KEY_MIN),
-                key_max = _mm512_set1_epi32(KEY_MAX), keys = _mm512_set1_epi32(NUM_KEYS), one = _mm512_set1_epi32(1);
-  const int32_t* start = &maps.start[k][0][0];
+                key_max = _mm512_set1_epi32(KEY_MAX), keys = _mm512_set1_epi32(NUM_KEYS), one = _mm512_set1_epi32(1),
+                low16 = _mm512_set1_epi32(0xFFFF), low8 = _mm512_set1_epi32(0xFF), has_mid = _mm512_set1_epi32(HAS_MID),
+                minus_one = _mm512_set1_epi32(-1), zero = _mm512_setzero_si512();
+  const int32_t* table = &maps.entry[k][0][0];
   for (; j + 16 <= len; j += 16) {
     const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv), lo), hi);
     const __m512i bits = _mm512_castps_si512(y);
-    __m512i key = _mm512_srli_epi32(_mm512_and_si512(bits, magnitude), 16);
-    key = _mm512_min_epi32(_mm512_max_epi32(key, key_min), key_max);
-    const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(bits, 31), keys),
-                                          _mm512_sub_epi32(key, key_min));
-    const __m512i below = _mm512_i32gather_epi32(slot, start, 4);
-    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_i32gather_ps(below, maps.mid[k], 4), y, _CMP_LT_OQ);
+    const __m512i raw_key = _mm512_srli_epi32(_mm512_and_si512(bits, magnitude), 16);
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(bits, zero);
+    const __m512i offset = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(raw_key, key_min), key_max), key_min);
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_mask_add_epi32(offset, negative, offset, keys), table, 4);
+    const __m512i low = _mm512_mask_mov_epi32(_mm512_and_si512(bits, low16),
+                                              _mm512_cmplt_epi32_mask(raw_key, key_min), minus_one);
+    const __m512i mid_low = _mm512_srli_epi32(entry, 16);
+    const __mmask16 up = _mm512_test_epi32_mask(entry, has_mid) &
+                         ((_mm512_cmplt_epi32_mask(mid_low, low) & ~negative) |
+                          (_mm512_cmpgt_epi32_mask(mid_low, low) & negative));
+    const __m512i below = _mm512_and_si512(entry, low8);
     __m512i code = _mm512_mask_add_epi32(below, up, below, one);
     if (k == 1) {  // the second moment: a positive value never takes the zero code
       const __mmask16 lift = _mm512_mask_cmpeq_epi32_mask(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ),
@@ -361,8 +421,8 @@ Sums adam_chunk8(P* __restrict p, const P* __restrict g, const Moments8& mo, con
   float m[QBLOCK], v[QBLOCK];
   for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
     const int64_t len = std::min(QBLOCK, end - b0), blk = b0 / QBLOCK;
-    dequantize_block(mo.m + b0, len, maps.value[0], mo.m_absmax[blk], m);
-    dequantize_block(mo.v + b0, len, maps.value[1], mo.v_absmax[blk], v);
+    dequantize_block(mo.m + b0, len, maps, 0, mo.m_absmax[blk], m);
+    dequantize_block(mo.v + b0, len, maps, 1, mo.v_absmax[blk], v);
     total.add(adam_chunk<P, A, false, HAS_ANCHOR, true, true>(p + b0, g + b0, m, v, nullptr,
                                                                HAS_ANCHOR ? a + b0 : nullptr, 0, len, s));
     const float m_max = max_abs(m, len), v_max = max_abs(v, len);
