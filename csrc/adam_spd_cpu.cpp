@@ -211,14 +211,15 @@ static_assert(CHUNK % QBLOCK == 0, "chunks must start on block bounds");
 // Nearest code in O(1), one table read. A float's sign, exponent and top 7 mantissa bits (the
 // upper 16 bits of its magnitude, its "key") pick a bucket of values narrower than the gap
 // between two midpoints of either map, so at most one midpoint lies in a bucket (build_qmaps
-// checks it). entry[map][sign][key] packs: the number of midpoints below the bucket's
-// smallest value (bits 0-7); whether a midpoint lies in the bucket (bit 8); if so, the low 16
-// bits of its magnitude (bits 16-31). That midpoint shares the bucket's upper 16 bits, so
-// "midpoint < y" is a compare of low 16 bits: |mid| < |y| for y > 0, |mid| > |y| for y < 0.
-// The code of y is the count below, plus one if the bucket's midpoint is below y.
-// Magnitudes under 2^-24 share the lowest bucket, which reaches down to 0; they compare as
-// low bits -1 (below any midpoint's), and the maps' midpoints next to 0 are above 2^-24
-// (their smallest nonzero values are above 1e-7; build_qmaps checks it).
+// checks it). entry[map][sign][key] packs the number of midpoints below the bucket's
+// smallest value (bits 24-31) and, in bits 0-16, where the bucket's midpoint is: it shares
+// the bucket's upper 16 bits, so "midpoint < y" is a compare of the low 16 bits of the
+// magnitudes, |mid| < |y| for y > 0 and |mid| > |y| for y < 0; both become
+// field < ylow with field = the midpoint's low bits (y > 0) or 0xFFFF minus them (y < 0) and
+// ylow = y's low bits, flipped the same way. A bucket without a midpoint stores 0x10000,
+// which no ylow exceeds. The code of y is the count below, plus one if field < ylow.
+// Magnitudes under 2^-24 share the lowest bucket, which reaches down to 0 and holds no
+// midpoint (the maps' smallest nonzero values are above 1e-7; build_qmaps checks it).
 constexpr uint32_t KEY_MIN = 103u << 7, KEY_MAX = 0x3F80;  // |y| in [2^-24, 1]: exponent, 7 mantissa bits
 constexpr int NUM_KEYS = KEY_MAX - KEY_MIN + 1;
 
@@ -232,7 +233,7 @@ struct QMaps {
   alignas(64) uint8_t plane[2][4][256];
 };
 
-constexpr int32_t HAS_MID = 1 << 8;
+constexpr int32_t NO_MID = 0x10000, FIELD = 0x1FFFF;
 
 inline uint32_t float_bits(float y) {
   uint32_t bits;
@@ -270,12 +271,13 @@ void build_qmaps(const float* values, QMaps& out) {
         const int below = count_below(smallest, out.mid[k]);
         const int inside = count_below(largest, out.mid[k]) - below;
         TORCH_CHECK(inside <= 1, "qmaps: two midpoints of a map fall in one bucket of the quantizer");
-        int32_t entry = below;
+        int32_t field = NO_MID;
         if (inside == 1) {
           const uint32_t mid_bits = float_bits(out.mid[k][below]) & 0x7FFFFFFFu;
-          TORCH_CHECK((mid_bits >> 16) == bucket, "qmaps: a midpoint below 2^-24 (or above 1)");
-          entry |= HAS_MID | static_cast<int32_t>((mid_bits & 0xFFFFu) << 16);
+          TORCH_CHECK((mid_bits >> 16) == bucket && key != 0, "qmaps: a midpoint below 2^-24 (or above 1)");
+          field = static_cast<int32_t>(sign ? 0xFFFFu - (mid_bits & 0xFFFFu) : mid_bits & 0xFFFFu);
         }
+        const int32_t entry = static_cast<int32_t>((static_cast<uint32_t>(below) << 24) | static_cast<uint32_t>(field));
         out.entry[k][sign][key] = entry;
       }
     }
@@ -300,13 +302,11 @@ const QMaps& make_qmaps(const at::Tensor& qmaps) {
 
 // The code of y (in [-1, 1]) in map k: the number of its midpoints below y.
 inline uint8_t nearest_code(float y, const QMaps& maps, int k) {
-  const uint32_t bits = float_bits(y), raw_key = (bits & 0x7FFFFFFFu) >> 16;
+  const uint32_t bits = float_bits(y), raw_key = (bits & 0x7FFFFFFFu) >> 16, negative = bits >> 31;
   const uint32_t key = std::min(std::max(raw_key, KEY_MIN), KEY_MAX) - KEY_MIN;
-  const int32_t entry = maps.entry[k][bits >> 31][key];
-  const int32_t low = raw_key < KEY_MIN ? -1 : static_cast<int32_t>(bits & 0xFFFFu);
-  const int32_t mid_low = static_cast<int32_t>(static_cast<uint32_t>(entry) >> 16);
-  const bool up = (entry & HAS_MID) && ((bits >> 31) ? mid_low > low : mid_low < low);
-  const int32_t code = (entry & 0xFF) + (up ? 1 : 0);
+  const int32_t entry = maps.entry[k][negative][key];
+  const int32_t ylow = static_cast<int32_t>((bits & 0xFFFFu) ^ (negative ? 0xFFFFu : 0u));
+  const int32_t code = static_cast<int32_t>(static_cast<uint32_t>(entry) >> 24) + ((entry & FIELD) < ylow ? 1 : 0);
   // the second moment (map 1): a positive value never takes the zero code
   return static_cast<uint8_t>(k == 1 && code == 0 && y > 0.0f ? 1 : code);
 }
@@ -371,33 +371,27 @@ inline void quantize_block(const float* __restrict x, int64_t len, float inv, co
                            uint8_t* __restrict codes) {
   int64_t j = 0;
 #ifdef __AVX512F__
-  // the same steps as nearest_code, 16 lanes at a time (one gather: the table)
+  // the same steps as nearest_code, 16 lanes at a time (one gather: the table); |y| <= 1, so
+  // the key needs no upper clamp
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), key_min = _mm512_set1_epi32(KEY_MIN),
-                key_max = _mm512_set1_epi32(KEY_MAX), keys = _mm512_set1_epi32(NUM_KEYS), one = _mm512_set1_epi32(1),
-                low16 = _mm512_set1_epi32(0xFFFF), low8 = _mm512_set1_epi32(0xFF), has_mid = _mm512_set1_epi32(HAS_MID),
-                minus_one = _mm512_set1_epi32(-1), zero = _mm512_setzero_si512();
+                keys = _mm512_set1_epi32(NUM_KEYS), one = _mm512_set1_epi32(1), low16 = _mm512_set1_epi32(0xFFFF),
+                field = _mm512_set1_epi32(FIELD), zero = _mm512_setzero_si512();
   const int32_t* table = &maps.entry[k][0][0];
   for (; j + 16 <= len; j += 16) {
     const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv), lo), hi);
     const __m512i bits = _mm512_castps_si512(y);
-    const __m512i raw_key = _mm512_srli_epi32(_mm512_and_si512(bits, magnitude), 16);
     const __mmask16 negative = _mm512_cmplt_epi32_mask(bits, zero);
-    const __m512i offset = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(raw_key, key_min), key_max), key_min);
+    const __m512i offset = _mm512_sub_epi32(
+        _mm512_max_epi32(_mm512_srli_epi32(_mm512_and_si512(bits, magnitude), 16), key_min), key_min);
     const __m512i entry = _mm512_i32gather_epi32(_mm512_mask_add_epi32(offset, negative, offset, keys), table, 4);
-    const __m512i low = _mm512_mask_mov_epi32(_mm512_and_si512(bits, low16),
-                                              _mm512_cmplt_epi32_mask(raw_key, key_min), minus_one);
-    const __m512i mid_low = _mm512_srli_epi32(entry, 16);
-    const __mmask16 up = _mm512_test_epi32_mask(entry, has_mid) &
-                         ((_mm512_cmplt_epi32_mask(mid_low, low) & ~negative) |
-                          (_mm512_cmpgt_epi32_mask(mid_low, low) & negative));
-    const __m512i below = _mm512_and_si512(entry, low8);
+    const __m512i ylow = _mm512_mask_xor_epi32(_mm512_and_si512(bits, low16), negative,
+                                               _mm512_and_si512(bits, low16), low16);
+    const __mmask16 up = _mm512_cmplt_epi32_mask(_mm512_and_si512(entry, field), ylow);
+    const __m512i below = _mm512_srli_epi32(entry, 24);
     __m512i code = _mm512_mask_add_epi32(below, up, below, one);
-    if (k == 1) {  // the second moment: a positive value never takes the zero code
-      const __mmask16 lift = _mm512_mask_cmpeq_epi32_mask(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                                          code, _mm512_setzero_si512());
-      code = _mm512_mask_mov_epi32(code, lift, one);
-    }
+    if (k == 1)  // the second moment: a positive value never takes the zero code
+      code = _mm512_mask_max_epi32(code, _mm512_cmpgt_epi32_mask(bits, zero), code, one);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(code));
   }
 #endif

@@ -315,9 +315,15 @@ def test_8bit_kernel_codes_every_midpoint_like_the_reference(p_dtype):
     # choose. Every midpoint of the signed map (times the block's absmax, a power of two, so
     # the scaling is exact) and its two float neighbours: the codes must be the reference's,
     # bit for bit, ties (a value on a midpoint) to the lower code included.
+    # Then values of both signs at every scale (log-uniform over 1e-9 .. 8): beta2 = 0 makes v
+    # the grad squared, so the second moment's codes (the unsigned map) are checked too.
     mids = quantization.midpoints(quantization.dynamic_map(True)) * 8.0
-    values = torch.stack([torch.nextafter(mids, torch.full_like(mids, -9.0)), mids,
-                          torch.nextafter(mids, torch.full_like(mids, 9.0))], dim=1).reshape(-1)
+    gen = torch.Generator().manual_seed(5)
+    spread = torch.exp(torch.empty(4000).uniform_(-20.7, 2.07, generator=gen))
+    spread = torch.where(torch.rand(4000, generator=gen) < 0.5, -spread, spread)
+    values = torch.cat([torch.stack([torch.nextafter(mids, torch.full_like(mids, -9.0)), mids,
+                                     torch.nextafter(mids, torch.full_like(mids, 9.0))], dim=1).reshape(-1),
+                        spread.clamp(-8.0, 8.0), torch.zeros(3)])
     per_block = quantization.BLOCK_SIZE - 1  # each block also holds an 8.0: its absmax
     blocks = [torch.cat([torch.tensor([8.0]), values[i:i + per_block]]) for i in range(0, values.numel(), per_block)]
     grad = torch.cat(blocks).to(p_dtype)
@@ -325,7 +331,9 @@ def test_8bit_kernel_codes_every_midpoint_like_the_reference(p_dtype):
     state = new_state([grad.numel()], p_dtype, torch.float32, False, torch.Generator().manual_seed(4), CPU,
                       eight_bit=True)
     want = clone_state(state)
-    _cpu.adam_spd_cpu_step(bucket_of(state, [grad], lr=0.01, beta1=0.0, weight_decay=1.0))
-    reference_step(**want, grads=[grad], hp=Hyperparameters(lr=0.01, beta1=0.0, weight_decay=1.0))
+    _cpu.adam_spd_cpu_step(bucket_of(state, [grad], lr=0.01, beta1=0.0, beta2=0.0, weight_decay=1.0))
+    reference_step(**want, grads=[grad], hp=Hyperparameters(lr=0.01, beta1=0.0, beta2=0.0, weight_decay=1.0))
     assert torch.equal(state["exp_avg_absmaxs"][0], want["exp_avg_absmaxs"][0])
     assert torch.equal(state["exp_avgs"][0], want["exp_avgs"][0])
+    assert torch.equal(state["exp_avg_sq_absmaxs"][0], want["exp_avg_sq_absmaxs"][0])
+    assert torch.equal(state["exp_avg_sqs"][0], want["exp_avg_sqs"][0])
