@@ -113,13 +113,21 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
 
 
 #: The kernels find a value's code without a search: a float's sign, exponent and top 7
-#: mantissa bits pick a bucket narrower than any gap between two midpoints of either map;
-#: ``bucket_table`` holds, per bucket, the number of midpoints below its smallest value, and
-#: the code is that plus one if the next midpoint is below the value. Magnitudes below 2^-24
-#: share the lowest bucket (which reaches down to 0). The C++ kernel builds the same table.
+#: mantissa bits (the upper 16 bits of its magnitude, its key) pick a bucket narrower than
+#: any gap between two midpoints of either map, so at most one midpoint lies in a bucket, and
+#: that midpoint shares the bucket's upper 16 bits. ``bucket_table`` packs, per bucket, the
+#: number of midpoints below its smallest value (bits 24-31) and where its midpoint is (bits
+#: 0-16): the low 16 bits of the midpoint's magnitude for a positive bucket, 0xFFFF minus
+#: them for a negative one, NO_MID when there is none. A value y then takes the count, plus
+#: one if that field is below ylow, y's own low 16 bits flipped the same way: |mid| < |y|
+#: for y > 0 and |mid| > |y| for y < 0. One table read per value. Magnitudes below 2^-24
+#: share the lowest bucket (which reaches down to 0 and holds no midpoint). The C++ kernel
+#: builds the same table.
 KEY_MIN = 103 << 7
 KEY_MAX = 0x3F80
 NUM_KEYS = KEY_MAX - KEY_MIN + 1
+NO_MID = 0x10000  # no midpoint in the bucket: a field no 16-bit ylow exceeds
+FIELD_MASK = 0x1FFFF
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,27 +137,29 @@ def _bucket_table_cpu() -> Tensor:
     lo[0] = 0.0  # the lowest bucket reaches down to 0
     hi = ((keys << 16) | 0xFFFF).to(torch.int32).view(torch.float32).clone()
     hi[-1] = 1.0  # the top bucket is 1.0 itself
-    table = torch.empty((2, 2, NUM_KEYS), dtype=torch.int32)
+    table = torch.empty((2, 2, NUM_KEYS), dtype=torch.int64)
     for k, signed in enumerate((True, False)):
         mids = midpoints(dynamic_map(signed))
+        mid_bits = mids.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
         for sign, (smallest, largest) in enumerate(((lo, hi), (-hi, -lo))):
             below = torch.searchsorted(mids, smallest, side="left")  # midpoints < smallest
-            assert bool((torch.searchsorted(mids, largest, side="left") - below <= 1).all())
-            table[k, sign] = below.to(torch.int32)
-    return table
+            inside = torch.searchsorted(mids, largest, side="left") - below
+            assert bool((inside <= 1).all())
+            has = inside == 1
+            bits = mid_bits[below.clamp(max=mids.numel() - 1)]
+            assert bool(((bits[has] >> 16) == keys[has]).all()) and not bool(has[0])  # shares the bucket's key
+            low = bits & 0xFFFF
+            field = torch.where(has, 0xFFFF - low if sign else low, NO_MID)
+            table[k, sign] = (below << 24) | field
+    # the same 32 bits as int32 (bit 31 is set for a count of 128 or more)
+    return torch.where(table >= 2**31, table - 2**32, table).to(torch.int32)
 
 
 def bucket_table(device=None) -> Tensor:
-    """int32 [2 maps (signed, unsigned), 2 signs, NUM_KEYS]: midpoints below each bucket."""
+    """int32 [2 maps (signed, unsigned), 2 signs, NUM_KEYS]: per bucket, the midpoints below
+    it (bits 24-31) and its midpoint's place (bits 0-16; see above)."""
     table = _bucket_table_cpu()
     return table.to(device) if device is not None else table
-
-
-def padded_midpoints(device=None) -> Tensor:
-    """fp32 [2, 256]: each map's 255 midpoints and +inf (so ``code + 1`` never reads past them)."""
-    rows = [torch.cat([midpoints(dynamic_map(s)), torch.tensor([float("inf")])]) for s in (True, False)]
-    out = torch.stack(rows)
-    return out.to(device) if device is not None else out
 
 
 def maps(device=None) -> Tensor:

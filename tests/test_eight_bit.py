@@ -263,3 +263,22 @@ def test_two_shard_emulation_refuses_8bit_states():
     with pytest.raises(ValueError, match="8-bit states"):
         two_shard_step(backends.get("reference").start)(bucket_of(state, grads, lr=1e-3))
     assert all(torch.equal(a, b) for k, v in before.items() for a, b in zip(v, state[k]))
+
+
+def test_bucket_table_gives_the_reference_code_in_one_read():
+    # the kernels' rule (Triton reads this table; the C++ kernel builds the same one): the
+    # count below the bucket, plus one if the bucket's midpoint is below y, by low 16 bits
+    for k, signed in enumerate((True, False)):
+        mids = quantization.midpoints(quantization.dynamic_map(signed))
+        gen = torch.Generator().manual_seed(k)
+        spread = torch.exp(torch.empty(20000).uniform_(-25.0, 0.0, generator=gen))
+        y = torch.cat([mids, torch.nextafter(mids, torch.full_like(mids, -2.0)),
+                       torch.nextafter(mids, torch.full_like(mids, 2.0)), spread, -spread,
+                       torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])]).clamp(-1.0, 1.0)
+        bits = y.view(torch.int32).to(torch.int64)
+        sign = (bits >> 31) & 1
+        key = (((bits & 0x7FFFFFFF) >> 16).clamp(quantization.KEY_MIN, quantization.KEY_MAX) - quantization.KEY_MIN)
+        entry = quantization.bucket_table()[k][sign, key].to(torch.int64)
+        ylow = (bits & 0xFFFF) ^ (sign * 0xFFFF)
+        code = ((entry >> 24) & 0xFF) + ((entry & quantization.FIELD_MASK) < ylow).to(torch.int64)
+        assert torch.equal(code, torch.bucketize(y, mids)), signed  # ties (y on a midpoint) to the lower code

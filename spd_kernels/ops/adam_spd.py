@@ -94,6 +94,7 @@ QBLOCK = tl.constexpr(quantization.BLOCK_SIZE)
 KEY_MIN = tl.constexpr(quantization.KEY_MIN)
 KEY_MAX = tl.constexpr(quantization.KEY_MAX)
 NUM_KEYS = tl.constexpr(quantization.NUM_KEYS)
+FIELD_MASK = tl.constexpr(quantization.FIELD_MASK)
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -223,23 +224,25 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _nearest_code(y, mids_ptr, table_ptr, K: tl.constexpr):
+def _nearest_code(y, table_ptr, K: tl.constexpr):
     """Code of y in [-1, 1] in map K: the number of its midpoints below y (a value on a
-    midpoint takes the lower code; a positive second moment, K = 1, at least code 1). The bucket table gives the count below y's bucket
-    (sign, exponent, 7 mantissa bits), one comparison with the next midpoint the rest."""
+    midpoint takes the lower code; a positive second moment, K = 1, at least code 1). One
+    read of the bucket table (spd_kernels.quantization): the count below y's bucket (sign,
+    exponent, 7 mantissa bits), plus one if the bucket's midpoint, whose upper 16 bits are
+    y's, is below y: a compare of low 16 bits, flipped for negative y."""
     bits = y.to(tl.int32, bitcast=True)
     key = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) >> 16, KEY_MIN), KEY_MAX) - KEY_MIN
     sign = (bits >> 31) & 1
-    below = tl.load(table_ptr + (K * 2 + sign) * NUM_KEYS + key)
-    above = tl.load(mids_ptr + K * 256 + below)
-    code = below + (above < y).to(tl.int32)
+    entry = tl.load(table_ptr + (K * 2 + sign) * NUM_KEYS + key)
+    ylow = (bits & 0xFFFF) ^ (sign * 0xFFFF)
+    code = ((entry >> 24) & 0xFF) + ((entry & FIELD_MASK) < ylow).to(tl.int32)
     if K == 1:  # the second moment: a positive value never takes the zero code
         code = tl.where((code == 0) & (y > 0.0), 1, code)
     return code
 
 
 @triton.jit
-def _quantize_tile(x, codes_ptr, absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr,
+def _quantize_tile(x, codes_ptr, absmax_ptr, offs, mask, tile_start, numel, table_ptr,
                    K: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """Store fp32 ``x`` (one tile, dead lanes 0) as codes of map K and one absmax per block of QBLOCK."""
     NB: tl.constexpr = BLOCK // QBLOCK
@@ -247,7 +250,7 @@ def _quantize_tile(x, codes_ptr, absmax_ptr, offs, mask, tile_start, numel, mids
     inv = tl.where(amax > 0.0, tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), amax), 0.0)
     inv = tl.reshape(tl.broadcast_to(inv[:, None], (NB, QBLOCK)), (BLOCK,))
     y = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
-    code = _nearest_code(y, mids_ptr, table_ptr, K).to(tl.uint8)
+    code = _nearest_code(y, table_ptr, K).to(tl.uint8)
     blocks = tile_start // QBLOCK + tl.arange(0, NB)
     if MASKED:
         tl.store(codes_ptr + offs, code, mask=mask)
@@ -259,7 +262,7 @@ def _quantize_tile(x, codes_ptr, absmax_ptr, offs, mask, tile_start, numel, mids
 
 @triton.jit
 def _phase1_tile8(
-    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, mids_ptr, table_ptr,
+    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, table_ptr,
     offs, mask, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2,
     HAS_ANCHOR: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -285,8 +288,8 @@ def _phase1_tile8(
     _store(p_ptr + offs, q, mask, MASKED)
     # the sum terms first: p, g, q and a are then dead while the moments are quantized
     gd, dd, qq = _sum_terms(p, g, q, a_ptr, offs, mask, HAS_ANCHOR, MASKED)
-    _quantize_tile(m, m_ptr, m_absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr, 0, MASKED, BLOCK)
-    _quantize_tile(v, v_ptr, v_absmax_ptr, offs, mask, tile_start, numel, mids_ptr, table_ptr, 1, MASKED, BLOCK)
+    _quantize_tile(m, m_ptr, m_absmax_ptr, offs, mask, tile_start, numel, table_ptr, 0, MASKED, BLOCK)
+    _quantize_tile(v, v_ptr, v_absmax_ptr, offs, mask, tile_start, numel, table_ptr, 1, MASKED, BLOCK)
     return gd, dd, qq
 
 
@@ -323,8 +326,7 @@ def _phase1_kernel(
     grad_scale_ptr,  # fp32 [1] AMP loss scale: grads are multiplied by 1/scale (1 when no scaler)
     found_inf_ptr,  # fp32 [1] AMP: nonzero means inf/NaN grads, and the whole step is skipped
     maps_ptr,  # 8-bit: fp32 [2, 256] code values (signed map for m, unsigned for v)
-    mids_ptr,  # 8-bit: fp32 [2, 256] midpoints between codes, +inf last
-    table_ptr,  # 8-bit: int32 [2, 2, NUM_KEYS] midpoints below each bucket (quantization.bucket_table)
+    table_ptr,  # 8-bit: int32 [2, 2, NUM_KEYS] each bucket's count below and midpoint (quantization.bucket_table)
     n_tensors,
     n_chunks,
     single_max,  # tensors of at most this many elements finish here; -1 (split step): none do
@@ -387,13 +389,13 @@ def _phase1_kernel(
         if EIGHT_BIT:
             if tile_start + BLOCK <= numel:
                 gd, dd, qq = _phase1_tile8(
-                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, mids_ptr, table_ptr,
+                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, table_ptr,
                     offs, None, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
                     step_size, inv_sqrt_bc2, HAS_ANCHOR, False, BLOCK,
                 )
             else:
                 gd, dd, qq = _phase1_tile8(
-                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, mids_ptr, table_ptr,
+                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, table_ptr,
                     offs, offs < numel, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
                     step_size, inv_sqrt_bc2, HAS_ANCHOR, True, BLOCK,
                 )
@@ -661,12 +663,11 @@ def _get_plan(bucket: Bucket, chunk: int, split: bool) -> _Plan:
 _QUANT_TABLES: dict = {}
 
 
-def _quantization_tables(device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
-    """The 8-bit maps, their padded midpoints and the bucket table on ``device`` (made once)."""
+def _quantization_tables(device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The 8-bit maps and the bucket table on ``device`` (made once)."""
     tables = _QUANT_TABLES.get(device)
     if tables is None:
-        tables = _QUANT_TABLES[device] = (
-            quantization.maps(device), quantization.padded_midpoints(device), quantization.bucket_table(device))
+        tables = _QUANT_TABLES[device] = (quantization.maps(device), quantization.bucket_table(device))
     return tables
 
 
@@ -722,7 +723,7 @@ class _Step:
         self.eight_bit = bucket.eight_bit
         # 8-bit: q is defined in p's dtype and stored now (the fp32 moments are gone after phase 1)
         self.store_q = self.p_dtype == tl.float32 or self.eight_bit
-        self.qmaps, self.qmids, self.qtable = _quantization_tables(bucket.device)
+        self.qmaps, self.qtable = _quantization_tables(bucket.device)
 
     def phase1(self) -> None:
         hp, plan = self.hp, self.plan
@@ -730,7 +731,7 @@ class _Step:
             return
         _phase1_kernel[(plan.n_chunks,)](
             plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, self.counts, self.lr_buf,
-            self.grad_scale, self.found_inf, self.qmaps, self.qmids, self.qtable,
+            self.grad_scale, self.found_inf, self.qmaps, self.qtable,
             plan.n_tensors, plan.n_chunks, plan.single_max, self.lr_value,
             1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, self.ln_b1, self.ln_b2, hp.eps, hp.weight_decay,
             hp.max_scale, P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, A_DTYPE=self.a_dtype,
