@@ -38,12 +38,7 @@ def _spd_optimizer(optimizer):
 
 def spd_layer_names(optimizer) -> List[str]:
     """Names (as in ``spd_stats()``) of the params in groups where SPD acts (``weight_decay`` > 0)."""
-    out = []
-    for gi, group in enumerate(optimizer.param_groups):
-        if group["weight_decay"] > 0:
-            names = group.get("param_names")
-            out += [names[pi] if names else f"{gi}.{pi}" for pi in range(len(group["params"]))]
-    return out
+    return [name for name, group, _ in optimizer.named_params() if group["weight_decay"] > 0]
 
 
 class SPDStatsCallback(TrainerCallback):

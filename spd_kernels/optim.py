@@ -564,17 +564,22 @@ class AdamSPD(Optimizer):
         last = self.last_step_stats()
         counts = {p: c for params, _, cs in self._last_buckets for p, c in zip(params, cs.unbind(0))}
         out: Dict[str, Dict[str, Tensor]] = {}
+        for name, _, p in self.named_params():
+            row = last.get(p)
+            if row is None:
+                continue
+            entry = {stat: row[i] for i, stat in enumerate(STAT_NAMES)}
+            entry["projected"] = row[STAT_C] < 0
+            entry["projections"] = counts[p]
+            out[name] = entry
+        return out
+
+    def named_params(self):
+        """(name, group, param) of every param, in group order; the names ``spd_stats()`` uses."""
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for pi, p in enumerate(group["params"]):
-                row = last.get(p)
-                if row is None:
-                    continue
-                entry = {name: row[i] for i, name in enumerate(STAT_NAMES)}
-                entry["projected"] = row[STAT_C] < 0
-                entry["projections"] = counts[p]
-                out[names[pi] if names else f"{gi}.{pi}"] = entry
-        return out
+                yield (names[pi] if names else f"{gi}.{pi}"), group, p
 
     def last_step_stats(self) -> Dict[Tensor, Tensor]:
         """Per-param stats rows of the last ``step()`` (columns: ``spd_kernels.stats``).

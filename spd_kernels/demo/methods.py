@@ -101,8 +101,8 @@ def wise_ft_curve(pre: SmallCNN, tuned: SmallCNN, evaluate, grid: Grid) -> Curve
     for alpha in grid.wise_alpha:
         mixed = SmallCNN()
         with torch.no_grad():
-            for (name, p), q in zip(mixed.named_parameters(), tuned.parameters()):
-                p.copy_(torch.lerp(dict(pre.named_parameters())[name], q, alpha))
+            for p, p0, q in zip(mixed.parameters(), pre.parameters(), tuned.parameters()):
+                p.copy_(torch.lerp(p0, q, alpha))
         points.append(evaluate(mixed, alpha))
     return Curve(f"theta_ft = AdamW wd={grid.adamw_wd[0]:g}", "alpha", points)
 
