@@ -9,10 +9,10 @@
 //   c = -sum g(p-a);  r = clamp((|q-a| - |p-a|)/|q-a|, 0, 1) (0 if |q-a| = 0)
 //   s = min(lam r, max_scale) if c < 0 else 0;  p = q - s (q - a)
 //
-// Memory layout and schedule. Every tensor is contiguous. A tensor that fits
-// one chunk (CHUNK elements) is done by one task in one visit: Adam, its sums,
-// the finalize and (only if s > 0) the projection, while its data is in L1/L2;
-// one at::parallel_for runs all of them. Larger tensors go one at a time:
+// Memory layout and schedule. Every tensor is contiguous. A tensor of up to
+// TASK_MAX elements is done by one task in one visit: Adam chunk by chunk, its
+// sums, the finalize and (only if s > 0) the projection, while its data is in
+// L2/L3; one at::parallel_for runs all of them. Larger tensors go one at a time:
 // phase 1 runs their chunks in parallel, writing m, v, q (fp32 p) and each
 // chunk's three partial sums to its own slot; the finalize sums the slots in
 // chunk order; phase 2 (only if s > 0; bf16/fp16 params always, since q is
@@ -75,6 +75,12 @@ constexpr int64_t NUM_HP = 6;
 const char* const HP_NAMES[NUM_HP] = {"lr", "beta1", "beta2", "eps", "weight_decay", "max_scale"};
 
 constexpr int64_t CHUNK = 16384;  // 64 KB of fp32 per array: five arrays stay in a 1 MB L2
+// Tensors up to this size are one task each. Run chunk-parallel, one tensor at a time, a
+// tensor of a few chunks is one batch of parallel_items (under 2 * GRAIN elements), so a
+// bucket of many such tensors ran on one thread (8-bit moments, compute-bound: 2x slower
+// at 1,000 tensors of 64K). As one task each they spread over the threads, and a task's
+// ~2.6 MB (five arrays) stays in the last-level cache between Adam and the projection.
+constexpr int64_t TASK_MAX = 8 * CHUNK;
 // Elements a thread must have before a second one is woken. Waking the OpenMP team costs
 // microseconds on a quiet machine but a scheduler slice (milliseconds) when other processes
 // load the cores, so a small bucket (an MLP, biases, LoRA factors) runs on the calling thread.
@@ -104,19 +110,24 @@ Scalars make_scalars(double count, const Hyper& h, double inv_grad_scale) {
 }
 
 // Runs f(k) for every k in [0, n), where item k touches weight(k) elements. Consecutive
-// items are grouped into batches of at least GRAIN elements and the batches go to threads,
-// so work below 2 * GRAIN never leaves the calling thread. Which thread runs an item never
-// changes what it computes: every item writes its own outputs.
+// items are grouped into one batch per thread, of equal weight as far as the items allow,
+// and at most one batch per GRAIN elements, so work below 2 * GRAIN never leaves the calling
+// thread. (Batches of GRAIN each, handed out in equal counts, left a thread 8 of a 9-chunk
+// tensor's chunks and the other 1.) Which thread runs an item never changes what it
+// computes: every item writes its own outputs.
 template <typename Weight, typename F>
 void parallel_items(int64_t n, Weight weight, F f) {
+  std::vector<int64_t> weights(n);
+  int64_t total = 0;
+  for (int64_t k = 0; k < n; ++k) total += weights[k] = std::max<int64_t>(weight(k), 1);
+  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / GRAIN));
   std::vector<int64_t> starts{0};
   int64_t filled = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    filled += std::max<int64_t>(weight(k), 1);
-    if (filled >= GRAIN && k + 1 < n) {
-      starts.push_back(k + 1);
-      filled = 0;
-    }
+  for (int64_t k = 0; k + 1 < n; ++k) {
+    filled += weights[k];
+    // close batch b once the items so far reach (b + 1) / wanted of the total
+    const int64_t b = static_cast<int64_t>(starts.size()) - 1;
+    if (b + 1 < wanted && filled * wanted >= (b + 1) * total) starts.push_back(k + 1);
   }
   starts.push_back(n);
   const int64_t batches = static_cast<int64_t>(starts.size()) - 1;
@@ -466,17 +477,20 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     else return adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, begin, end, scalars[t]);
   };
 
-  // Tensors that fit one chunk: one task each does Adam, the sums, the finalize and
-  // (only if s > 0, or to round a bf16/fp16 q once) the projection, all in cache.
+  // Tensors up to TASK_MAX: one task each does Adam, the sums, the finalize and
+  // (only if s > 0, or to round a bf16/fp16 q once) the projection, all in cache. Adam
+  // goes chunk by chunk and adds the chunks' sums in order, as the paths below do, so
+  // every path (and the split ops) gives a tensor the same bits.
   std::vector<int64_t> small, large;
-  for (int64_t t = 0; t < n; ++t) (params[t].numel() <= CHUNK ? small : large).push_back(t);
+  for (int64_t t = 0; t < n; ++t) (params[t].numel() <= TASK_MAX ? small : large).push_back(t);
   parallel_items(
       static_cast<int64_t>(small.size()), [&](int64_t k) { return params[small[k]].numel(); },
       [&](int64_t k) {
         const int64_t t = small[k], numel = params[t].numel();
         auto [p, g, m, v, vmax, a] = ptrs(t);
         const Scalars& s = scalars[t];
-        const Sums sums = adam(t, 0, numel);
+        Sums sums;
+        for (int64_t b = 0; b < numel; b += CHUNK) sums.add(adam(t, b, std::min(b + CHUNK, numel)));
         float* row = stats + NUM_STATS * t;
         finalize(sums, s.weight_decay, s.max_scale, row);
         if (!STORE_Q || row[STAT_SCALE] != 0.0f)

@@ -19,9 +19,10 @@ from .helpers import clone_params, make_anchors, make_params, set_grads
 
 needs_kernel = pytest.mark.skipif(bool(_cpu.load_error()), reason=f"CPU kernel not built: {_cpu.load_error()}")
 
-CHUNK = 16384  # csrc/adam_spd_cpu.cpp
-#: single element, odd, empty, several chunks with a tail, exactly one chunk, one more than a chunk
-SIZES = [1, 7, 0, 3 * CHUNK + 5, CHUNK, CHUNK + 1, 1000]
+CHUNK, TASK_MAX = 16384, 8 * 16384  # csrc/adam_spd_cpu.cpp
+#: single element, odd, empty, several chunks with a tail (one task), exactly one chunk, one more
+#: than a chunk, one more than a task takes (chunk-parallel)
+SIZES = [1, 7, 0, 3 * CHUNK + 5, CHUNK, CHUNK + 1, 1000, TASK_MAX + 1]
 CPU = torch.device("cpu")
 
 
@@ -67,7 +68,8 @@ def test_bitwise_equal_for_one_and_two_threads():
         for n in (1, 2):
             torch.set_num_threads(n)
             gen = torch.Generator().manual_seed(4)
-            state = new_state([5 * CHUNK + 3, 100, CHUNK], torch.float32, torch.float32, False, gen, CPU)
+            state = new_state([5 * CHUNK + 3, 100, CHUNK, TASK_MAX + 3], torch.float32, torch.float32, False, gen,
+                              CPU)
             for _ in range(3):
                 grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
                 stats = _cpu.adam_spd_cpu_step(bucket_of(state, grads, lr=0.05, beta1=0.9, beta2=0.99,
