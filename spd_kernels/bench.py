@@ -76,9 +76,18 @@ class Row:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now (CUDA: the allocator's view; CPU: available pages)."""
+    """Bytes free on ``device`` now (CUDA: the allocator's view; CPU: Linux's MemAvailable,
+    which counts the page cache the kernel would give back: the free page count alone moves
+    with whatever files were read last, and so would the sizes a sweep reaches)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 

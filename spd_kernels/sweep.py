@@ -39,18 +39,18 @@ ALL_LINES_SHARE, CORE_SHARE = 0.4, 0.7
 BYTES_PER_PARAM_PER_LINE = 20
 
 
-def fits(total: int, n_lines: int, device: torch.device, share: float = ALL_LINES_SHARE) -> bool:
-    """Whether ``n_lines`` lines of ``total`` params each fit ``share`` of the device's free memory."""
-    return total * BYTES_PER_PARAM_PER_LINE * n_lines <= share * bench.free_memory(device)
+def fits(total: int, n_lines: int, free: int, share: float = ALL_LINES_SHARE) -> bool:
+    """Whether ``n_lines`` lines of ``total`` params each fit ``share`` of ``free`` bytes."""
+    return total * BYTES_PER_PARAM_PER_LINE * n_lines <= share * free
 
 
-def size_points(device: torch.device, small: bool, n_lines: int) -> List[int]:
+def size_points(device: torch.device, small: bool, n_lines: int, free: int) -> List[int]:
     """Total params for the size sweep: 1M x 4^k up to the top size, while at least the core
-    lines fit in memory (larger points run only those)."""
+    lines fit in ``free`` bytes (larger points run only those)."""
     top = {True: 16_000_000 if device.type == "cpu" else 64_000_000,
            False: 300_000_000 if device.type == "cpu" else 2_000_000_000}[small]
     points, total = [], 1_000_000
-    while total <= top and fits(total, min(n_lines, len(CORE_LINES)), device, CORE_SHARE):
+    while total <= top and fits(total, min(n_lines, len(CORE_LINES)), free, CORE_SHARE):
         points.append(total)
         total *= 4
     return points
@@ -60,26 +60,29 @@ def count_points(small: bool) -> List[int]:
     return [10, 100, 1000, 5000] if small else [10, 100, 1000, 5000, 20000]
 
 
-def count_total(device: torch.device, small: bool, n_lines: int) -> int:
-    """The fixed total of the count sweep: 64M (8M with --small), less if memory says so."""
+def count_total(small: bool, n_lines: int, free: int) -> int:
+    """The fixed total of the count sweep: 64M (8M with --small), less if ``free`` bytes say so."""
     want = 8_000_000 if small else 64_000_000
-    return int(min(want, 0.4 * bench.free_memory(device) / (BYTES_PER_PARAM_PER_LINE * n_lines)))
+    return int(min(want, ALL_LINES_SHARE * free / (BYTES_PER_PARAM_PER_LINE * n_lines)))
 
 
 def run_sweep(kind: str, device: torch.device, small: bool, rounds: int, warmup: int, lines: Sequence[str],
               bw: float, progress) -> List[dict]:
     """Every point of sweep ``kind`` ('size' or 'count'); one row per (point, line)."""
     n_lines = len(lines)
+    # memory is read once, before any point: what this process freed after a point can stay
+    # with it (the allocator keeps mid-sized blocks), and would shrink the later points' lines
+    free = bench.free_memory(device)
     if kind == "size":
-        points = [(total, param_sets.transformer(total)) for total in size_points(device, small, n_lines)]
+        points = [(total, param_sets.transformer(total)) for total in size_points(device, small, n_lines, free)]
     else:
-        total = count_total(device, small, n_lines)
+        total = count_total(small, n_lines, free)
         points = [(count, param_sets.split(total, count)) for count in count_points(small)]
     rows = []
     for x, shapes in points:
         n = param_sets.numel(shapes)
         here = [line for line in lines if line != "spd_reference" or n <= REFERENCE_MAX_PARAMS]
-        if not fits(n, len(here), device):  # a large point: the core lines only
+        if not fits(n, len(here), free):  # a large point: the core lines only
             here = [line for line in here if line in CORE_LINES]
         if "adamw_fused" not in here:
             here.append("adamw_fused")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ COLUMNS = {"sweep", "x", "impl", "tensors", "params_m", "ms", "vs_adamw_fused", 
 @pytest.mark.parametrize("kind", ["size", "count"])
 def test_a_tiny_sweep_writes_its_table_json_csv_and_png(kind, tmp_path, monkeypatch, capsys):
     # two tiny points instead of the real ones, one round: what is checked is the plumbing
-    monkeypatch.setattr(sweep, "size_points", lambda device, small, n: [20_000, 80_000])
+    monkeypatch.setattr(sweep, "size_points", lambda device, small, n, free: [20_000, 80_000])
     monkeypatch.setattr(sweep, "count_points", lambda small: [2, 8])
-    monkeypatch.setattr(sweep, "count_total", lambda device, small, n: 20_000)
+    monkeypatch.setattr(sweep, "count_total", lambda small, n, free: 20_000)
     lines = ("spd", "spd_8bit", "adamw_fused", "spd_reference")
     assert sweep.main(kind, torch.device("cpu"), small=True, rounds=1, warmup=1, out_dir=str(tmp_path),
                       lines=lines) == 0
@@ -44,12 +45,17 @@ def test_a_tiny_sweep_writes_its_table_json_csv_and_png(kind, tmp_path, monkeypa
 
 def test_sweep_points_fit_memory_and_the_small_flag():
     cpu = torch.device("cpu")
-    small = sweep.size_points(cpu, small=True, n_lines=7)
-    assert sweep.size_points(cpu, small=False, n_lines=7)[-1] <= 300_000_000
+    free = bench.free_memory(cpu)
+    small = sweep.size_points(cpu, small=True, n_lines=7, free=free)
+    assert sweep.size_points(cpu, small=False, n_lines=7, free=free)[-1] <= 300_000_000
     assert small and small[0] == 1_000_000 and small[-1] <= 16_000_000
     assert all(b == 4 * a for a, b in zip(small, small[1:]))
     assert sweep.count_points(True)[-1] < sweep.count_points(False)[-1] == 20_000
-    assert 0 < sweep.count_total(cpu, small=True, n_lines=7) <= 8_000_000
+    assert 0 < sweep.count_total(small=True, n_lines=7, free=free) <= 8_000_000
+    # the points follow the memory given: 24 GB reaches 256M params (core lines), 8 GB stops at 64M
+    assert sweep.size_points(cpu, small=False, n_lines=7, free=24 * 2**30)[-1] == 256_000_000
+    assert sweep.size_points(cpu, small=False, n_lines=7, free=8 * 2**30)[-1] == 64_000_000
+    assert sweep.count_total(small=False, n_lines=7, free=24 * 2**30) == 64_000_000
 
 
 def test_bench_parser_offers_the_sweeps():
@@ -57,3 +63,12 @@ def test_bench_parser_offers_the_sweeps():
     assert args.sweep == "count" and args.small
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--sweep", "depth"])
+
+
+def test_cpu_free_memory_counts_reclaimable_cache():
+    # MemAvailable (free pages plus the cache the kernel gives back) is at least the free
+    # page count and at most the machine's memory, so the sweep's sizes do not move with
+    # whatever files were read last
+    free = bench.free_memory(torch.device("cpu"))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.9 <= free <= total
