@@ -1,0 +1,61 @@
+"""What one block of the 8-bit CPU step costs, part by part: ``python bench/cpu_block_costs.py``.
+
+Compiles ``csrc/adam_spd_cpu.cpp`` together with ``bench/cpu_block_costs.cpp`` (about a
+minute) and times each part of ``adam_chunk8`` alone on one thread over 16384 elements
+(64 blocks, in L2), in ns per element: dequantize, quantize (and the same without its
+table read: wrong codes, a lower bound), the fp32 Adam update, the block absmax, and the
+whole block. Compute costs only: the step's memory traffic is not in them. Compare the
+whole block with ``AdamW(fused=True)``'s time per param per core in the bench report
+(vit_b: ms x threads / params). Run it in a process that has not loaded ``spd_kernels._C``
+(the kernel's op registrations are compiled in again here).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+import torch
+from torch.utils.cpp_extension import load_inline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from spd_kernels import quantization  # noqa: E402  (pure Python: does not load spd_kernels._C)
+
+PARTS = ["dequantize m", "dequantize v", "quantize m", "quantize v", "quantize m, no table read",
+         "quantize v, no table read", "fp32 Adam update", "absmax m and v", "whole 8-bit block"]
+
+
+def build():
+    with open(os.path.join(ROOT, "bench", "cpu_block_costs.cpp")) as f:
+        source = f.read()
+    return load_inline(
+        "spd_block_costs", cpp_sources=[source], functions=["block_cost"],
+        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"])
+
+
+def moments(n: int, seed: int = 0):
+    """Block-normalized moments like a step's: m ~ normal, v a mix of squared normals."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, generator=gen).view(-1, quantization.BLOCK_SIZE)
+    v = (0.3 * torch.randn(n, generator=gen) ** 2 + 0.7 * torch.randn(n, generator=gen) ** 2).view_as(m)
+    return ((m / m.abs().amax(1, keepdim=True)).reshape(-1).contiguous(),
+            (v / v.amax(1, keepdim=True)).reshape(-1).contiguous())
+
+
+def main(n: int = 16384, reps: int = 2000, rounds: int = 5) -> None:
+    module = build()
+    qmaps = torch.stack([quantization.dynamic_map(True), quantization.dynamic_map(False)]).contiguous()
+    m, v = moments(n)
+    times = {part: [] for part in range(len(PARTS))}
+    for _ in range(rounds):  # interleaved rounds, medians
+        for part in times:
+            times[part].append(module.block_cost(qmaps, m, v, part, reps))
+    for part, name in enumerate(PARTS):
+        print(f"{name:28s} {statistics.median(times[part]):6.3f} ns/element")
+
+
+if __name__ == "__main__":
+    main()
