@@ -14,27 +14,9 @@ namespace {
 void quantize_without_table_read(const float* __restrict x, int64_t len, float inv, const QMaps& maps, int k,
                                  uint8_t* __restrict codes) {
 #ifdef __AVX512F__
-  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), key_min = _mm512_set1_epi32(KEY_MIN),
-                keys = _mm512_set1_epi32(NUM_KEYS), one = _mm512_set1_epi32(1), low16 = _mm512_set1_epi32(0xFFFF),
-                field = _mm512_set1_epi32(FIELD), zero = _mm512_setzero_si512();
   const int32_t* table = &maps.entry[k][0][0];
   const __m512i t0 = _mm512_loadu_si512(table + NUM_KEYS - 32), t1 = _mm512_loadu_si512(table + NUM_KEYS - 16);
-  for (int64_t j = 0; j + 16 <= len; j += 16) {
-    const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv), lo), hi);
-    const __m512i bits = _mm512_castps_si512(y);
-    const __mmask16 negative = _mm512_cmplt_epi32_mask(bits, zero);
-    const __m512i offset = _mm512_sub_epi32(
-        _mm512_max_epi32(_mm512_srli_epi32(_mm512_and_si512(bits, magnitude), 16), key_min), key_min);
-    const __m512i entry = _mm512_permutex2var_epi32(t0, _mm512_mask_add_epi32(offset, negative, offset, keys), t1);
-    const __m512i ylow = _mm512_mask_xor_epi32(_mm512_and_si512(bits, low16), negative,
-                                               _mm512_and_si512(bits, low16), low16);
-    const __mmask16 up = _mm512_cmplt_epi32_mask(_mm512_and_si512(entry, field), ylow);
-    const __m512i below = _mm512_srli_epi32(entry, 24);
-    __m512i code = _mm512_mask_add_epi32(below, up, below, one);
-    if (k == 1) code = _mm512_mask_max_epi32(code, _mm512_cmpgt_epi32_mask(bits, zero), code, one);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(code));
-  }
+  quantize_block_by(x, len, inv, maps, k, codes, [&](__m512i index) { return _mm512_permutex2var_epi32(t0, index, t1); });
 #else
   quantize_block(x, len, inv, maps, k, codes);
 #endif

@@ -377,9 +377,19 @@ inline void dequantize_block(const uint8_t* __restrict codes, int64_t len, const
   for (; j < len; ++j) out[j] = table[codes[j]] * scale;
 }
 
+#ifdef __AVX512F__
+// The table read of the vector quantizer: 16 entries of map k's table at once.
+struct GatherEntries {
+  const int32_t* table;
+  __m512i operator()(__m512i index) const { return _mm512_i32gather_epi32(index, table, 4); }
+};
+#endif
+
 // One block's fp32 values to codes of map k: y = clamp(x * inv, -1, 1); code = midpoints below y.
-inline void quantize_block(const float* __restrict x, int64_t len, float inv, const QMaps& maps, int k,
-                           uint8_t* __restrict codes) {
+// ``read`` fetches the table entries (bench/cpu_block_costs.cpp swaps it to time the rest).
+template <typename Read>
+inline void quantize_block_by(const float* __restrict x, int64_t len, float inv, const QMaps& maps, int k,
+                              uint8_t* __restrict codes, [[maybe_unused]] Read read) {
   int64_t j = 0;
 #ifdef __AVX512F__
   // the same steps as nearest_code, 16 lanes at a time (one gather: the table); |y| <= 1, so
@@ -388,14 +398,13 @@ inline void quantize_block(const float* __restrict x, int64_t len, float inv, co
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), key_min = _mm512_set1_epi32(KEY_MIN),
                 keys = _mm512_set1_epi32(NUM_KEYS), one = _mm512_set1_epi32(1), low16 = _mm512_set1_epi32(0xFFFF),
                 field = _mm512_set1_epi32(FIELD), zero = _mm512_setzero_si512();
-  const int32_t* table = &maps.entry[k][0][0];
   for (; j + 16 <= len; j += 16) {
     const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv), lo), hi);
     const __m512i bits = _mm512_castps_si512(y);
     const __mmask16 negative = _mm512_cmplt_epi32_mask(bits, zero);
     const __m512i offset = _mm512_sub_epi32(
         _mm512_max_epi32(_mm512_srli_epi32(_mm512_and_si512(bits, magnitude), 16), key_min), key_min);
-    const __m512i entry = _mm512_i32gather_epi32(_mm512_mask_add_epi32(offset, negative, offset, keys), table, 4);
+    const __m512i entry = read(_mm512_mask_add_epi32(offset, negative, offset, keys));
     const __m512i ylow = _mm512_mask_xor_epi32(_mm512_and_si512(bits, low16), negative,
                                                _mm512_and_si512(bits, low16), low16);
     const __mmask16 up = _mm512_cmplt_epi32_mask(_mm512_and_si512(entry, field), ylow);
@@ -407,6 +416,15 @@ inline void quantize_block(const float* __restrict x, int64_t len, float inv, co
   }
 #endif
   for (; j < len; ++j) codes[j] = nearest_code(std::min(std::max(x[j] * inv, -1.0f), 1.0f), maps, k);
+}
+
+inline void quantize_block(const float* __restrict x, int64_t len, float inv, const QMaps& maps, int k,
+                           uint8_t* __restrict codes) {
+#ifdef __AVX512F__
+  quantize_block_by(x, len, inv, maps, k, codes, GatherEntries{&maps.entry[k][0][0]});
+#else
+  quantize_block_by(x, len, inv, maps, k, codes, 0);
+#endif
 }
 
 inline float max_abs(const float* __restrict x, int64_t len) {
