@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU machine runs (from the source tree, no install):
-# the GPU tests, the verify table, and the benchmark report with the state-format
-# (bf16 anchors, 8-bit moments), kernels-only, split-step and CUDA-graph lines, and the
-# size and count sweeps.
+# the GPU tests, the verify table, the benchmark report with the state-format (bf16
+# anchors, 8-bit moments), kernels-only, split-step and CUDA-graph lines, and the size and
+# count sweeps. Parts run in that order (what matters most first), each under its own
+# time limit; the limits add up to 510 s, so the whole fits one 600 s device call. The
+# sweeps start no new point once their budget is spent and rewrite their files after
+# every point, so a cut-short sweep still brings back what it measured.
 #   OUT=results-folder bash bench/gpu_session.sh
 set -u -o pipefail
 OUT=${OUT:-gpu-results}
-mkdir -p "$OUT/bench"
+mkdir -p "$OUT/bench" "$OUT/sweep"
 export PYTHONPATH=.
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/cuda_tests.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/cuda_tests.log"
 rc=0
-timeout 200 python3 -m pytest -m cuda -q -p no:cacheprovider 2>&1 | tee -a "$OUT/cuda_tests.log" | tail -25 || rc=1
-timeout 60 python3 -m spd_kernels verify 2>&1 | tee "$OUT/verify.log" | tail -12 || rc=1
-timeout 300 python3 -m spd_kernels bench --kernels-only --cuda-graph --state-formats --fresh-grads --out "$OUT/bench" 2>&1 | grep -v "it/s\]" | tee "$OUT/bench.log" | tail -40 || rc=1
+part() {  # part SECONDS LOG command...: run under a time limit, keep the whole log, show its tail
+  local limit=$1 log=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v "it/s\]" >> "$log"
+  local status=${PIPESTATUS[0]}
+  echo "[$* : exit $status after $((SECONDS - start)) s of $limit]" >> "$log"
+  tail -25 "$log"
+  [ "$status" -eq 0 ] || rc=1
+}
+part 150 "$OUT/cuda_tests.log" python3 -m pytest -m cuda -q -p no:cacheprovider
+part 40 "$OUT/verify.log" python3 -m spd_kernels verify
+part 180 "$OUT/bench.log" python3 -m spd_kernels bench --kernels-only --cuda-graph --state-formats --fresh-grads \
+  --out "$OUT/bench"
 # the scaling report's GPU sweeps (spd_kernels/sweep.py)
-timeout 200 python3 -m spd_kernels bench --sweep size --out "$OUT/sweep" 2>&1 | grep -v "it/s\]" | tee "$OUT/sweep-size.log" | tail -12 || rc=1
-timeout 200 python3 -m spd_kernels bench --sweep count --out "$OUT/sweep" 2>&1 | grep -v "it/s\]" | tee "$OUT/sweep-count.log" | tail -12 || rc=1
+part 80 "$OUT/sweep-size.log" python3 -m spd_kernels bench --sweep size --budget-s 45 --out "$OUT/sweep"
+part 60 "$OUT/sweep-count.log" python3 -m spd_kernels bench --sweep count --budget-s 30 --out "$OUT/sweep"
 exit $rc

@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "transformer-shaped sets from 1M up to what fits) or with the number of tensors "
                              "('count', a fixed total split 10 ... 20,000 ways); every line per point, "
                              "interleaved; writes sweep-<kind>.json/.csv/.png (spd_kernels.sweep)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="with --sweep: start no new point after this many seconds (the first always "
+                             "runs); the outputs are rewritten after every point either way")
     parser.add_argument("--loaded", action="store_true",
                         help="instead of the report: a 16-tensor MLP's CPU step with 1 and all threads, on a "
                              "quiet machine and with every core busy (spd_kernels.bench_loaded)")
@@ -484,7 +487,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         device = torch.device(args.device)
         return sweep.main(args.sweep, device, args.small, args.rounds or (10 if device.type == "cuda" else 5),
-                          args.warmup, args.out)
+                          args.warmup, args.out, budget_s=args.budget_s)
     bad_sets = [s for s in args.sets.split(",") if s not in SETS]
     if bad_sets:
         parser.error(f"--sets: unknown set(s) {bad_sets}; choose from {','.join(SETS)}")
@@ -520,8 +523,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             bar.set_postfix_str(name)
             rows += bench_set(name, shapes, impls, device, rounds, args.warmup, bw, lambda: bar.update(1),
                               fresh_grads=args.fresh_grads)
+            paths = write_outputs(rows, meta, args.out)  # after every set: a run cut short keeps them
     print(format_table(rows))
-    for path in write_outputs(rows, meta, args.out):
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
@@ -66,32 +66,36 @@ def count_total(small: bool, n_lines: int, free: int) -> int:
     return int(min(want, ALL_LINES_SHARE * free / (BYTES_PER_PARAM_PER_LINE * n_lines)))
 
 
-def run_sweep(kind: str, device: torch.device, small: bool, rounds: int, warmup: int, lines: Sequence[str],
-              bw: float, progress) -> List[dict]:
-    """Every point of sweep ``kind`` ('size' or 'count'); one row per (point, line)."""
-    n_lines = len(lines)
-    # memory is read once, before any point: what this process freed after a point can stay
-    # with it (the allocator keeps mid-sized blocks), and would shrink the later points' lines
-    free = bench.free_memory(device)
+def sweep_points(kind: str, device: torch.device, small: bool, n_lines: int, free: int) -> List[tuple]:
+    """The points of sweep ``kind`` as (x, shapes), smallest first, for ``free`` bytes."""
     if kind == "size":
-        points = [(total, param_sets.transformer(total)) for total in size_points(device, small, n_lines, free)]
-    else:
-        total = count_total(small, n_lines, free)
-        points = [(count, param_sets.split(total, count)) for count in count_points(small)]
-    rows = []
+        return [(total, param_sets.transformer(total)) for total in size_points(device, small, n_lines, free)]
+    total = count_total(small, n_lines, free)
+    return [(count, param_sets.split(total, count)) for count in count_points(small)]
+
+
+def lines_at(n: int, lines: Sequence[str], free: int) -> List[str]:
+    """The lines a point of ``n`` params runs: the reference only at small points, the core
+    lines only where every line cannot be held at once, and always the baseline."""
+    here = [line for line in lines if line != "spd_reference" or n <= REFERENCE_MAX_PARAMS]
+    if not fits(n, len(here), free):
+        here = [line for line in here if line in CORE_LINES]
+    if "adamw_fused" not in here:
+        here.append("adamw_fused")
+    return here
+
+
+def run_sweep(kind: str, points: List[tuple], device: torch.device, rounds: int, warmup: int,
+              lines: Sequence[str], free: int, bw: float, progress) -> Iterator[List[dict]]:
+    """Runs sweep ``kind`` ('size' or 'count') over ``points`` in order; yields each point's
+    rows (one per line) as soon as it is measured."""
     for x, shapes in points:
-        n = param_sets.numel(shapes)
-        here = [line for line in lines if line != "spd_reference" or n <= REFERENCE_MAX_PARAMS]
-        if not fits(n, len(here), free):  # a large point: the core lines only
-            here = [line for line in here if line in CORE_LINES]
-        if "adamw_fused" not in here:
-            here.append("adamw_fused")
-        for row in bench.bench_set(f"{kind}={x}", shapes, here, device, rounds, warmup, bw, progress,
-                                   fresh_grads=False):
-            rows.append({"sweep": kind, "x": x, **asdict(row)})
+        here = lines_at(param_sets.numel(shapes), lines, free)
+        yield [{"sweep": kind, "x": x, **asdict(row)}
+               for row in bench.bench_set(f"{kind}={x}", shapes, here, device, rounds, warmup, bw, progress,
+                                          fresh_grads=False)]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def format_table(rows: List[dict]) -> str:
@@ -126,7 +130,7 @@ def plot(rows: List[dict], kind: str, meta: dict, path: str) -> None:
     axes[0].set_yscale("log")
     axes[1].axhline(100.0, color="k", lw=0.8)  # the bandwidth line
     axes[1].legend(fontsize=8)
-    sizes = "--small" if meta.get("small") else "full"
+    sizes = ("--small" if meta.get("small") else "full") + ("" if meta.get("complete", True) else ", partial")
     fig.suptitle(f"AdamSPD sweep '{kind}' ({sizes}): {meta['device_name']}, torch {meta['torch']}"
                  + (f", triton {meta['triton']}" if meta.get("triton") else ""))
     fig.tight_layout()
@@ -148,9 +152,14 @@ def write_outputs(rows: List[dict], kind: str, meta: dict, out_dir: str) -> List
 
 
 def main(kind: str, device: torch.device, small: bool, rounds: int, warmup: int, out_dir: str,
-         lines: Sequence[str] = LINES) -> int:
+         lines: Sequence[str] = LINES, budget_s: Optional[float] = None) -> int:
+    """Runs the sweep and writes its outputs after every point, so a run cut short (a time
+    limit, a crash at a large point) keeps what it measured; with ``budget_s``, no point
+    starts once that many seconds have passed (the first always runs) and the meta says
+    which points were left out."""
     from tqdm import tqdm
 
+    start = time.perf_counter()
     lines = [line for line in lines if line in bench.available_impls(device, bench.ALL_IMPLS)]
     bw = bench.bandwidth_gbs(device)
     triton_version = None
@@ -161,11 +170,27 @@ def main(kind: str, device: torch.device, small: bool, rounds: int, warmup: int,
     meta = dict(sweep=kind, device=str(device), device_name=bench.device_name(device), torch=torch.__version__,
                 triton=triton_version, bandwidth_gbs=bw,
                 bandwidth_kind="copy" if device.type == "cuda" else "in-place add", rounds=rounds, small=small,
-                date=time.strftime("%Y-%m-%d"))
+                date=time.strftime("%Y-%m-%d"), budget_s=budget_s, complete=False, left_out=[])
     print(f"{meta['device_name']}, torch {torch.__version__}; {meta['bandwidth_kind']} bandwidth {bw:.1f} GB/s")
+    # memory is read once, before any point: what this process freed after a point can stay
+    # with it (the allocator keeps mid-sized blocks), and would shrink the later points' lines
+    free = bench.free_memory(device)
+    points = sweep_points(kind, device, small, len(lines), free)
+    rows: List[dict] = []
+    paths: List[str] = []
     with tqdm(desc=f"sweep {kind}", unit="step", file=sys.stderr, disable=None) as bar:
-        rows = run_sweep(kind, device, small, rounds, warmup, lines, bw, lambda: bar.update(1))
+        measured = run_sweep(kind, points, device, rounds, warmup, lines, free, bw, lambda: bar.update(1))
+        for done, (x, _) in enumerate(points):
+            if done and budget_s is not None and time.perf_counter() - start > budget_s:
+                meta["left_out"] = [x for x, _ in points[done:]]
+                paths = write_outputs(rows, kind, meta, out_dir)
+                break
+            rows += next(measured)
+            meta["complete"] = done + 1 == len(points)
+            paths = write_outputs(rows, kind, meta, out_dir)
     print(format_table(rows))
-    for path in write_outputs(rows, kind, meta, out_dir):
+    if meta["left_out"]:
+        print(f"time budget of {budget_s:g} s spent: points {meta['left_out']} left out")
+    for path in paths:
         print(f"wrote {path}")
     return 0

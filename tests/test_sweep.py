@@ -17,7 +17,7 @@ COLUMNS = {"sweep", "x", "impl", "tensors", "params_m", "ms", "vs_adamw_fused", 
 @pytest.mark.parametrize("kind", ["size", "count"])
 def test_a_tiny_sweep_writes_its_table_json_csv_and_png(kind, tmp_path, monkeypatch, capsys):
     # two tiny points instead of the real ones, one round: what is checked is the plumbing
-    monkeypatch.setattr(sweep, "size_points", lambda device, small, n, free: [20_000, 80_000])
+    _tiny_points(monkeypatch)
     monkeypatch.setattr(sweep, "count_points", lambda small: [2, 8])
     monkeypatch.setattr(sweep, "count_total", lambda small, n, free: 20_000)
     lines = ("spd", "spd_8bit", "adamw_fused", "spd_reference")
@@ -26,6 +26,7 @@ def test_a_tiny_sweep_writes_its_table_json_csv_and_png(kind, tmp_path, monkeypa
     data = json.loads((tmp_path / f"sweep-{kind}.json").read_text())
     rows = data["rows"]
     assert data["meta"]["sweep"] == kind and data["meta"]["small"] is True and data["meta"]["bandwidth_gbs"] > 0
+    assert data["meta"]["complete"] is True and data["meta"]["left_out"] == []
     assert all(COLUMNS <= set(r) for r in rows)
     want_x = [20_000, 80_000] if kind == "size" else [2, 8]
     assert sorted({r["x"] for r in rows}) == want_x
@@ -41,6 +42,41 @@ def test_a_tiny_sweep_writes_its_table_json_csv_and_png(kind, tmp_path, monkeypa
         assert COLUMNS <= set(next(csv.reader(f)))
     assert (tmp_path / f"sweep-{kind}.png").stat().st_size > 10_000
     assert "vs fused" in capsys.readouterr().out
+
+
+def _tiny_points(monkeypatch):
+    monkeypatch.setattr(sweep, "size_points", lambda device, small, n, free: [20_000, 80_000])
+
+
+def test_a_sweep_keeps_what_it_measured_when_a_later_point_fails(tmp_path, monkeypatch):
+    # the outputs are rewritten after every point: a run cut short keeps its finished points
+    _tiny_points(monkeypatch)
+    real = bench.bench_set
+
+    def fail_at_the_second_point(name, *args, **kwargs):
+        if name == "size=80000":
+            raise MemoryError("pretend the large point does not fit")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_set", fail_at_the_second_point)
+    with pytest.raises(MemoryError):
+        sweep.main("size", torch.device("cpu"), small=True, rounds=1, warmup=1, out_dir=str(tmp_path),
+                   lines=("spd", "adamw_fused"))
+    data = json.loads((tmp_path / "sweep-size.json").read_text())
+    assert {r["x"] for r in data["rows"]} == {20_000} and data["meta"]["complete"] is False
+    assert (tmp_path / "sweep-size.png").exists() and (tmp_path / "sweep-size.csv").exists()
+
+
+def test_a_spent_time_budget_starts_no_new_point(tmp_path, monkeypatch, capsys):
+    _tiny_points(monkeypatch)
+    assert sweep.main("size", torch.device("cpu"), small=True, rounds=1, warmup=1, out_dir=str(tmp_path),
+                      lines=("spd", "adamw_fused"), budget_s=0.0) == 0
+    data = json.loads((tmp_path / "sweep-size.json").read_text())
+    assert {r["x"] for r in data["rows"]} == {20_000}  # the first point always runs
+    assert data["meta"]["left_out"] == [80_000] and data["meta"]["complete"] is False
+    assert "points [80000] left out" in capsys.readouterr().out
+    args = bench.build_parser().parse_args(["--sweep", "size", "--budget-s", "90"])
+    assert args.budget_s == 90.0
 
 
 def test_sweep_points_fit_memory_and_the_small_flag():
