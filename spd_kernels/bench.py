@@ -42,6 +42,7 @@ import torch
 
 from . import backends, param_sets
 from .optim import AdamSPD
+from .stats import STAT_SCALE
 
 #: the report's default lines
 IMPLS = ("spd", "spd_reference", "adamw_fused", "adamw_foreach", "spd_compiled")
@@ -70,6 +71,10 @@ class Row:
     peak_extra_mb: Optional[float]
     #: optimizer state (moments, anchors, absmax, steps) in bytes per param, each storage counted once
     state_bytes_per_param: Optional[float] = None
+    #: AdamSPD lines: % of the params whose tensor SPD projected (s > 0), mean over the timed
+    #: steps. ``gbs`` counts one pass (``STEP_BYTES``); a projected tensor that does not stay in
+    #: cache is read and written again (p and anchor in, p out: up to 12 B/param more)
+    projected_pct: Optional[float] = None
 
 
 # ------------------------------------------------------------------ the sets
@@ -311,6 +316,21 @@ def peak_extra_mb(fn: Callable, device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def projected_share(opt, n_params: int) -> Optional[float]:
+    """Share of the params whose tensor the last step projected (s > 0); None for lines that
+    are not an ``AdamSPD`` step (AdamW, bitsandbytes, the compiled and kernels-only lines)."""
+    if isinstance(opt, GraphReplay):
+        opt = opt.opt  # each replay rewrites the captured step's stats rows in place
+    if not isinstance(opt, AdamSPD):
+        return None
+    rows = opt.last_step_stats()
+    if not rows:
+        return None
+    params = list(rows)
+    scales = torch.stack([rows[p][STAT_SCALE] for p in params]).tolist()  # one sync, untimed
+    return sum(p.numel() for p, s in zip(params, scales) if s > 0) / n_params
+
+
 def step_bytes(impl: str, anchored: bool) -> int:
     """The minimal bytes one step moves per fp32 param (``STEP_BYTES``); no anchor read without anchors."""
     if impl in STEP_BYTES:
@@ -334,6 +354,8 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
     _sync(device)
     peaks = {impl: peak_extra_mb(opt.step, device) for impl, opt in opts.items()}
     times: Dict[str, List[float]] = {impl: [] for impl in impls}
+    projected: Dict[str, List[float]] = {impl: [] for impl in impls}
+    n = param_sets.numel(shapes)
     for r in range(rounds):
         for impl, opt in opts.items():  # interleaved: drift and noise hit every impl alike
             if impl == "spd_reference" and r >= max(3, rounds // 4):
@@ -342,8 +364,10 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
                 for p in params_of(opt):
                     p.grad.normal_(0.0, 1e-2)
             times[impl].append(_time_once(opt.step, device))
+            share = projected_share(opt, n)
+            if share is not None:
+                projected[impl].append(share)
             progress()
-    n = param_sets.numel(shapes)
     fused = statistics.median(times["adamw_fused"]) if times.get("adamw_fused") else None
     rows = []
     for impl in impls:
@@ -351,7 +375,8 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
         per_param = step_bytes(impl, anchored)
         gbs = n * per_param / sec / 1e9
         rows.append(Row(name, impl, len(shapes), n / 1e6, sec * 1e3, sec / fused if fused else float("nan"),
-                        gbs, 100 * gbs / bw, peaks[impl], state_bytes_per_param(opts[impl], n)))
+                        gbs, 100 * gbs / bw, peaks[impl], state_bytes_per_param(opts[impl], n),
+                        100 * statistics.mean(projected[impl]) if projected[impl] else None))
     del opts
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -363,13 +388,14 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
 
 def format_table(rows: List[Row]) -> str:
     head = (f"{'set':11s} {'impl':14s} {'tensors':>7s} {'params':>8s} {'ms/step':>9s} {'vs fused':>8s} "
-            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s} {'state B/p':>9s}")
+            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s} {'state B/p':>9s} {'proj %':>6s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r.peak_extra_mb:8.1f}" if r.peak_extra_mb is not None else f"{'-':>8s}"
         state = f"{r.state_bytes_per_param:9.2f}" if r.state_bytes_per_param is not None else f"{'-':>9s}"
+        projected = f"{r.projected_pct:6.1f}" if r.projected_pct is not None else f"{'-':>6s}"
         lines.append(f"{r.set:11s} {r.impl:14s} {r.tensors:7d} {r.params_m:7.1f}M {r.ms:9.3f} "
-                     f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak} {state}")
+                     f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak} {state} {projected}")
     return "\n".join(lines)
 
 

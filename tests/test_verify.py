@@ -67,6 +67,12 @@ def test_bench_command_writes_table_json_csv_png(tmp_path):
         assert state["spd_bf16a"] == pytest.approx(10.0, abs=0.01)
         assert 4.0 < state["spd_8bit"] <= 4.1
     assert data["meta"]["fresh_grads"] is True
+    # fresh grads: SPD projects some tensors and not others; AdamW lines have no such column
+    for r in data["rows"]:
+        if r["set"] == "vit_b" and r["impl"] in ("spd", "spd_bf16a", "spd_8bit", "spd_reference"):
+            assert 0 < r["projected_pct"] < 100, r
+        if r["impl"].startswith("adamw"):
+            assert r["projected_pct"] is None
     assert {r["set"] for r in data["rows"]} == {"vit_b", "lora"}
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gbs"] > 0
