@@ -11,6 +11,7 @@ whole block with ``AdamW(fused=True)``'s time per param per core in the bench re
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -45,7 +46,15 @@ def moments(n: int, seed: int = 0):
             (v / v.amax(1, keepdim=True)).reshape(-1).contiguous())
 
 
-def main(n: int = 16384, reps: int = 2000, rounds: int = 5) -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--elements", type=int, default=16384, help="elements per part, a multiple of 256")
+    parser.add_argument("--reps", type=int, default=2000, help="passes over them per timing")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is printed")
+    args = parser.parse_args(argv)
+    n, reps, rounds = args.elements, args.reps, args.rounds
+    if n <= 0 or n % quantization.BLOCK_SIZE:
+        parser.error(f"--elements must be a positive multiple of {quantization.BLOCK_SIZE}, got {n}")
     module = build()
     qmaps = torch.stack([quantization.dynamic_map(True), quantization.dynamic_map(False)]).contiguous()
     m, v = moments(n)
