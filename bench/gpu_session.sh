@@ -25,10 +25,10 @@ part() {  # part SECONDS LOG command...: run under a time limit, keep the whole 
   [ "$status" -eq 0 ] || rc=1
 }
 part 150 "$OUT/cuda_tests.log" python3 -m pytest -m cuda -q -p no:cacheprovider
-part 40 "$OUT/verify.log" python3 -m spd_kernels verify
-part 180 "$OUT/bench.log" python3 -m spd_kernels bench --kernels-only --cuda-graph --state-formats --fresh-grads \
+part 60 "$OUT/verify.log" python3 -m spd_kernels verify
+part 170 "$OUT/bench.log" python3 -m spd_kernels bench --kernels-only --cuda-graph --state-formats --fresh-grads \
   --out "$OUT/bench"
 # the scaling report's GPU sweeps (spd_kernels/sweep.py)
-part 80 "$OUT/sweep-size.log" python3 -m spd_kernels bench --sweep size --budget-s 45 --out "$OUT/sweep"
-part 60 "$OUT/sweep-count.log" python3 -m spd_kernels bench --sweep count --budget-s 30 --out "$OUT/sweep"
+part 75 "$OUT/sweep-size.log" python3 -m spd_kernels bench --sweep size --budget-s 40 --out "$OUT/sweep"
+part 55 "$OUT/sweep-count.log" python3 -m spd_kernels bench --sweep count --budget-s 25 --out "$OUT/sweep"
 exit $rc
