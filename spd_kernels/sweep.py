@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -85,17 +85,16 @@ def lines_at(n: int, lines: Sequence[str], free: int) -> List[str]:
     return here
 
 
-def run_sweep(kind: str, points: List[tuple], device: torch.device, rounds: int, warmup: int,
-              lines: Sequence[str], free: int, bw: float, progress) -> Iterator[List[dict]]:
-    """Runs sweep ``kind`` ('size' or 'count') over ``points`` in order; yields each point's
-    rows (one per line) as soon as it is measured."""
-    for x, shapes in points:
-        here = lines_at(param_sets.numel(shapes), lines, free)
-        yield [{"sweep": kind, "x": x, **asdict(row)}
-               for row in bench.bench_set(f"{kind}={x}", shapes, here, device, rounds, warmup, bw, progress,
-                                          fresh_grads=False)]
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+def run_point(kind: str, x: int, shapes: List[tuple], device: torch.device, rounds: int, warmup: int,
+              lines: Sequence[str], free: int, bw: float, progress) -> List[dict]:
+    """One point of sweep ``kind`` ('size' or 'count'): one row per line, interleaved."""
+    here = lines_at(param_sets.numel(shapes), lines, free)
+    rows = [{"sweep": kind, "x": x, **asdict(row)}
+            for row in bench.bench_set(f"{kind}={x}", shapes, here, device, rounds, warmup, bw, progress,
+                                       fresh_grads=False)]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def format_table(rows: List[dict]) -> str:
@@ -179,15 +178,15 @@ def main(kind: str, device: torch.device, small: bool, rounds: int, warmup: int,
     rows: List[dict] = []
     paths: List[str] = []
     with tqdm(desc=f"sweep {kind}", unit="step", file=sys.stderr, disable=None) as bar:
-        measured = run_sweep(kind, points, device, rounds, warmup, lines, free, bw, lambda: bar.update(1))
-        for done, (x, _) in enumerate(points):
+        for done, (x, shapes) in enumerate(points):
             if done and budget_s is not None and time.perf_counter() - start > budget_s:
                 meta["left_out"] = [x for x, _ in points[done:]]
-                paths = write_outputs(rows, kind, meta, out_dir)
-                break
-            rows += next(measured)
-            meta["complete"] = done + 1 == len(points)
+            else:
+                rows += run_point(kind, x, shapes, device, rounds, warmup, lines, free, bw, lambda: bar.update(1))
+                meta["complete"] = done + 1 == len(points)
             paths = write_outputs(rows, kind, meta, out_dir)
+            if meta["left_out"]:
+                break
     print(format_table(rows))
     if meta["left_out"]:
         print(f"time budget of {budget_s:g} s spent: points {meta['left_out']} left out")
