@@ -161,7 +161,7 @@ class KernelsOnly:
     def __init__(self, opt: AdamSPD, split: bool) -> None:
         self.opt = opt  # owns the params and state the buckets point at
         opt.step()  # builds the buckets and the state
-        self.work = [(backend, bucket) for backend, _, bucket in opt._bucket_cache[1]]
+        self.work = opt.buckets()
         if split:
             for _, bucket in self.work:
                 bucket.sums = torch.zeros((len(bucket), 3), dtype=torch.float64, device=bucket.device)

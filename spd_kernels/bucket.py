@@ -59,8 +59,13 @@ class Bucket:
     stats: Optional[Tensor] = None
     #: per tensor, how many steps fired the projection condition (kept by the optimizer)
     projections: Optional[Tensor] = None
-    #: the optimizer's params these entries belong to (DTensors for sharded params)
+    #: the optimizer's params the entries' grads come from (DTensors for sharded params)
     owners: List[Tensor] = field(default_factory=list)
+    #: the tensor each entry stands for in stats and projection counts: its owner, or for a
+    #: fragment of a DeepSpeed flat partition the model param (spd_kernels.zero); None: ``owners``
+    keys: Optional[List[Tensor]] = None
+    #: per entry, the (first element, count) of its owner's flattened grad it takes; None: all of it
+    grad_slices: Optional[List[tuple]] = None
     #: split step only: fp64 [n, 3], each tensor's sum g*(p-a), |p-a|^2, |q-a|^2 (local, then all-reduced)
     sums: Optional[Tensor] = None
     #: private to the backend: what it derived from this bucket (e.g. device tables)
@@ -86,19 +91,31 @@ class Bucket:
         if any(g is None or g.is_sparse or distributed.is_dtensor(g) != distributed.is_dtensor(p)
                for g, p in zip(grads, self.owners)):
             return False
-        self.grads = [distributed.local(g) for g in grads]
+        self.grads = self.entry_grads(grads)
         self.hp = hp
         return True
+
+    def entry_grads(self, grads: List[Tensor]) -> List[Tensor]:
+        """Each entry's grad from its owner's (``grads``, one per entry): the local shard, or a fragment."""
+        local = [distributed.local(g) for g in grads]
+        if self.grad_slices is None:
+            return local
+        return [g.view(-1).narrow(0, start, numel) for g, (start, numel) in zip(local, self.grad_slices)]
+
+    @property
+    def stat_keys(self) -> List[Tensor]:
+        """The tensor each entry's stats row and projection count belong to."""
+        return self.owners if self.keys is None else self.keys
 
     def take_counts(self, carried: Dict[Tensor, Tensor]) -> None:
         """Start ``projections``, continuing the counts its params carried from retired buckets."""
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.projections = torch.stack([carried.pop(p, zero).to(self.device) for p in self.owners])
+        self.projections = torch.stack([carried.pop(p, zero).to(self.device) for p in self.stat_keys])
 
     def give_back_counts(self, carried: Dict[Tensor, Tensor]) -> None:
         """Hand each param's projection count back (the bucket is being retired)."""
         if self.projections is not None:
-            for p, count in zip(self.owners, self.projections.unbind(0)):
+            for p, count in zip(self.stat_keys, self.projections.unbind(0)):
                 carried[p] = count
 
     def record(self, stats: Tensor, counted: bool) -> None:

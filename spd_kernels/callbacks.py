@@ -1,6 +1,6 @@
 """Hugging Face ``Trainer`` callback: SPD's per-layer stats through the Trainer's own loggers.
 
-    trainer = Trainer(model=model, args=args, optimizers=(AdamSPD(...), scheduler), ...)
+    trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=spd_kernels.hf.optimizer_cls_and_kwargs(...))
     trainer.add_callback(SPDStatsCallback(trainer))
 
 At each step the Trainer logs (``logging_steps``), the callback reads
@@ -28,12 +28,7 @@ from typing import Dict, List, Optional
 import torch
 from transformers import TrainerCallback
 
-
-def _spd_optimizer(optimizer):
-    """The AdamSPD inside whatever wraps it (accelerate's ``AcceleratedOptimizer``)."""
-    while optimizer is not None and not hasattr(optimizer, "spd_stats"):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+from .hf import adamspd_of
 
 
 def spd_layer_names(optimizer) -> List[str]:
@@ -54,7 +49,7 @@ class SPDStatsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if not control.should_log:
             return
-        opt = _spd_optimizer(optimizer if optimizer is not None else self.trainer.optimizer)
+        opt = adamspd_of(optimizer if optimizer is not None else self.trainer.optimizer)
         if opt is None:
             return
         logs = self.read(opt, state.global_step)

@@ -13,12 +13,14 @@ plain tensors (DDP). Several sharded dims of a named mesh (2-D FSDP + TP
 sharding) reduce over their flattened sub-mesh, still one collective; an
 unnamed mesh cannot be flattened and takes one per sharded dim. Rows follow
 the param groups' order, which every rank shares; an empty shard adds zeros.
+DeepSpeed ZeRO-1/2's flat partitions reduce the same way, keyed by
+DeepSpeed's data-parallel process group (``group_key``, ``spd_kernels.zero``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,8 +34,17 @@ except ImportError:  # a torch build without distributed: no param can be a DTen
     dist = None
     DTensor = None
 
-#: (device mesh, sharded mesh dims): the params whose sums are all-reduced together
-ReduceKey = Tuple[Any, Tuple[int, ...]]
+#: (device mesh, sharded mesh dims), or (PROCESS_GROUP, a process group): the params whose sums are
+#: all-reduced together
+ReduceKey = Tuple[Any, Any]
+
+#: the first half of a ReduceKey that names a process group directly (DeepSpeed's data-parallel group)
+PROCESS_GROUP = "process group"
+
+
+def group_key(process_group: Any) -> ReduceKey:
+    """The key of tensors whose sums are all-reduced over ``process_group`` (None: the default group)."""
+    return (PROCESS_GROUP, process_group)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -208,6 +219,8 @@ def process_groups(key: ReduceKey) -> List[Any]:
     buckets are built, at the same point of the same step on every rank.
     """
     mesh, dims = key
+    if mesh == PROCESS_GROUP:
+        return [dims]
     if len(dims) == 1:
         return [mesh.get_group(dims[0])]
     names = mesh.mesh_dim_names
@@ -216,13 +229,30 @@ def process_groups(key: ReduceKey) -> List[Any]:
     return [mesh.get_group(d) for d in dims]
 
 
+class RowCounter:
+    """Rows of each reduction's buffer, handed out in param-group order (the same on every rank)."""
+
+    def __init__(self) -> None:
+        self.count: Dict[ReduceKey, int] = {}
+        self.device: Dict[ReduceKey, torch.device] = {}
+
+    def take(self, key: ReduceKey, n: int, device: torch.device) -> int:
+        """The first of ``n`` new rows of ``key``'s buffer."""
+        first = self.count.get(key, 0)
+        self.count[key] = first + n
+        self.device.setdefault(key, device)
+        return first
+
+
 @dataclass
 class SumsReduction:
     """One all-reduce of the split-step sums of every bucket sharing a ``ReduceKey``.
 
     ``buffer`` holds one row per tensor in param-group order; each part is a
-    bucket and the buffer rows of its tensors. A single bucket whose rows are
-    the whole buffer in order uses the buffer as its ``sums`` (no copies).
+    bucket and the buffer rows of its tensors (several entries may add into one
+    row: the fragments of one tensor). A single bucket whose rows are the whole
+    buffer in order uses the buffer as its ``sums`` (no copies). A rank that
+    holds none of the tensors (no parts) still joins with zeros.
     """
 
     key: ReduceKey
@@ -231,40 +261,46 @@ class SumsReduction:
     parts: List[Tuple[Any, Optional[Tensor]]] = field(default_factory=list)
 
     def all_reduce_(self) -> None:
+        if not self.parts or self.parts[0][1] is not None:  # rows no local entry covers add zeros
+            self.buffer.zero_()
         for bucket, rows in self.parts:
             if rows is not None:
-                self.buffer.index_copy_(0, rows, bucket.sums)
+                self.buffer.index_add_(0, rows, bucket.sums)
         for group in self.groups:  # one, unless an unnamed mesh has several sharded dims
             dist.all_reduce(self.buffer, group=group)
         for bucket, rows in self.parts:
             if rows is not None:
                 torch.index_select(self.buffer, 0, rows, out=bucket.sums)
 
+    def any_(self, local: Tensor) -> bool:
+        """Whether ``local`` (a 0-d flag) is nonzero on any rank of this reduction (a collective)."""
+        flag = local.to(device=self.buffer.device, dtype=torch.float64).reshape(1)
+        for group in self.groups:
+            dist.all_reduce(flag, group=group)
+        return bool(flag.item() != 0)
 
-def plan_reductions(sharded: List[Tuple[Any, ReduceKey, List[int]]], n_rows: dict) -> List[SumsReduction]:
+
+def plan_reductions(sharded: List[Tuple[Any, ReduceKey, List[int]]], rows: RowCounter) -> List[SumsReduction]:
     """Give each split-step bucket its ``sums`` and group the buckets into reductions.
 
     ``sharded`` lists (bucket, key, buffer rows of its tensors) in the order the
-    buckets were built; ``n_rows`` maps each key to its row count. Keys are
-    reduced in first-seen order, the same on every rank.
+    buckets were built; ``rows`` counts each key's rows. Keys are reduced in
+    first-seen order, the same on every rank, including keys no local bucket has.
     """
-    reductions: dict = {}
-    for bucket, key, rows in sharded:
-        red = reductions.get(key)
-        if red is None:
-            buffer = torch.zeros((n_rows[key], 3), dtype=torch.float64, device=bucket.device)
-            red = reductions[key] = SumsReduction(key, buffer, process_groups(key))
-        red.parts.append((bucket, rows))
+    reductions = {key: SumsReduction(key, torch.zeros((n, 3), dtype=torch.float64, device=rows.device[key]),
+                                     process_groups(key)) for key, n in rows.count.items()}
+    for bucket, key, bucket_rows in sharded:
+        reductions[key].parts.append((bucket, bucket_rows))
     for red in reductions.values():
         parts = red.parts
         whole = len(parts) == 1 and parts[0][1] == list(range(red.buffer.shape[0]))
         new_parts = []
-        for bucket, rows in parts:
+        for bucket, bucket_rows in parts:
             if whole:
                 bucket.sums = red.buffer
                 new_parts.append((bucket, None))
             else:
-                bucket.sums = torch.zeros((len(rows), 3), dtype=torch.float64, device=bucket.device)
-                new_parts.append((bucket, torch.tensor(rows, dtype=torch.int64, device=bucket.device)))
+                bucket.sums = torch.zeros((len(bucket_rows), 3), dtype=torch.float64, device=bucket.device)
+                new_parts.append((bucket, torch.tensor(bucket_rows, dtype=torch.int64, device=bucket.device)))
         red.parts = new_parts
     return list(reductions.values())

@@ -8,22 +8,29 @@ backend (``spd_kernels.backends``). It knows nothing of kernels.
 Constructor and meaning follow the official ``adamSPD.py``: param groups may
 carry ``pre``, a list of anchors (one per param), or ``pre: None`` for an
 anchor-free group (a = 0: LoRA factors and other new parameters). A group
-without ``pre`` snapshots its anchors when it is added. ``weight_decay`` is
-SPD's lambda and is not scaled by lr.
+without ``pre`` takes each param's value before its first update as its
+anchor. ``weight_decay`` is SPD's lambda and is not scaled by lr.
 
 State per parameter follows ``torch.optim.Adam``: ``step`` (0-d fp32 tensor),
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), all in fp32 (or the
 param dtype when wider), plus ``anchor`` for anchored groups, so that
-``state_dict()`` saves it and sharded checkpointing shards it.
+``state_dict()`` saves it and sharded checkpointing shards it. As in
+``torch.optim.Adam`` it is created at a param's first step, for the param that
+``param_groups`` holds then, so frameworks that swap params in after the
+optimizer is built (Accelerate's FSDP2, DeepSpeed ZeRO) leave no stale state
+(``spd_kernels.anchors``).
 
 DTensor params (FSDP2, HSDP) are updated through their local shards; the
 per-tensor sums are all-reduced between the two halves of the step (see
 ``spd_kernels.distributed``), and states and anchors are DTensors placed like
 their params, so ``torch.distributed.checkpoint`` saves and loads them.
+DeepSpeed ZeRO-1/2's flat partitions are stepped fragment by fragment
+(``spd_kernels.zero``).
 """
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -31,14 +38,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, distributed, quantization
+from . import anchors, backends, distributed, quantization, zero
+from .anchors import ORIGIN_KEY
 from .backends import Backend
 from .bucket import Bucket
 from .hyperparameters import Hyperparameters
+from .plan import StepPlan
 from .reference import compute_dtype
 from .stats import STAT_C, STAT_NAMES
 
-#: marks a group given without 'pre': its anchors are snapshotted when added
+#: marks a group given without 'pre': each anchor is its param's value before its first update
 _SNAPSHOT = object()
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -101,6 +110,20 @@ def _check_param_dtype(p: Tensor, where: str) -> None:
         raise TypeError(f"{where}: AdamSPD needs real floating-point parameters, got {p.dtype}")
     if not p.is_floating_point():
         raise TypeError(f"{where}: AdamSPD needs floating-point parameters, got {p.dtype}")
+    if getattr(p, "_fsdp_flattened", False):
+        raise ValueError(f"{where}: a parameter flattened by FSDP1 (FullyShardedDataParallel); its shards mix "
+                         "pieces of many tensors, and SPD needs per-tensor sums. Use FSDP2 (fully_shard)")
+
+
+def _all_lr_zero(groups: List[Dict[str, Any]]) -> bool:
+    """Whether every group's lr is 0 (read only for floats and CPU tensors: a device lr is never read)."""
+    for group in groups:
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and (lr.device.type != "cpu" or torch.compiler.is_compiling()):
+            return False
+        if float(lr) != 0.0:
+            return False
+    return True
 
 
 def _unwrap(param: Any) -> Tensor:
@@ -126,16 +149,28 @@ class AdamSPD(Optimizer):
     fp32 whatever the storage. Details: docs/design.md.
 
     Args:
-        params: parameters or param groups. A group may carry ``pre``: a list
-            of anchors (the pre-trained weights, one per param, same shape and
-            device), or ``None`` for anchor-free. Without ``pre`` the anchors
-            are a snapshot of the params taken here. A param with
-            ``requires_grad=False`` here (a frozen base under LoRA) gets no
-            state at all, no anchor and no moments, as with
-            ``torch.optim.Adam``. If it is unfrozen later, its anchor is taken
-            at its first step with a grad (a given ``pre`` anchor is kept
-            aside until then): exact, because a frozen param still holds its
-            pre-trained value.
+        params: parameters (or ``(name, param)`` pairs, which key
+            ``spd_stats()`` by name) or param groups. A group may carry
+            ``pre``: a list of anchors (the pre-trained weights, one per
+            param, same shape and device), or ``None`` for anchor-free.
+
+            The anchor rule: a param's anchor is the ``pre`` anchor given for
+            it, else its value before its first update, taken at its first
+            step. State (step, moments, anchor) is created at that first step,
+            as in ``torch.optim.Adam``, for the param ``param_groups`` holds
+            then and placed as that param is: a framework that swaps params
+            after the optimizer is built (Accelerate's and the Trainer's
+            FSDP2 preparation swap in DTensors; DeepSpeed ZeRO-1/2 flat
+            partitions) gets state for what it steps only, and a given anchor
+            is sliced like its DTensor or cut into the ZeRO fragment. The
+            snapshot equals one taken here unless something updates the
+            params in between; ``pin_anchors()`` takes it early, for code
+            that changes params before the first step. A frozen param
+            (``requires_grad=False``, a LoRA base) costs nothing until it has
+            a grad. A step before any state exists with lr = 0 everywhere
+            (what ``torch.distributed.checkpoint`` runs to build a template)
+            creates the state of tensors whose grads are all zero without
+            counting a step for them.
         lr, betas, eps, amsgrad: as in ``torch.optim.Adam``. ``lr`` may be a
             0-d tensor.
         weight_decay: SPD's lambda (strength of the projection), not scaled
@@ -206,37 +241,51 @@ class AdamSPD(Optimizer):
         backends.make_eager_only()  # before any step can be traced by torch.compile
         self.impl = impl
         self.anchor_dtype = anchor_dtype
-        self._last_buckets: List[Tuple[List[Tensor], Tensor, Tensor]] = []
-        # (key, buckets) of the last step: reused while the same params have grads
-        self._bucket_cache: Optional[Tuple[Tuple, List[Tuple[Backend, int, Bucket]], List[Any]]] = None
+        # the plans of the last steps, by the groups they cover (ids): reused while the same params have
+        # grads. One plan in a plain loop; DeepSpeed ZeRO steps its groups one call each, a plan per group.
+        self._plans: Dict[Tuple[int, ...], StepPlan] = {}
         # How many steps fired the projection condition (c < 0): a vector per live
         # bucket (one add per step); per param here for params whose bucket was retired.
         self._projection_counts: Dict[Tensor, Tensor] = {}
-        # anchors given in 'pre' for params frozen at construction: stored at their first step
-        self._given_anchors: Dict[Tensor, Tensor] = {}
+        self._explicit_lambdas: List[bool] = []  # per group added by __init__: did it set its own weight_decay
         super().__init__(params, defaults)
+        self._warn_if_lambda_overridden()
+        del self._explicit_lambdas
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {**super().__getstate__(), "impl": self.impl, "anchor_dtype": self.anchor_dtype,
-                "_given_anchors": self._given_anchors}
+        return {**super().__getstate__(), "impl": self.impl, "anchor_dtype": self.anchor_dtype}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("impl", "auto")
         self.__dict__.setdefault("anchor_dtype", None)
-        self.__dict__.setdefault("_given_anchors", {})
         self._backend = None if self.impl == "auto" else backends.get(self.impl)
-        self._last_buckets = []
-        self._bucket_cache = None
+        self._plans: Dict[Tuple[int, ...], StepPlan] = {}
         self._projection_counts = {}
+
+    def _warn_if_lambda_overridden(self) -> None:
+        """Warn when the λ given to the constructor runs nowhere because every group set its own
+        (the Hugging Face Trainer builds two groups, weight_decay=args.weight_decay and 0.0)."""
+        lam = self.defaults["weight_decay"]
+        if lam > 0 and self._explicit_lambdas and all(self._explicit_lambdas) and \
+                all(g["weight_decay"] != lam for g in self.param_groups):
+            warnings.warn(
+                f"AdamSPD: weight_decay={lam} (SPD's lambda) was given, but every param group sets its own "
+                f"weight_decay ({[g['weight_decay'] for g in self.param_groups]}), so SPD runs with those "
+                "lambdas, 0 meaning none (plain Adam). A framework that builds its own groups overrides it: "
+                "the Hugging Face Trainer does (from args.weight_decay); use "
+                "Trainer(optimizer_cls_and_kwargs=spd_kernels.hf.optimizer_cls_and_kwargs(lr=..., "
+                "weight_decay=...)), or groups without 'weight_decay'.", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a group; validates everything first, so a bad group changes nothing."""
+        """Add a group; validates everything first, so a bad group changes nothing. No state is
+        created here: each param gets its state at its first step (see the class docstring)."""
         index = len(self.param_groups)
         where = f"param_groups[{index}]"
         group = dict(param_group)
+        group.pop(ORIGIN_KEY, None)
         pre = group.pop("pre", _SNAPSHOT)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
@@ -257,26 +306,34 @@ class AdamSPD(Optimizer):
                                                        8 if self._eight_bit(p, merged) else 32))
                 if error:
                     raise ValueError(f"{where}['params'][{i}]: {error}")
-        anchors = self._check_anchors(pre, tensors, where)
+        given = self._check_anchors(pre, tensors, where)
 
         group["params"] = params
         group["anchor_free"] = pre is None
-        super().add_param_group(group)  # raises on duplicates before any state is written
-        self._retire_buckets()
-        # State is complete from the start (step 0, zero moments, anchor) for every
-        # param that can get a grad: torch.distributed.checkpoint treats a non-empty
-        # state as fully initialized when it loads. A frozen param gets nothing (a
-        # frozen 7B base would otherwise cost a full copy of itself): its anchor is
-        # taken at its first step with a grad, or kept aside if one was given.
-        group = self.param_groups[-1]
-        for i, p in enumerate(tensors):
-            if anchors is not None:
-                if p.requires_grad:
-                    self.state[p]["anchor"] = self._stored_anchor(p, anchors[i], f"{where}['pre'][{i}]")
-                elif anchors[i] is not None:
-                    self._given_anchors[p] = anchors[i]
-            if p.requires_grad:
-                self._init_state(p, group, self._step_device(p, group))
+        super().add_param_group(group)  # raises on duplicates before anything is kept
+        added = self.param_groups[-1]
+        added[ORIGIN_KEY] = anchors.GroupOrigin.of(added["params"], given)  # the list torch keeps
+        self._retire_plans()
+        if hasattr(self, "_explicit_lambdas"):
+            self._explicit_lambdas.append("weight_decay" in param_group)
+
+    def pin_anchors(self) -> None:
+        """Take every anchor that is not yet taken or given now, from the params' current values.
+
+        By default a param's anchor is its value at its first step (before its first update).
+        Call this after building the optimizer when something changes the params before the first
+        step that must not move the anchors. A pinned anchor is kept as a given one is: in
+        ``anchor_dtype``, placed as the param is at its first step.
+        """
+        for group in self.param_groups:
+            if group["anchor_free"]:
+                continue
+            origin = anchors.origin(group)
+            # before the first step under DeepSpeed the group holds a flat partition: pin the model params
+            params = group["params"] if origin.matches(group["params"]) else origin.params
+            for i, p in enumerate(params):
+                if p is not None and origin.anchors[i] is None and "anchor" not in self.state.get(p, {}):
+                    origin.anchors[i] = anchors.snapshot(p, self.anchor_dtype)
 
     def _check_anchors(self, pre: Any, params: List[Tensor], where: str) -> Optional[List[Optional[Tensor]]]:
         """Validate ``pre`` against ``params``. Returns None for an anchor-free group,
@@ -312,7 +369,7 @@ class AdamSPD(Optimizer):
     def _stored_anchor(self, p: Tensor, given: Optional[Tensor], where: str) -> Tensor:
         """The anchor kept in state: ``given`` placed like ``p`` in ``anchor_dtype``, or a snapshot of ``p``."""
         if given is None:
-            return p.detach().to(dtype=self.anchor_dtype or p.dtype, copy=True)
+            return anchors.snapshot(p, self.anchor_dtype)
         a = distributed.place_like(p, given, where)
         if self.anchor_dtype is not None and a.dtype != self.anchor_dtype:
             a = a.to(self.anchor_dtype)
@@ -320,10 +377,14 @@ class AdamSPD(Optimizer):
 
     # -------------------------------------------------------------------- step
 
-    def _gather(self) -> List[Tuple[int, Dict[str, Any], List[Tensor]]]:
-        """Check every grad; return (index, group, params with grads). Mutates nothing."""
+    def _gather(self) -> List[Tuple[int, Dict[str, Any], List[Tuple[int, Tensor]], Optional[zero.Partition]]]:
+        """Check every grad and what each group holds now; return, per group with grads, its index,
+        the group, its (position, param) pairs with grads, and its ZeRO partition (or None).
+        Mutates nothing."""
         work = []
         for gi, group in enumerate(self.param_groups):
+            origin = anchors.origin(group)
+            partition = None if origin.matches(group["params"]) else self._partition(group, origin, gi)
             with_grad = []
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -342,10 +403,62 @@ class AdamSPD(Optimizer):
                 error = self._backend.device_error(p.device) if self._backend is not None else ""
                 if error:  # the param moved since construction
                     raise RuntimeError(f"{where}: {error}")
-                with_grad.append(p)
+                given = origin.anchors[pi] if partition is None and "anchor" not in self.state.get(p, {}) else None
+                if given is not None and not group["anchor_free"]:  # placed at this step: check it now
+                    distributed.check_placement(p, given, f"param_groups[{gi}]['pre'][{pi}]")
+                with_grad.append((pi, p))
             if with_grad:
-                work.append((gi, group, with_grad))
+                work.append((gi, group, with_grad, partition))
         return work
+
+    def _partition(self, group: Dict[str, Any], origin: anchors.GroupOrigin, gi: int) -> zero.Partition:
+        """The ZeRO-1/2 partition a group now holds instead of the params it was built with; raises a
+        named error for anything else that replaced them."""
+        where = f"param_groups[{gi}]"
+        if any(zero.is_zero3_param(p) for p in origin.params):
+            raise RuntimeError(zero.zero3_error(where))
+        params = group["params"]
+        partition = zero.partition_of(params[0], origin) if len(params) == 1 and params[0].dim() == 1 else None
+        if partition is None:
+            raise RuntimeError(
+                f"{where}['params'] no longer holds the params the group was built with "
+                f"({len(origin.shapes)} of shapes {[tuple(s) for s in origin.shapes][:4]}..., now {len(params)} of "
+                f"shapes {[tuple(p.shape) for p in params][:4]}...). AdamSPD follows params replaced by sharded "
+                "versions of themselves (FSDP2 DTensors, as Accelerate and the Trainer swap them in) and "
+                "DeepSpeed ZeRO-1/2's flat partitions; anything else would change the tensors SPD's per-tensor "
+                "sums run over. Build the optimizer for the params as they are now")
+        if group.get("optim_bits", 32) == 8:
+            raise ValueError(f"{where}: optim_bits=8 under DeepSpeed ZeRO is not supported (its 8-bit blocks would "
+                             "be cut by the flat partition); use optim_bits=32, or FSDP2 for 8-bit states")
+        return partition
+
+    def _materialize(self, work) -> None:
+        """Create the state this step's params lack (the anchor rule: class docstring), and move
+        existing state to where and into the format each param needs it."""
+        for gi, group, positions, partition in work:
+            origin = anchors.origin(group)
+            anchored = not group["anchor_free"]
+            if partition is not None:
+                flat = positions[0][1]
+                if anchored and "anchor" not in self.state[flat]:
+                    self.state[flat]["anchor"] = self._fragment_anchors(flat, partition, origin)
+                self._init_state(flat, group, self._step_device(flat, group))
+                continue
+            for pi, p in positions:
+                if anchored and "anchor" not in self.state[p]:
+                    self.state[p]["anchor"] = self._stored_anchor(p, origin.take(pi), f"param_groups[{gi}]['pre'][{pi}]")
+                self._init_state(p, group, self._step_device(p, group))
+
+    def _fragment_anchors(self, flat: Tensor, partition: zero.Partition, origin: anchors.GroupOrigin) -> Tensor:
+        """The anchor of a ZeRO flat partition: its own values (the model's, before its first update),
+        with each fragment of a param given an anchor cut from that anchor."""
+        anchor = anchors.snapshot(flat, self.anchor_dtype)
+        for frag in partition.fragments:
+            given = origin.anchors[frag.row]
+            if given is not None:
+                anchor.narrow(0, frag.start, frag.numel).copy_(given.reshape(-1).narrow(0, frag.offset, frag.numel))
+        origin.anchors = [None] * len(origin.anchors)  # this rank's pieces are cut: the rest is other ranks'
+        return anchor
 
     def _backend_for(self, p: Tensor, group: Dict[str, Any]) -> Backend:
         anchor = self.state[p].get("anchor") if not group["anchor_free"] else None
@@ -419,24 +532,25 @@ class AdamSPD(Optimizer):
         """The buckets of this step's params, and the all-reduces their split steps need.
 
         Params of one bucket share a group, a backend, a device, dtypes and (for
-        sharded params) a reduction; the backend sees their local shards.
+        sharded params) a reduction; the backend sees their local shards, or the
+        fragments of a ZeRO partition. Only gathers: the state exists already.
         """
         buckets: Dict[Tuple, Tuple[Backend, int, Bucket]] = {}
         sharded_rows: Dict[Tuple, List[int]] = defaultdict(list)  # bucket key -> rows in its reduction
-        n_rows: Dict[distributed.ReduceKey, int] = defaultdict(int)
-        for gi, group, params in work:
+        rows = distributed.RowCounter()
+        for gi, group, positions, partition in work:
             anchored = not group["anchor_free"]
-            for pi, p in enumerate(params):
-                if anchored and "anchor" not in self.state[p]:
-                    # first step of a param frozen at construction (or since a load): a frozen
-                    # param still holds its pre-trained value, so this snapshot is exact
-                    self.state[p]["anchor"] = self._stored_anchor(
-                        p, self._given_anchors.pop(p, None), f"param_groups[{gi}]['pre'][{pi}]")
+            for pi, p in positions:
+                state = self.state[p]
                 backend = self._backend_for(p, group)
-                state = self._init_state(p, group, self._step_device(p, group, backend))
-                anchor = state.get("anchor") if anchored else None  # after _init_state: it may have moved it
-                reduce = distributed.reduce_key(p, f"param_groups[{gi}]['params'][{pi}]")
+                anchor = state.get("anchor") if anchored else None
                 eight_bit = "exp_avg_absmax" in state
+                if partition is not None:
+                    reduce = distributed.group_key(partition.process_group)
+                    first = rows.take(reduce, partition.rows, p.device)
+                else:
+                    reduce = distributed.reduce_key(p, f"param_groups[{gi}]['params'][{pi}]")
+                    first = rows.take(reduce, 1, p.device) if reduce is not None else None
                 key = (gi, backend.name, p.device, p.dtype, p.grad.dtype, anchor.dtype if anchor is not None else None,
                        eight_bit, reduce)
                 if key not in buckets:
@@ -445,10 +559,16 @@ class AdamSPD(Optimizer):
                         anchors=[] if anchored else None,
                         exp_avg_absmaxs=[] if eight_bit else None,
                         exp_avg_sq_absmaxs=[] if eight_bit else None,
+                        keys=[] if partition is not None else None,
+                        grad_slices=[] if partition is not None else None,
                         hp=Hyperparameters.from_group(group),
                     )
                     buckets[key] = (backend, gi, bucket)
                 b = buckets[key][2]
+                if partition is not None:
+                    self._add_fragments(b, p, partition, state, anchor, group["amsgrad"])
+                    sharded_rows[key] += [first + frag.row for frag in partition.fragments]
+                    continue
                 b.owners.append(p)
                 b.params.append(distributed.local(p))
                 b.grads.append(distributed.local(p.grad))
@@ -462,13 +582,38 @@ class AdamSPD(Optimizer):
                 if eight_bit:
                     b.exp_avg_absmaxs.append(distributed.local_absmax(state["exp_avg_absmax"], p))
                     b.exp_avg_sq_absmaxs.append(distributed.local_absmax(state["exp_avg_sq_absmax"], p))
-                if reduce is not None:
-                    sharded_rows[key].append(n_rows[reduce])
-                    n_rows[reduce] += 1
+                if first is not None:
+                    sharded_rows[key].append(first)
+        kept = {key: bucket for key, bucket in buckets.items() if len(bucket[2])}  # a rank may hold no fragment
         reductions = distributed.plan_reductions(
-            [(buckets[key][2], key[-1], rows) for key, rows in sharded_rows.items()], n_rows
-        )
-        return list(buckets.values()), reductions
+            [(kept[key][2], key[-1], r) for key, r in sharded_rows.items() if key in kept], rows)
+        return list(kept.values()), reductions
+
+    @staticmethod
+    def _add_fragments(b: Bucket, flat: Tensor, partition: zero.Partition, state: Dict[str, Any],
+                       anchor: Optional[Tensor], amsgrad: bool) -> None:
+        """One entry per fragment of a ZeRO flat partition: 1-D views of the partition and its state,
+        each with a step counter of its own (the kernels increment every entry's), which all advance
+        together; ``state['step']`` is the first of them."""
+        steps = state["step"].reshape(1).repeat(len(partition.fragments))
+        if len(partition.fragments):
+            state["step"] = steps[0]
+        for j, frag in enumerate(partition.fragments):
+            def piece(t: Tensor, frag=frag) -> Tensor:
+                return t.view(-1).narrow(0, frag.start, frag.numel)
+
+            b.owners.append(flat)
+            b.keys.append(frag.key)
+            b.grad_slices.append((frag.start, frag.numel))
+            b.params.append(piece(flat))
+            b.grads.append(piece(flat.grad))
+            b.exp_avgs.append(piece(state["exp_avg"]))
+            b.exp_avg_sqs.append(piece(state["exp_avg_sq"]))
+            b.steps.append(steps[j])
+            if amsgrad:
+                b.max_exp_avg_sqs.append(piece(state["max_exp_avg_sq"]))
+            if anchor is not None:
+                b.anchors.append(piece(anchor))
 
     def _cache_key(self) -> Tuple:
         """What decides the buckets: each group's params, which of them have grads, where they
@@ -487,6 +632,20 @@ class AdamSPD(Optimizer):
             for g in self.param_groups
         )
 
+    def _plan(self) -> StepPlan:
+        """This call's plan: the last one for these groups while the same params have grads, else a new one
+        (checks first, then the state this step needs, then the buckets)."""
+        groups = tuple(map(id, self.param_groups))
+        key = self._cache_key()
+        plan = self._plans.get(groups)
+        if plan is not None and plan.key == key and self._refresh(plan.buckets):
+            return plan
+        work = self._gather()
+        self._retire_plans(overlapping=groups)
+        self._materialize(work)
+        plan = self._plans[groups] = StepPlan(key, *self._buckets(work))
+        return plan
+
     def _refresh(self, buckets: List[Tuple[Backend, int, Bucket]]) -> bool:
         """Point cached buckets at this step's grads and settings (an lr scheduler may have
         changed them); False if one cannot be (``_gather`` then raises the named error)."""
@@ -502,53 +661,61 @@ class AdamSPD(Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"param_groups[{gi}]")
+        # torch.distributed.checkpoint's test for a state that is not built yet: its template step follows
+        fresh = not self.state
         # All checks happen before any state or param changes. While the same
-        # params have grads, the buckets of the last step are reused as they are.
-        key = self._cache_key()
-        cached = self._bucket_cache
-        if cached is None or cached[0] != key or not self._refresh(cached[1]):
-            work = self._gather()
-            self._retire_buckets()
-            cached = self._bucket_cache = (key, *self._buckets(work))
-        _, buckets, reductions = cached
+        # params have grads, the plan of the last step is reused as it is.
+        plan = self._plan()
+        idle = plan.all_zero_grads() if fresh and _all_lr_zero(self.param_groups) else set()
         # Set by torch.amp.GradScaler.step around this call (device tensors, never read here).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        self._last_buckets = []
-        for backend, _, bucket in buckets:
+        plan.last = []
+        for backend, _, bucket in plan.buckets:
+            if id(bucket) in idle:
+                continue
             bucket.grad_scale = _on(grad_scale, bucket.device)
             bucket.found_inf = _on(found_inf, bucket.device)
             if bucket.projections is None:
                 bucket.take_counts(self._projection_counts)
             if bucket.sums is None:
-                self._finish(backend, bucket, backend.run(bucket))
+                self._finish(plan, backend, bucket, backend.run(bucket))
+        reductions = [r for r in plan.reductions if id(r) not in idle]
         if reductions:
-            self._split_steps(buckets, reductions)
+            self._split_steps(plan, reductions)
         return loss
 
     @backends.eager_only(reason=(
         "AdamSPD: sharded (DTensor) params take a split step around an all-reduce, which runs eagerly; "
         "compile without fullgraph=True, or keep opt.step() out of the compiled region"
     ))
-    def _split_steps(self, buckets, reductions) -> None:
+    def _split_steps(self, plan: StepPlan, reductions: List[distributed.SumsReduction]) -> None:
         """Sharded buckets: the Adam half and local sums, the all-reduces, then the projections."""
-        finishes = [(backend, bucket, backend.start(bucket)) for backend, _, bucket in buckets
-                    if bucket.sums is not None]
+        finishes = [(backend, bucket, backend.start(bucket)) for reduction in reductions
+                    for bucket, _ in reduction.parts for backend in [plan.backend_of(bucket)]]
         for reduction in reductions:
             reduction.all_reduce_()
         for backend, bucket, finish in finishes:
-            self._finish(backend, bucket, finish())
+            self._finish(plan, backend, bucket, finish())
 
-    def _finish(self, backend: Backend, bucket: Bucket, stats: Tensor) -> None:
+    @staticmethod
+    def _finish(plan: StepPlan, backend: Backend, bucket: Bucket, stats: Tensor) -> None:
         bucket.record(stats, counted=backend.counts_projections)
-        self._last_buckets.append((bucket.owners, stats, bucket.projections))
+        plan.last.append((bucket.stat_keys, stats, bucket.projections))
 
-    def _retire_buckets(self) -> None:
-        """Drop the cached buckets, keeping their projection counts per param."""
-        if self._bucket_cache is not None:
-            for _, _, bucket in self._bucket_cache[1]:
-                bucket.give_back_counts(self._projection_counts)
-        self._bucket_cache = None
+    def _retire_plans(self, overlapping: Optional[Tuple[int, ...]] = None) -> None:
+        """Drop the cached plans (those sharing a group with ``overlapping``, or all), keeping
+        their projection counts per param."""
+        for groups in list(self._plans):
+            if overlapping is None or set(groups) & set(overlapping):
+                for _, _, bucket in self._plans.pop(groups).buckets:
+                    bucket.give_back_counts(self._projection_counts)
+
+    def buckets(self) -> List[Tuple[Backend, Bucket]]:
+        """The (backend, bucket) pairs the last steps ran: each bucket is what one backend call
+        updates (``spd_kernels.bucket``). For tools that time the kernels alone (``bench
+        --kernels-only``) and tests; valid until the set of params with grads changes."""
+        return [(backend, bucket) for plan in self._plans.values() for backend, _, bucket in plan.buckets]
 
     def spd_stats(self) -> Dict[str, Dict[str, Tensor]]:
         """Per-layer SPD stats of the last ``step()``, keyed by parameter name.
@@ -562,7 +729,8 @@ class AdamSPD(Optimizer):
         turns the result into plain floats for a logger.
         """
         last = self.last_step_stats()
-        counts = {p: c for params, _, cs in self._last_buckets for p, c in zip(params, cs.unbind(0))}
+        counts = {p: c for plan in self._plans.values() for params, _, cs in plan.last
+                  for p, c in zip(params, cs.unbind(0))}
         out: Dict[str, Dict[str, Tensor]] = {}
         for name, _, p in self.named_params():
             row = last.get(p)
@@ -575,11 +743,17 @@ class AdamSPD(Optimizer):
         return out
 
     def named_params(self):
-        """(name, group, param) of every param, in group order; the names ``spd_stats()`` uses."""
+        """(name, group, param) of every param, in group order; the names ``spd_stats()`` uses.
+        Under DeepSpeed ZeRO-1/2 these are the model params, not the flat partition that stands for them."""
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                yield (names[pi] if names else f"{gi}.{pi}"), group, p
+            params = group["params"]
+            origin = anchors.origin(group)
+            if not origin.matches(params) and len(params) == 1 and zero.partition_of(params[0], origin):
+                params = origin.params
+            for pi, p in enumerate(params):
+                if p is not None:
+                    yield (names[pi] if names else f"{gi}.{pi}"), group, p
 
     def last_step_stats(self) -> Dict[Tensor, Tensor]:
         """Per-param stats rows of the last ``step()`` (columns: ``spd_kernels.stats``).
@@ -587,9 +761,19 @@ class AdamSPD(Optimizer):
         Rows stay on the params' device; reading them is what syncs, not ``step()``.
         """
         out = {}
-        for params, stats, _ in self._last_buckets:
-            for i, p in enumerate(params):
-                out[p] = stats[i]
+        for plan in self._plans.values():
+            for params, stats, _ in plan.last:
+                for i, p in enumerate(params):
+                    out[p] = stats[i]
+        return out
+
+    # -------------------------------------------------------------- state dict
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()``, without the groups' private records (anchors not yet
+        placed stay with the running optimizer: a state only exists from a param's first step)."""
+        out = super().state_dict()
+        out["param_groups"] = [{k: v for k, v in g.items() if k != ORIGIN_KEY} for g in out["param_groups"]]
         return out
 
     # -------------------------------------------------------------- state dict
@@ -609,14 +793,19 @@ class AdamSPD(Optimizer):
         # keys: they keep this optimizer's values, as torch.optim fills its defaults.
         # The state format is a choice of the running optimizer, not a training setting: it stays.
         state_dict = {**state_dict, "param_groups": [
-            {**{k: v for k, v in group.items() if k != "params"}, **saved,
+            {**{k: v for k, v in group.items() if k not in ("params", ORIGIN_KEY)}, **saved,
              **{k: group[k] for k in _FORMAT_KEYS}}
             for saved, group in zip(state_dict["param_groups"], self.param_groups)
         ]}
-        self._bucket_cache = None  # the buckets hold the state tensors about to be replaced
+        # the records of what each group was built with stay the running optimizer's (torch deep-copies
+        # the saved groups: they must not pass through it)
+        origins = [anchors.origin(group) for group in self.param_groups]
+        self._plans = {}  # the buckets hold the state tensors about to be replaced
         self._projection_counts = {}
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        for group, origin in zip(self.param_groups, origins):
+            group[ORIGIN_KEY] = origin
         # torch cast floating state to each param's dtype; put back the saved dtypes.
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -630,11 +819,12 @@ class AdamSPD(Optimizer):
                     self.state[p][key] = self._loaded_tensor(key, value, p)
         for group in self.param_groups:
             for p in group["params"]:
+                if p not in self.state:  # no state saved: it is made at the param's first step
+                    continue
                 step = self.state[p].get("step")
                 if step is not None and not isinstance(step, Tensor):
                     self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
                 self._match_format(p, group)
-        self._last_buckets = []
 
     def _shard_8bit_state(self, p: Tensor, entry: Dict[str, Any]) -> Dict[str, Any]:
         """A whole tensor's saved 8-bit moments for sharded ``p``: where this shard's blocks are

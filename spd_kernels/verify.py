@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import backends, param_sets
+from .anchors import origin
 from .bucket import Bucket
 from .hyperparameters import Hyperparameters
 from .optim import AdamSPD
@@ -126,6 +127,7 @@ def run_backend(impl: str, dtype: torch.dtype, device: torch.device, steps: int,
                 param_set: str = "mlp") -> Row:
     task = ModelTask(device, dtype, seed) if param_set == "mlp" else ParamSetTask(param_set, device, dtype, seed)
     opt = AdamSPD(task.groups(), lr=1e-2, weight_decay=1.0, impl=impl)
+    opt.pin_anchors()  # the twins need the anchors before the first step creates the state
     errors = {key: 0.0 for key in STATE_KEYS}
     fired = total = 0
     for _ in range(steps):
@@ -146,7 +148,8 @@ def run_backend(impl: str, dtype: torch.dtype, device: torch.device, steps: int,
 
 def _twin(opt: AdamSPD, group) -> dict:
     """Copies of the params with grads and their state, taken before the step."""
-    params = [p for p in group["params"] if p.grad is not None]
+    positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+    params = [group["params"][i] for i in positions]
 
     def moment(p, key):  # before the first step the state does not exist yet: zeros
         s = opt.state[p]
@@ -159,7 +162,9 @@ def _twin(opt: AdamSPD, group) -> dict:
         exp_avgs=[moment(p, "exp_avg") for p in params],
         exp_avg_sqs=[moment(p, "exp_avg_sq") for p in params],
         max_exp_avg_sqs=[moment(p, "max_exp_avg_sq") for p in params] if group["amsgrad"] else None,
-        anchors=None if group["anchor_free"] else [opt.state[p]["anchor"] for p in params],
+        anchors=None if group["anchor_free"] else [
+            opt.state[p]["anchor"] if "anchor" in opt.state[p] else origin(group).anchors[i]  # given or pinned
+            for i, p in zip(positions, params)],
         steps=[opt.state[p]["step"].clone().cpu() if "step" in opt.state[p] else torch.zeros(()) for p in params],
     )
 

@@ -68,7 +68,7 @@ def test_8bit_optimizer_on_the_gpu_runs_triton_and_tracks_32bit():
             o.zero_grad()
             torch.nn.functional.cross_entropy(m(x), y).backward()
             o.step()
-    assert all(b.name == "triton" for b, _, _ in opt8._bucket_cache[1])
+    assert all(b.name == "triton" for b, _ in opt8.buckets())
     assert opt8.state[model[0].weight]["exp_avg"].dtype == torch.uint8
     for p, q in zip(model.parameters(), twin.parameters()):
         moved = (q.detach() - opt32.state[q]["anchor"].float()).norm()

@@ -155,6 +155,8 @@ def test_lambda_zero_8bit_tracks_bitsandbytes_adam8bit_closer_than_fp32_adam():
 def test_state_is_codes_and_absmax_for_large_tensors_only():
     big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(100))
     opt = AdamSPD([big, small], lr=1e-3, weight_decay=1.0, optim_bits=8, anchor_dtype=torch.bfloat16)
+    big.grad, small.grad = torch.randn(64, 64), torch.randn(100)
+    opt.step()
     s = opt.state[big]
     assert s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.uint8 and s["exp_avg"].shape == big.shape
     assert s["exp_avg_absmax"].shape == s["exp_avg_sq_absmax"].shape == (16,)
@@ -233,9 +235,9 @@ def test_32bit_checkpoint_quantizes_into_8bit_and_8bit_dequantizes_into_32bit():
 
 def test_auto_runs_8bit_tensors_on_a_backend_that_takes_them():
     params, opt = _trained(8, steps=1)
-    names = {backend.name: [p.shape for p in bucket.owners] for backend, _, bucket in opt._bucket_cache[1]}
-    assert any(bucket.eight_bit for _, _, bucket in opt._bucket_cache[1])
-    for backend, _, bucket in opt._bucket_cache[1]:
+    names = {backend.name: [p.shape for p in bucket.owners] for backend, bucket in opt.buckets()}
+    assert any(bucket.eight_bit for _, bucket in opt.buckets())
+    for backend, bucket in opt.buckets():
         assert (8 in backend.state_bits) or not bucket.eight_bit, names
 
 

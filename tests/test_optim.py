@@ -195,17 +195,51 @@ def test_frozen_then_unfrozen_param_behaves_like_torch_adam():
     assert opt.state[ours[0]]["step"].item() == 8
 
 
-def test_snapshot_anchors_are_copies_and_take_anchor_dtype():
+def test_snapshot_anchor_is_the_value_before_the_first_update():
+    # the anchor rule: a snapshot is taken at a param's first step, of its value then (a copy, in
+    # anchor_dtype); what changed the params between construction and that step is in it
+    gen = torch.Generator().manual_seed(3)
     model = torch.nn.Linear(4, 3)
-    init = [p.detach().clone() for p in model.parameters()]
     opt = AdamSPD(model.parameters(), lr=0.1, weight_decay=1.0, anchor_dtype=torch.bfloat16)
+    assert not opt.state  # nothing before the first step
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    for p, p0 in zip(model.parameters(), init):
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    for p, p0 in zip(model.parameters(), before):
         anchor = opt.state[p]["anchor"]
-        assert anchor.dtype == torch.bfloat16
+        assert anchor.dtype == torch.bfloat16 and not torch.equal(p, p0)  # the param moved, its anchor did not
         torch.testing.assert_close(anchor.float(), p0, rtol=2**-8, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_pinned_anchors_are_the_values_at_pin_time_and_equal_given_ones(impl):
+    gen = torch.Generator().manual_seed(4)
+    params = make_params([(6, 5), (7,)], generator=gen)
+    given = clone_params(params)
+    pinned_init = [p.detach().clone() for p in params]
+    pinned = AdamSPD(params, lr=0.05, weight_decay=1.0, impl=impl)
+    pinned.pin_anchors()
+    explicit = AdamSPD([{"params": given, "pre": pinned_init}], lr=0.05, weight_decay=1.0, impl=impl)
+    with torch.no_grad():  # something updates the params before the first step: the pinned anchors stay
+        for p, q in zip(params, given):
+            p.mul_(1.5)
+            q.mul_(1.5)
+    fired = 0
+    for t in range(6):
+        set_grads(params, pinned_init, [(-1.0) ** (i + t) for i in range(2)], gen)
+        for p, q in zip(params, given):
+            q.grad = p.grad.clone()
+        pinned.step()
+        explicit.step()
+        fired += sum(int(s["projected"]) for s in pinned.spd_stats().values())
+    assert fired > 0
+    for p, q, a in zip(params, given, pinned_init):
+        assert torch.equal(pinned.state[p]["anchor"], a)
+        assert torch.equal(p, q)
 
 
 def test_named_parameters_lr_tensor_and_closure():
@@ -236,21 +270,23 @@ def test_step_without_grads_changes_nothing():
     assert opt.step() is None
     for p, b in zip(params, before):
         assert torch.equal(p, b)
-        assert opt.state[p]["step"].item() == 0
-        assert not opt.state[p]["exp_avg"].any()
+    assert not opt.state  # as torch.optim.Adam: a param's state comes with its first step
 
 
-def test_state_is_complete_from_construction():
-    # torch.distributed.checkpoint loads into a fresh optimizer's state_dict: every
-    # trainable param must have its entry (frozen params get none, as in torch.optim.Adam)
-    trainable, frozen = make_params([(3,), (2, 2)])
+def test_state_is_created_at_each_params_first_step():
+    trainable, frozen, later = make_params([(3,), (2, 2), (5,)])
     frozen.requires_grad_(False)
-    opt = AdamSPD([{"params": [trainable, frozen]}, {"params": make_params([(4,)]), "pre": None}], amsgrad=True)
+    opt = AdamSPD([{"params": [trainable, frozen, later]}, {"params": make_params([(4,)]), "pre": None}],
+                  amsgrad=True)
+    assert not opt.state and opt.state_dict()["state"] == {}
+    trainable.grad = torch.randn(3)
+    opt.param_groups[1]["params"][0].grad = torch.randn(4)
+    opt.step()
     saved = opt.state_dict()["state"]
+    assert set(saved) == {0, 3}  # the frozen param and the one without a grad have none yet
     assert set(saved[0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "anchor"}
-    assert 1 not in saved  # frozen: no anchor, no moments
-    assert set(saved[2]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
-    assert all(not v.any() for entry in (saved[0], saved[2]) for k, v in entry.items() if k != "anchor")
+    assert set(saved[3]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert all(v.any() for entry in saved.values() for v in entry.values())  # one step moved them all
 
 
 def _state_bytes(opt) -> int:
@@ -271,13 +307,13 @@ def test_frozen_base_costs_no_state(given_anchors):
         group["pre"] = [p.detach().clone() for p in params]
     opt = AdamSPD([group], lr=1e-3, weight_decay=1.0)
     trainable = sum(p.numel() for p in lora)
-    # per trainable param: exp_avg, exp_avg_sq, anchor (fp32), plus a 4-byte step per tensor
-    assert _state_bytes(opt) == 12 * trainable + 4 * len(lora)
-    assert all(p not in opt.state for p in base.parameters())
+    assert _state_bytes(opt) == 0
     for p in lora:
         p.grad = torch.randn(p.shape)
     opt.step()
+    # per trainable param: exp_avg, exp_avg_sq, anchor (fp32), plus a 4-byte step per tensor
     assert _state_bytes(opt) == 12 * trainable + 4 * len(lora)
+    assert all(p not in opt.state for p in base.parameters())
 
 
 @pytest.mark.parametrize("given_anchors", [False, True])
@@ -294,7 +330,6 @@ def test_unfrozen_param_equals_a_run_where_it_was_trainable_from_the_start(given
 
     opt_late = AdamSPD(group(late), lr=0.05, weight_decay=1.0, impl=impl)
     opt_early = AdamSPD(group(early), lr=0.05, weight_decay=1.0, impl=impl)
-    assert late[1] not in opt_late.state and "anchor" in opt_early.state[early[1]]
     anchors = pre or [p.detach().clone() for p in early]
     fired = 0
     for t in range(10):

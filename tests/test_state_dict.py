@@ -71,6 +71,9 @@ def test_mid_run_round_trip_equals_uninterrupted_run(dtype):
 def test_anchor_dtype_survives_round_trip():
     params = make_params([(5,), (3, 2)], torch.float32)
     opt = AdamSPD(params, weight_decay=1.0, anchor_dtype=torch.bfloat16)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
     sd = copy.deepcopy(opt.state_dict())
     other = AdamSPD(clone_params(params), weight_decay=1.0, anchor_dtype=torch.bfloat16)
     other.load_state_dict(sd)
@@ -144,7 +147,7 @@ def test_bad_state_dict_leaves_optimizer_untouched():
     opt.step()
     before = copy.deepcopy(opt.state_dict())
     bad = copy.deepcopy(before)
-    bad["state"][1]["anchor"] = torch.zeros(3, 2)
+    bad["state"][1] = {"anchor": torch.zeros(3, 2)}
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*anchor.*shape"):
         opt.load_state_dict(bad)
     after = opt.state_dict()

@@ -86,12 +86,12 @@ def test_plan_is_reused_until_a_storage_changes():
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
     opt.step()
-    (_, _, bucket), = opt._bucket_cache[1]
+    (_, bucket), = opt.buckets()
     plan = bucket.backend_cache
     for p in params:
         p.grad.copy_(torch.randn(p.shape, generator=gen))
     opt.step()
-    assert opt._bucket_cache[1][0][2] is bucket and bucket.backend_cache is plan
+    assert opt.buckets()[0][1] is bucket and bucket.backend_cache is plan
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ref = AdamSPD(twin, lr=0.01, weight_decay=1.0, impl="reference")
     for p, q in zip(params, twin):
