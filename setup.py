@@ -42,6 +42,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy>=1.26"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
         "hf": ["transformers>=4.40,<6", "peft>=0.10", "accelerate>=0.26"],
+        "stacks": ["deepspeed==0.19.8", "pytorch-lightning==2.6.6"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

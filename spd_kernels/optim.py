@@ -683,6 +683,10 @@ class AdamSPD(Optimizer):
         reductions = [r for r in plan.reductions if id(r) not in idle]
         if reductions:
             self._split_steps(plan, reductions)
+        for _, _, bucket in plan.buckets:
+            # the next step points the buckets at its own grads; holding these would keep a second copy
+            # of every grad alive through the next backward (the Trainer frees grads with zero_grad)
+            bucket.grads = []
         return loss
 
     @backends.eager_only(reason=(
@@ -712,10 +716,15 @@ class AdamSPD(Optimizer):
                     bucket.give_back_counts(self._projection_counts)
 
     def buckets(self) -> List[Tuple[Backend, Bucket]]:
-        """The (backend, bucket) pairs the last steps ran: each bucket is what one backend call
-        updates (``spd_kernels.bucket``). For tools that time the kernels alone (``bench
-        --kernels-only``) and tests; valid until the set of params with grads changes."""
-        return [(backend, bucket) for plan in self._plans.values() for backend, _, bucket in plan.buckets]
+        """The (backend, bucket) pairs the last steps ran, pointed at the params' current grads: each
+        bucket is what one backend call updates (``spd_kernels.bucket``). For tools that time the kernels
+        alone (``bench --kernels-only``) and tests; valid until the set of params with grads changes."""
+        out = []
+        for plan in self._plans.values():
+            for backend, _, bucket in plan.buckets:
+                bucket.refresh(bucket.hp)  # at the params' current grads, with the last step's settings
+                out.append((backend, bucket))
+        return out
 
     def spd_stats(self) -> Dict[str, Dict[str, Tensor]]:
         """Per-layer SPD stats of the last ``step()``, keyed by parameter name.

@@ -62,7 +62,7 @@ def _in_storage(view: Tensor, flat: Tensor) -> bool:
 
 def is_zero3_param(p: Optional[Tensor]) -> bool:
     """A param partitioned by ZeRO-3 (``deepspeed.zero.Init`` or stage 3 of ``deepspeed.initialize``)."""
-    return p is not None and hasattr(p, "ds_tensor")
+    return p is not None and hasattr(p, "ds_id")
 
 
 def zero3_error(where: str) -> str:

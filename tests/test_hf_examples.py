@@ -13,13 +13,14 @@ pytest.importorskip("accelerate")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 
-def test_trainer_with_adamspd_and_a_scheduler():
+def test_trainer_example_builds_adamspd_from_the_factory():
     import hf_trainer
 
     losses, optimizer = hf_trainer.main(max_steps=60)
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
-    # the scheduler drove the lr down to (almost) zero through AdamSPD's param groups
+    # the Trainer's own scheduler drove the lr down to (almost) zero through AdamSPD's param groups
     assert optimizer.param_groups[0]["lr"] < 1e-4
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1.0, 0.0]  # lambda as given, head plain
     assert "anchor" not in optimizer.state[next(p for n, p in hf_trainer_last_head(optimizer))]
 
 

@@ -510,3 +510,27 @@ def test_projection_counts_survive_bucket_rebuilds(impl):
     stats = opt.spd_stats()
     assert [int(stats[f"0.{i}"]["projections"]) for i in range(3)] == expected
     assert sum(expected) > 3
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_the_optimizer_holds_no_grad_between_steps(impl):
+    # zero_grad(set_to_none=True) must free the grads: a reference kept in the cached buckets would
+    # keep a second copy of every grad alive through the next backward (measured: ~1 grad's worth
+    # of peak RSS on a 58M-param Llama through the Trainer)
+    import gc
+    import weakref
+
+    params = make_params([(40, 30), (7,)])
+    opt = AdamSPD(params, lr=0.01, weight_decay=1.0, impl=impl)
+    for _ in range(2):  # the second step reuses the cached buckets
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    grads = [weakref.ref(p.grad) for p in params]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(g() is None for g in grads)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()  # and the next step takes the new grads
+    assert all(opt.state[p]["step"].item() == 3 for p in params)
