@@ -332,7 +332,7 @@ class AdamSPD(Optimizer):
             # before the first step under DeepSpeed the group holds a flat partition: pin the model params
             params = group["params"] if origin.matches(group["params"]) else origin.params
             for i, p in enumerate(params):
-                if p is not None and origin.anchors[i] is None and "anchor" not in self.state.get(p, {}):
+                if origin.anchors[i] is None and "anchor" not in self.state.get(p, {}):
                     origin.anchors[i] = anchors.snapshot(p, self.anchor_dtype)
 
     def _check_anchors(self, pre: Any, params: List[Tensor], where: str) -> Optional[List[Optional[Tensor]]]:
@@ -761,8 +761,7 @@ class AdamSPD(Optimizer):
             if not origin.matches(params) and len(params) == 1 and zero.partition_of(params[0], origin):
                 params = origin.params
             for pi, p in enumerate(params):
-                if p is not None:
-                    yield (names[pi] if names else f"{gi}.{pi}"), group, p
+                yield (names[pi] if names else f"{gi}.{pi}"), group, p
 
     def last_step_stats(self) -> Dict[Tensor, Tensor]:
         """Per-param stats rows of the last ``step()`` (columns: ``spd_kernels.stats``).

@@ -21,7 +21,11 @@ def test_requirements_pin_torch_exactly():
 
 
 def test_package_bounds_torch_to_tested_releases():
-    assert '"torch>=2.11,<2.14"' in _read("setup.py")
+    import tomllib
+
+    project = tomllib.loads(_read("pyproject.toml"))["project"]
+    assert "torch>=2.11,<2.14" in project["dependencies"]
+    assert project["requires-python"] == ">=3.10" and project["name"] == "spd_kernels"
 
 
 def test_readme_says_how_a_cpu_only_machine_gets_the_cpu_build():

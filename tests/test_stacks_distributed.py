@@ -47,6 +47,7 @@ def torchrun(out_dir, scenarios, **env):
            str(out_dir), *scenarios]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **env}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    (out_dir / "torchrun.log").write_text(out.stdout + out.stderr)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
     return {name: [torch.load(out_dir / f"{name}.rank{r}.pt", weights_only=False) for r in range(2)]
             for name in scenarios}
@@ -74,6 +75,14 @@ def zero(tmp_path_factory):
                     TORCH_EXTENSIONS_DIR=str(tmp_path_factory.mktemp("torch_extensions")))
 
 
+def assert_resumed_bitwise(rank):
+    """A run resumed from a mid-run checkpoint ends where the uninterrupted run did, anchors included."""
+    want, got = rank["uninterrupted"], rank["resumed"]
+    assert want.keys() == got.keys() and any(k.startswith("anchor/") for k in want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 # ---------------------------------------------------------------------------- Accelerate FSDP2
 
 @pytest.mark.parametrize("name", ["accelerate_fsdp2", "accelerate_fsdp2_8bit"])
@@ -98,10 +107,7 @@ def test_accelerate_fsdp2_leaves_no_stale_state(stacks, name):
 @pytest.mark.parametrize("name", ["accelerate_fsdp2_checkpoint", "accelerate_fsdp2_8bit_checkpoint"])
 def test_accelerate_save_state_load_state_resumes_bitwise(stacks, name):
     for rank in ranks(stacks, name):
-        want, got = rank["uninterrupted"], rank["resumed"]
-        assert want.keys() == got.keys() and any(k.startswith("anchor/") for k in want)
-        for key in want:
-            assert torch.equal(got[key], want[key]), key
+        assert_resumed_bitwise(rank)
 
 
 # ---------------------------------------------------------------------------- HF Trainer
@@ -167,10 +173,7 @@ def test_deepspeed_zero_state_is_the_partitions_and_one_all_reduce_per_step_call
 @pytest.mark.parametrize("name", ["zero1_checkpoint", "zero2_checkpoint"])
 def test_deepspeed_save_checkpoint_load_checkpoint_resumes_bitwise(zero, name):
     for rank in ranks(zero, name):
-        want, got = rank["uninterrupted"], rank["resumed"]
-        assert want.keys() == got.keys() and any(k.startswith("anchor/") for k in want)
-        for key in want:
-            assert torch.equal(got[key], want[key]), key
+        assert_resumed_bitwise(rank)
 
 
 def test_deepspeed_zero3_fails_at_the_first_step_naming_the_alternatives(zero):
