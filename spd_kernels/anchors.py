@@ -37,6 +37,9 @@ from torch import Tensor
 #: the param-group key that holds the group's GroupOrigin (never saved)
 ORIGIN_KEY = "_spd_origin"
 
+#: ``pre`` of a group given without one: each anchor is its param's value before its first update
+SNAPSHOT = object()
+
 
 @dataclass(eq=False)
 class GroupOrigin:

@@ -4,12 +4,12 @@ The optimizer keeps a plan while the same params have grads (``key``), so a
 step only points the buckets at the new grads and settings. A plain training
 loop has one plan. DeepSpeed ZeRO calls ``step()`` once per param group, with
 ``param_groups`` cut to that group, so the optimizer keeps one plan per set of
-groups a call covers (``AdamSPD._plans``).
+groups a call covers (``PlanCache``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -17,6 +17,18 @@ from torch import Tensor
 from .backends import Backend
 from .bucket import Bucket
 from .distributed import SumsReduction
+
+
+def all_lr_zero(groups: List[Dict[str, Any]]) -> bool:
+    """Whether every group's lr is 0, as in torch.distributed.checkpoint's template step (read only
+    for floats and CPU tensors: a device lr is never read)."""
+    for group in groups:
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and (lr.device.type != "cpu" or torch.compiler.is_compiling()):
+            return False
+        if float(lr) != 0.0:
+            return False
+    return True
 
 
 @dataclass
@@ -57,3 +69,40 @@ class StepPlan:
             if id(bucket) not in reduced and not bool(nonzero(bucket)):
                 idle.add(id(bucket))
         return idle
+
+
+class PlanCache:
+    """The plans of the last ``step()`` calls, by the ids of the groups each covers, and the projection
+    counts of params whose buckets were retired (a bucket keeps its params' counts while it lives)."""
+
+    def __init__(self) -> None:
+        self.plans: Dict[Tuple[int, ...], StepPlan] = {}
+        self.counts: Dict[Tensor, Tensor] = {}
+
+    def get(self, groups: Tuple[int, ...], key: Tuple) -> Optional[StepPlan]:
+        plan = self.plans.get(groups)
+        return plan if plan is not None and plan.key == key else None
+
+    def put(self, groups: Tuple[int, ...], plan: StepPlan) -> StepPlan:
+        """Keep ``plan`` for ``groups``, retiring every plan that shares a group with it."""
+        self.retire(groups)
+        self.plans[groups] = plan
+        return plan
+
+    def retire(self, overlapping: Optional[Tuple[int, ...]] = None) -> None:
+        """Drop the plans sharing a group with ``overlapping`` (all when None), keeping their counts."""
+        for groups in list(self.plans):
+            if overlapping is None or set(groups) & set(overlapping):
+                for _, _, bucket in self.plans.pop(groups).buckets:
+                    bucket.give_back_counts(self.counts)
+
+    def reset(self) -> None:
+        """Forget the plans and the counts (the state they point at is being replaced)."""
+        self.plans, self.counts = {}, {}
+
+    def buckets(self) -> List[Tuple[Backend, int, Bucket]]:
+        return [entry for plan in self.plans.values() for entry in plan.buckets]
+
+    def last(self) -> List[Tuple[List[Tensor], Tensor, Tensor]]:
+        """(stat keys, stats, projection counts) of every bucket the last steps ran."""
+        return [entry for plan in self.plans.values() for entry in plan.last]

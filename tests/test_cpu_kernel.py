@@ -97,7 +97,7 @@ def test_fallback_warns_once_and_uses_the_reference(monkeypatch):
         assert [backend.name for backend, _ in opt.buckets()] == ["reference"]
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a second step must not warn again
-            opt._retire_plans()
+            opt._plans.retire()
             opt.step()
         with pytest.raises(RuntimeError, match="impl='cpu' but the compiled CPU kernel is not available"):
             AdamSPD(twin, impl="cpu")
