@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from spd_kernels.machine import cpu_model
+from spd_kernels.bench.machine import cpu_model
 
 #: (set, impl) -> (median seconds, minimal bytes moved per step)
 MEDIANS: dict = {}

@@ -1,7 +1,7 @@
 // What one 256-element block of the 8-bit CPU step costs, part by part (bench/cpu_block_costs.py).
-// Compiled together with the kernel's own source, so every part is the code the step runs;
+// Built from the kernel's own headers (csrc/cpu/), so every part is the code the step runs;
 // one thread, data in L1/L2, so the figures are compute costs, not memory ones.
-#include "adam_spd_cpu.cpp"
+#include "cpu/quantizer.h"
 
 #include <chrono>
 

@@ -1,13 +1,13 @@
 """What one block of the 8-bit CPU step costs, part by part: ``python bench/cpu_block_costs.py``.
 
-Compiles ``csrc/adam_spd_cpu.cpp`` together with ``bench/cpu_block_costs.cpp`` (about a
-minute) and times each part of ``adam_chunk8`` alone on one thread over 16384 elements
+Compiles ``bench/cpu_block_costs.cpp`` against the kernel's own headers, ``csrc/cpu/`` (about a
+minute), and times each part of ``adam_chunk8`` alone on one thread over 16384 elements
 (64 blocks, in L2), in ns per element: dequantize, quantize (and the same without its
 table read: wrong codes, a lower bound), the fp32 Adam update, the block absmax, and the
 whole block. Compute costs only: the step's memory traffic is not in them. Compare the
 whole block with ``AdamW(fused=True)``'s time per param per core in the bench report
-(vit_b: ms x threads / params). Run it in a process that has not loaded ``spd_kernels._C``
-(the kernel's op registrations are compiled in again here).
+(vit_b: ms x threads / params). The tool registers no ops: the headers hold the kernel's code,
+``csrc/adam_spd_cpu.cpp`` its op registrations.
 """
 from __future__ import annotations
 

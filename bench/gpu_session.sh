@@ -28,7 +28,7 @@ part 150 "$OUT/cuda_tests.log" python3 -m pytest -m cuda -q -p no:cacheprovider
 part 60 "$OUT/verify.log" python3 -m spd_kernels verify
 part 170 "$OUT/bench.log" python3 -m spd_kernels bench --kernels-only --cuda-graph --state-formats --fresh-grads \
   --out "$OUT/bench"
-# the scaling report's GPU sweeps (spd_kernels/sweep.py)
+# the scaling report's GPU sweeps (spd_kernels/bench/sweep.py)
 part 75 "$OUT/sweep-size.log" python3 -m spd_kernels bench --sweep size --budget-s 40 --out "$OUT/sweep"
 part 55 "$OUT/sweep-count.log" python3 -m spd_kernels bench --sweep count --budget-s 25 --out "$OUT/sweep"
 exit $rc

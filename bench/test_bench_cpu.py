@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spd_kernels import AdamSPD, _cpu, param_sets
+from spd_kernels import AdamSPD, _cpu
+from spd_kernels.bench import param_sets
 
 from .conftest import record
 

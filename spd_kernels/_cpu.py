@@ -1,6 +1,8 @@
 """Loader for the compiled CPU kernel (csrc/adam_spd_cpu.cpp, built by setup.py).
 
-Importing ``spd_kernels._C`` registers ``torch.ops.spd_kernels.adam_spd_step``.
+Importing ``spd_kernels._C`` registers the CPU kernels of ``torch.ops.spd_kernels.adam_spd_step``,
+``adam_spd_partials`` and ``adam_spd_project``, whose schemas and fakes ``spd_kernels.ops.contract``
+defines.
 When the extension is missing or was built against another torch, ``import
 spd_kernels`` still works: ``load_error()`` says why, and the backend registry
 reports the CPU backend unavailable (``impl='auto'`` warns once and uses the
@@ -20,12 +22,13 @@ from torch import Tensor
 from .bucket import Bucket
 from . import quantization
 from .hyperparameters import PACKED
-from .stats import NUM_STATS
 
 
 @functools.lru_cache(maxsize=None)
 def load_error() -> str:
     """'' when the CPU kernel is loaded, else why it is not."""
+    from .ops import contract  # noqa: F401  (the ops' schemas and fakes: the build registers kernels for them)
+
     try:
         from . import _C  # noqa: F401
     except Exception as exc:  # missing file, ABI mismatch with this torch, ...
@@ -36,26 +39,6 @@ def load_error() -> str:
     if names != PACKED:
         return f"spd_kernels._C reads hyper as {names}, this spd_kernels packs {PACKED} (an older build?)"
     return ""
-
-
-def _register_fake() -> None:
-    if load_error():
-        return
-
-    @torch.library.register_fake("spd_kernels::adam_spd_step")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs,
-          exp_avg_sq_absmaxs, qmaps, hyper, inv_grad_scale, lr_tensor=None):
-        return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
-
-    @torch.library.register_fake("spd_kernels::adam_spd_partials")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs,
-          exp_avg_sq_absmaxs, qmaps, hyper, inv_grad_scale, sums, lr_tensor=None):
-        return None
-
-    @torch.library.register_fake("spd_kernels::adam_spd_project")
-    def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs, exp_avg_sq_absmaxs,
-          qmaps, sums, hyper, lr_tensor=None):
-        return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,5 +106,3 @@ def adam_spd_cpu_partials(bucket: Bucket) -> Callable[[], Tensor]:
 
     return finish
 
-
-_register_fake()

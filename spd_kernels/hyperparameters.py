@@ -6,7 +6,7 @@ launcher and custom op, and the compiled CPU op all read this one record, as
 torch's ``_single_tensor_adam``/``_multi_tensor_adam``/``_fused_adam`` share one
 signature. The C++ op cannot take a Python object, so the float settings
 travel to it as one list in ``PACKED`` order (``packed()``); the C++ side names
-the same slots (``HP_*`` in ``csrc/adam_spd_cpu.cpp``) and checks the length.
+the same slots (``HP_*`` in ``csrc/cpu/common.h``) and checks the length.
 
 Adding a setting: a field here (and in ``PACKED`` if it is a float the kernels
 read), where ``AdamSPD`` takes and checks it, and its use in the reference,

@@ -22,7 +22,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import backends, param_sets
+from . import backends
+from .bench import param_sets
 from .anchors import origin
 from .bucket import Bucket
 from .hyperparameters import Hyperparameters
@@ -74,7 +75,7 @@ class TinyFineTune(torch.nn.Module):
 
 
 class ParamSetTask:
-    """A parameter set (spd_kernels.param_sets) with random grads: the realistic-size check.
+    """A parameter set (spd_kernels.bench.param_sets) with random grads: the realistic-size check.
 
     Each tensor's grad has a random sign of c = -sum(g (p - a)), well away from
     the tie, so both branches are taken on every step; the last quarter of the
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device to run on (default: cuda when there is a GPU, else cpu)")
     parser.add_argument(
         "--set", dest="param_set", default=None, choices=("mlp", *param_sets.NAMES),
-        help="'mlp' (the small fine-tuning run) or a parameter set of spd_kernels.param_sets "
+        help="'mlp' (the small fine-tuning run) or a parameter set of spd_kernels.bench.param_sets "
              f"({', '.join(param_sets.NAMES)}) with random grads; default vit_b on CUDA, mlp on CPU "
              "(where Triton runs under its slow interpreter)",
     )

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from spd_kernels import __main__ as cli
-from spd_kernels import param_sets
+from spd_kernels.bench import param_sets
 
 
 def _run(*args):
@@ -52,7 +52,7 @@ def test_set_options_list_and_check_their_names():
 
 
 def test_bench_plot_title_says_which_sizes_ran():
-    from spd_kernels.bench import plot_title
+    from spd_kernels.bench.report import plot_title
 
     meta = dict(device_name="a CPU", torch="2.x")
     assert "--small" in plot_title({**meta, "small": True})

@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from spd_kernels import AdamSPD, param_sets
+from spd_kernels import AdamSPD
+from spd_kernels.bench import param_sets
 from spd_kernels.testing import CASES, bucket_of, case_id, new_state, relative_error, run_step_parity, signed_grad
 from spd_kernels.testing import two_shard_step
 

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from spd_kernels import bench, sweep
+from spd_kernels.bench import lines as bench_lines
+from spd_kernels.bench import measure, report, sweep
 
 COLUMNS = {"sweep", "x", "impl", "tensors", "params_m", "ms", "vs_adamw_fused", "gbs", "pct_bandwidth",
            "peak_extra_mb", "state_bytes_per_param"}
@@ -30,7 +31,7 @@ def test_a_tiny_sweep_writes_its_table_json_csv_and_png(kind, tmp_path, monkeypa
     assert all(COLUMNS <= set(r) for r in rows)
     want_x = [20_000, 80_000] if kind == "size" else [2, 8]
     assert sorted({r["x"] for r in rows}) == want_x
-    ran = set(bench.available_impls(torch.device("cpu"), lines))
+    ran = set(bench_lines.available(torch.device("cpu"), lines))
     for x in want_x:
         assert {r["impl"] for r in rows if r["x"] == x} == ran  # every line at every point
     for r in rows:
@@ -51,14 +52,14 @@ def _tiny_points(monkeypatch):
 def test_a_sweep_keeps_what_it_measured_when_a_later_point_fails(tmp_path, monkeypatch):
     # the outputs are rewritten after every point: a run cut short keeps its finished points
     _tiny_points(monkeypatch)
-    real = bench.bench_set
+    real = report.bench_set
 
     def fail_at_the_second_point(name, *args, **kwargs):
         if name == "size=80000":
             raise MemoryError("pretend the large point does not fit")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "bench_set", fail_at_the_second_point)
+    monkeypatch.setattr(report, "bench_set", fail_at_the_second_point)
     with pytest.raises(MemoryError):
         sweep.main("size", torch.device("cpu"), small=True, rounds=1, warmup=1, out_dir=str(tmp_path),
                    lines=("spd", "adamw_fused"))
@@ -75,13 +76,13 @@ def test_a_spent_time_budget_starts_no_new_point(tmp_path, monkeypatch, capsys):
     assert {r["x"] for r in data["rows"]} == {20_000}  # the first point always runs
     assert data["meta"]["left_out"] == [80_000] and data["meta"]["complete"] is False
     assert "points [80000] left out" in capsys.readouterr().out
-    args = bench.build_parser().parse_args(["--sweep", "size", "--budget-s", "90"])
+    args = report.build_parser().parse_args(["--sweep", "size", "--budget-s", "90"])
     assert args.budget_s == 90.0
 
 
 def test_sweep_points_fit_memory_and_the_small_flag():
     cpu = torch.device("cpu")
-    free = bench.free_memory(cpu)
+    free = measure.free_memory(cpu)
     small = sweep.size_points(cpu, small=True, n_lines=7, free=free)
     assert sweep.size_points(cpu, small=False, n_lines=7, free=free)[-1] <= 300_000_000
     assert small and small[0] == 1_000_000 and small[-1] <= 16_000_000
@@ -95,16 +96,16 @@ def test_sweep_points_fit_memory_and_the_small_flag():
 
 
 def test_bench_parser_offers_the_sweeps():
-    args = bench.build_parser().parse_args(["--sweep", "count", "--small"])
+    args = report.build_parser().parse_args(["--sweep", "count", "--small"])
     assert args.sweep == "count" and args.small
     with pytest.raises(SystemExit):
-        bench.build_parser().parse_args(["--sweep", "depth"])
+        report.build_parser().parse_args(["--sweep", "depth"])
 
 
 def test_cpu_free_memory_counts_reclaimable_cache():
     # MemAvailable (free pages plus the cache the kernel gives back) is at least the free
     # page count and at most the machine's memory, so the sweep's sizes do not move with
     # whatever files were read last
-    free = bench.free_memory(torch.device("cpu"))
+    free = measure.free_memory(torch.device("cpu"))
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.9 <= free <= total

@@ -6,8 +6,8 @@ through a device table of raw ``data_ptr()`` values, which Dynamo cannot see
 through, and for the same reason ``torch.library.triton_op`` / ``wrap_triton``
 (which need the compiler to see each tensor a kernel touches) do not apply. So
 the compiled step calls this opaque op instead: the graph records which tensors
-it mutates, a fake impl gives the stats' shape, and at run time the op runs the
-same kernels. The settings travel as one float list, ``hyper``, in
+it mutates, a fake impl gives the stats' shape (both in ``spd_kernels.ops.contract``),
+and at run time the op runs the same kernels. The settings travel as one float list, ``hyper``, in
 ``spd_kernels.hyperparameters.PACKED`` order (as the C++ op takes them); a
 tensor ``lr`` is an op input, so changing it recompiles nothing.
 
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..bucket import Bucket
 from ..hyperparameters import Hyperparameters
-from ..stats import NUM_STATS
+from . import contract
 
 #: how many bucket plans the op keeps (a model's buckets, several optimizers)
 _MAX_PLANS = 64
@@ -45,12 +45,8 @@ def _cached_plan(bucket: Bucket):
     return key, plan
 
 
-@torch.library.custom_op(
-    "spd_kernels::adam_spd_triton_step",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "exp_avg_absmaxs",
-                  "exp_avg_sq_absmaxs", "counts"),
-)
-def adam_spd_triton_step_op(
+@torch.library.impl("spd_kernels::adam_spd_triton_step", ("CPU", "CUDA"), lib=contract._lib)
+def _triton_step_kernel(
     params: List[Tensor],
     grads: List[Tensor],
     exp_avgs: List[Tensor],
@@ -86,10 +82,8 @@ def adam_spd_triton_step_op(
     return stats.clone()
 
 
-@adam_spd_triton_step_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs, exp_avg_sq_absmaxs,
-      counts, hyper, lr_tensor, grad_scale, found_inf):
-    return params[0].new_empty((len(params), NUM_STATS), dtype=torch.float32)
+#: the op (schema and fake impl in ``spd_kernels.ops.contract``; CUDA, or CPU under the interpreter)
+adam_spd_triton_step_op = torch.ops.spd_kernels.adam_spd_triton_step
 
 
 def run_bucket(bucket: Bucket) -> Tensor:

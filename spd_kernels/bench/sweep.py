@@ -5,12 +5,12 @@
   (``param_sets.transformer``: blocks of qkv, out, a 4x MLP, biases and norms);
 - ``count``: a fixed total split into 10 ... 20,000 equal tensors (``param_sets.split``).
 
-Each point runs every line interleaved, as the bench report does (``bench.bench_set``:
+Each point runs every line interleaved, as the bench report does (``report.bench_set``:
 warm-up, rounds of A B C ..., medians), so ratios within a point are comparable.
 Lines: AdamSPD (fp32 anchors, bf16 anchors, 8-bit moments + bf16 anchors),
 ``AdamW(fused=True)``, ``AdamW(foreach=True)``, the ``torch.compile``d per-tensor
 SPD, and the reference loop at the small points only. Per point: median step
-time, effective GB/s at each line's own byte count (``bench.STEP_BYTES``), that
+time, effective GB/s at each line's own byte count (``lines.Line.step_bytes``), that
 as % of the bandwidth measured in the same run, peak extra memory (CUDA) and
 state bytes per param. Writes a table, JSON, CSV and one log-log PNG per sweep.
 """
@@ -26,7 +26,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import bench, param_sets
+from . import param_sets, report
+from .lines import LINES as REGISTRY
+from .lines import available
+from .measure import bandwidth_gbs, device_name, free_memory
 
 LINES = ("spd", "spd_bf16a", "spd_8bit", "adamw_fused", "adamw_foreach", "spd_compiled", "spd_reference")
 #: the reference loop is timed only up to this many params (it is 30-100x slower)
@@ -90,7 +93,7 @@ def run_point(kind: str, x: int, shapes: List[tuple], device: torch.device, roun
     """One point of sweep ``kind`` ('size' or 'count'): one row per line, interleaved."""
     here = lines_at(param_sets.numel(shapes), lines, free)
     rows = [{"sweep": kind, "x": x, **asdict(row)}
-            for row in bench.bench_set(f"{kind}={x}", shapes, here, device, rounds, warmup, bw, progress,
+            for row in report.bench_set(f"{kind}={x}", shapes, here, device, rounds, warmup, bw, progress,
                                        fresh_grads=False)]
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -159,21 +162,21 @@ def main(kind: str, device: torch.device, small: bool, rounds: int, warmup: int,
     from tqdm import tqdm
 
     start = time.perf_counter()
-    lines = [line for line in lines if line in bench.available_impls(device, bench.ALL_IMPLS)]
-    bw = bench.bandwidth_gbs(device)
+    lines = [line for line in lines if line in available(device, tuple(REGISTRY))]
+    bw = bandwidth_gbs(device)
     triton_version = None
     if device.type == "cuda":
         import triton
 
         triton_version = triton.__version__
-    meta = dict(sweep=kind, device=str(device), device_name=bench.device_name(device), torch=torch.__version__,
+    meta = dict(sweep=kind, device=str(device), device_name=device_name(device), torch=torch.__version__,
                 triton=triton_version, bandwidth_gbs=bw,
                 bandwidth_kind="copy" if device.type == "cuda" else "in-place add", rounds=rounds, small=small,
                 date=time.strftime("%Y-%m-%d"), budget_s=budget_s, complete=False, left_out=[])
     print(f"{meta['device_name']}, torch {torch.__version__}; {meta['bandwidth_kind']} bandwidth {bw:.1f} GB/s")
     # memory is read once, before any point: what this process freed after a point can stay
     # with it (the allocator keeps mid-sized blocks), and would shrink the later points' lines
-    free = bench.free_memory(device)
+    free = free_memory(device)
     points = sweep_points(kind, device, small, len(lines), free)
     rows: List[dict] = []
     paths: List[str] = []

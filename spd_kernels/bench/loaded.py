@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .optim import AdamSPD
+from ..optim import AdamSPD
 
 #: a 16-tensor MLP: 8 linear layers of width 64 (~29K params)
 MLP_SHAPES: List[Tuple[int, ...]] = (
@@ -81,7 +81,7 @@ def child_main(steps: int = 200) -> None:
 
 
 def _child(steps: int) -> Dict[str, float]:
-    code = f"from spd_kernels.bench_loaded import child_main; child_main({steps})"
+    code = f"from spd_kernels.bench.loaded import child_main; child_main({steps})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

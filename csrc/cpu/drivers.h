@@ -1,0 +1,164 @@
+// A bucket's whole step and its split halves over the chunk and task schedule.
+#pragma once
+
+#include "quantizer.h"
+#include "schedule.h"
+
+namespace spd_kernels {
+namespace {
+
+// The 8-bit moments of a bucket's tensors (empty lists: fp32 moments).
+struct Bucket8 {
+  at::TensorList exp_avgs, exp_avg_sqs, m_absmaxs, v_absmaxs;
+  Moments8 at(int64_t t) const {
+    return Moments8{exp_avgs[t].data_ptr<uint8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
+                    m_absmaxs[t].data_ptr<float>(), v_absmaxs[t].data_ptr<float>()};
+  }
+};
+
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
+void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, const Hyper& hyper,
+                double inv_grad_scale, const Bucket8& eight, const QMaps* maps, float* stats) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  // fp32 params hold q after phase 1; so do 8-bit buckets (their fp32 moments are gone after it,
+  // and q is defined in the param's dtype); else q is rebuilt and rounded once
+  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
+
+  std::vector<Scalars> scalars(n);
+  for (int64_t t = 0; t < n; ++t) {
+    float* step = steps[t].data_ptr<float>();
+    const double count = static_cast<double>(*step) + 1.0;
+    *step = static_cast<float>(count);
+    scalars[t] = make_scalars(count, hyper, inv_grad_scale);
+  }
+  auto ptrs = [&](int64_t t) {
+    return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(),
+                           EIGHT ? nullptr : exp_avgs[t].data_ptr<float>(),
+                           EIGHT ? nullptr : exp_avg_sqs[t].data_ptr<float>(),
+                           AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
+                           HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr);
+  };
+  auto adam = [&](int64_t t, int64_t begin, int64_t end) {
+    auto [p, g, m, v, vmax, a] = ptrs(t);
+    if constexpr (EIGHT) return adam_chunk8<P, A, HAS_ANCHOR>(p, g, eight.at(t), a, begin, end, scalars[t], *maps);
+    else return adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, begin, end, scalars[t]);
+  };
+
+  // Tensors up to TASK_MAX: one task each does Adam, the sums, the finalize and
+  // (only if s > 0, or to round a bf16/fp16 q once) the projection, all in cache. Adam
+  // goes chunk by chunk and adds the chunks' sums in order, as the paths below do, so
+  // every path (and the split ops) gives a tensor the same bits.
+  std::vector<int64_t> small, large;
+  for (int64_t t = 0; t < n; ++t) (params[t].numel() <= TASK_MAX ? small : large).push_back(t);
+  parallel_items(
+      static_cast<int64_t>(small.size()), [&](int64_t k) { return params[small[k]].numel(); },
+      [&](int64_t k) {
+        const int64_t t = small[k], numel = params[t].numel();
+        auto [p, g, m, v, vmax, a] = ptrs(t);
+        const Scalars& s = scalars[t];
+        Sums sums;
+        for (int64_t b = 0; b < numel; b += CHUNK) sums.add(adam(t, b, std::min(b + CHUNK, numel)));
+        float* row = stats + NUM_STATS * t;
+        finalize(sums, s.weight_decay, s.max_scale, row);
+        if (!STORE_Q || row[STAT_SCALE] != 0.0f)
+          project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, 0, numel, s, row[STAT_SCALE]);
+      });
+
+  // Larger tensors one at a time, so the projection re-reads q and a from the
+  // last-level cache where the tensor fits there: chunks in parallel, each with
+  // its own partial-sum slot; the slots are summed in chunk order.
+  std::vector<Sums> partials;
+  for (const int64_t t : large) {
+    const int64_t numel = params[t].numel(), n_chunks = (numel + CHUNK - 1) / CHUNK;
+    auto [p, g, m, v, vmax, a] = ptrs(t);
+    const Scalars& s = scalars[t];
+    partials.assign(n_chunks, Sums{});
+    parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
+      partials[c] = adam(t, c * CHUNK, std::min((c + 1) * CHUNK, numel));
+    });
+    Sums sums;
+    for (const Sums& part : partials) sums.add(part);
+    float* row = stats + NUM_STATS * t;
+    finalize(sums, s.weight_decay, s.max_scale, row);
+    if (STORE_Q && row[STAT_SCALE] == 0.0f) continue;
+    parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
+      project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
+                                                std::min((c + 1) * CHUNK, numel), s, row[STAT_SCALE]);
+    });
+  }
+}
+
+// Split step, first half: Adam on every chunk of every tensor (steps += 1) and
+// each tensor's three sums, summed over its chunks in order, into sums [n, 3].
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
+void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
+                     at::TensorList steps, const Hyper& hyper, double inv_grad_scale, const Bucket8& eight,
+                     const QMaps* maps, double* sums) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  // else q is rebuilt and rounded once in the project op
+  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
+  std::vector<Scalars> scalars(n);
+  for (int64_t t = 0; t < n; ++t) {
+    float* step = steps[t].data_ptr<float>();
+    const double count = static_cast<double>(*step) + 1.0;
+    *step = static_cast<float>(count);
+    scalars[t] = make_scalars(count, hyper, inv_grad_scale);
+  }
+  const ChunkList work = chunk_list(params, [](int64_t) { return true; });
+  std::vector<Sums> partials(work.chunks.size());
+  parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
+    const auto [t, begin, end] = work.chunks[k];
+    const A* a = HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr;
+    if constexpr (EIGHT) {
+      partials[k] = adam_chunk8<P, A, HAS_ANCHOR>(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), eight.at(t), a,
+                                                  begin, end, scalars[t], *maps);
+    } else {
+      partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
+          params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
+          exp_avg_sqs[t].data_ptr<float>(), AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr, a, begin, end,
+          scalars[t]);
+    }
+  });
+  for (int64_t t = 0; t < n; ++t) {
+    Sums total;  // an empty shard contributes zeros
+    for (int64_t k = work.first[t]; k < work.first[t + 1]; ++k) total.add(partials[k]);
+    sums[3 * t + 0] = total.gd;
+    sums[3 * t + 1] = total.dd;
+    sums[3 * t + 2] = total.qq;
+  }
+}
+
+// Split step, second half: stats from the (all-reduced) sums, then the projection
+// of the tensors with s > 0 (every tensor for bf16/fp16, whose q was not stored).
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
+void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
+                    const double* sums, const Hyper& hyper, float* stats) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
+  std::vector<Scalars> scalars(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const double count = static_cast<double>(*steps[t].data_ptr<float>());  // incremented by the partials op
+    scalars[t] = make_scalars(count, hyper, 1.0);
+    Sums total;
+    total.gd = sums[3 * t + 0];
+    total.dd = sums[3 * t + 1];
+    total.qq = sums[3 * t + 2];
+    finalize(total, scalars[t].weight_decay, scalars[t].max_scale, stats + NUM_STATS * t);
+  }
+  const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[NUM_STATS * t + STAT_SCALE] != 0.0f; });
+  parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
+    const auto [t, begin, end] = work.chunks[k];
+    // q is rebuilt (bf16/fp16, 32-bit moments) from m and v, or vmax under amsgrad
+    const float* m = STORE_Q ? nullptr : exp_avgs[t].data_ptr<float>();
+    const float* v = STORE_Q ? nullptr : (AMSGRAD ? max_exp_avg_sqs[t] : exp_avg_sqs[t]).data_ptr<float>();
+    project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), m, v,
+                                              HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
+                                              scalars[t], stats[NUM_STATS * t + STAT_SCALE]);
+  });
+}
+
+}  // namespace
+}  // namespace spd_kernels
