@@ -21,7 +21,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spd_kernels import AdamSPD  # noqa: E402
 from tests import distributed_scenarios as sc  # noqa: E402
 
 STEPS = sc.STEPS
@@ -285,7 +284,7 @@ def trainer_route(fsdp2: bool, out_dir: str) -> Dict[str, object]:
 
 # ---------------------------------------------------------------------------- Lightning
 
-def lightning_module(sc_model=None):
+def lightning_module():
     """A LightningModule whose ``configure_optimizers`` returns AdamSPD (given anchors for layer 0)."""
     import pytorch_lightning as pl
 
