@@ -22,7 +22,7 @@
 // bitwise the same for any thread count.
 //
 // 8-bit moments (spd_kernels/quantization.py): exp_avgs/exp_avg_sqs hold uint8 codes and
-// exp_avg_absmaxs/exp_avg_sq_absmaxs one fp32 absmax per block of 256 elements; qmaps [2, 256]
+// exp_avg_scales/exp_avg_sq_scales one fp32 absmax per block of 256 elements; qmaps [2, 256]
 // the values codes stand for (signed for m, unsigned for v). Chunks start on block bounds, so a
 // block is one stretch of one chunk: dequantize, update in fp32, q from the fp32 moments (kept
 // in the param's dtype, stored into p), the block's new absmax, then the nearest code for each
@@ -59,7 +59,7 @@ void check_inputs(const char* op, at::TensorList params, at::TensorList grads, a
   const size_t n = params.size();
   const bool eight_bit = !eight.m_absmaxs.empty();
   TORCH_CHECK(eight.m_absmaxs.size() == eight.v_absmaxs.size() && (!eight_bit || eight.m_absmaxs.size() == n), op,
-              ": exp_avg_absmaxs and exp_avg_sq_absmaxs: one per tensor, or both empty (fp32 moments)");
+              ": exp_avg_scales and exp_avg_sq_scales: one per tensor, or both empty (fp32 moments)");
   if (eight_bit) {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": amsgrad with 8-bit moments is not supported");
     TORCH_CHECK(qmaps.has_value() && qmaps->device().is_cpu() && qmaps->scalar_type() == at::kFloat &&
@@ -170,10 +170,10 @@ void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_
 
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                         at::TensorList steps, at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                         at::TensorList steps, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                          const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
                          const std::optional<at::Tensor>& lr_tensor) {
-  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs};
+  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
   check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight, qmaps,
                true);
   const int64_t n = static_cast<int64_t>(params.size());
@@ -181,7 +181,7 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
   if (n == 0) return stats;
   float* out = stats.data_ptr<float>();
   const Hyper h = read_hyper("adam_spd_step", hyper, lr_tensor);
-  const bool eight_bit = !exp_avg_absmaxs.empty();
+  const bool eight_bit = !exp_avg_scales.empty();
   const QMaps* maps = eight_bit ? &make_qmaps(*qmaps) : nullptr;
   dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, eight_bit,
            [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
@@ -194,10 +194,10 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
 
 void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                       at::TensorList steps, at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                       at::TensorList steps, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                        const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
                        const at::Tensor& sums, const std::optional<at::Tensor>& lr_tensor) {
-  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs};
+  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
   check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight,
                qmaps, true);
   const int64_t n = static_cast<int64_t>(params.size());
@@ -205,7 +205,7 @@ void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorLi
   if (n == 0) return;
   double* out = sums.data_ptr<double>();
   const Hyper h = read_hyper("adam_spd_partials", hyper, lr_tensor);
-  const bool eight_bit = !exp_avg_absmaxs.empty();
+  const bool eight_bit = !exp_avg_scales.empty();
   const QMaps* maps = eight_bit ? &make_qmaps(*qmaps) : nullptr;
   dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, eight_bit,
            [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
@@ -217,10 +217,10 @@ void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorLi
 
 at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                             at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
-                            at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                             const std::optional<at::Tensor>& qmaps, const at::Tensor& sums,
                             at::ArrayRef<double> hyper, const std::optional<at::Tensor>& lr_tensor) {
-  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs};
+  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
   check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight, qmaps,
                false);
   const int64_t n = static_cast<int64_t>(params.size());
@@ -230,7 +230,7 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
   const double* in = sums.data_ptr<double>();
   float* out = stats.data_ptr<float>();
   const Hyper h = read_hyper("adam_spd_project", hyper, lr_tensor);
-  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, !exp_avg_absmaxs.empty(),
+  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, !exp_avg_scales.empty(),
            [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
     SPD_TYPES(p_type, a_type, ams, anc, eig);
     project_bucket<P, A, AMS, ANC, EIG>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, h, out);

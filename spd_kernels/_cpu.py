@@ -48,10 +48,10 @@ def qmaps() -> Tensor:
 
 
 def _state_args(bucket: Bucket):
-    """The state lists after ``steps`` in the ops' schemas: 8-bit absmax (or empty) and the maps."""
-    if not bucket.eight_bit:
-        return [], [], None
-    return bucket.exp_avg_absmaxs, bucket.exp_avg_sq_absmaxs, qmaps()
+    """The state lists after ``steps`` in the ops' schemas: each moment's per-block scales (empty for
+    a format without) and, for bitsandbytes' format, the maps. The moments' dtypes name their formats."""
+    return (bucket.exp_avg_scales or [], bucket.exp_avg_sq_scales or [],
+            qmaps() if "bnb8" in bucket.formats else None)
 
 
 def _host_args(bucket: Bucket):

@@ -18,7 +18,7 @@ tensor's three local sums into ``sums``; the optimizer all-reduces them; the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from .stats import NUM_STATS, STAT_C
 
 #: the per-tensor lists a backend reads and updates
 TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "anchors", "steps",
-                "exp_avg_absmaxs", "exp_avg_sq_absmaxs")
+                "exp_avg_scales", "exp_avg_sq_scales")
 
 
 @dataclass
@@ -45,10 +45,12 @@ class Bucket:
     anchors: Optional[List[Tensor]] = None
     #: 0-d fp32 step counters, incremented by the backend
     steps: List[Tensor] = field(default_factory=list)
-    #: 8-bit moments: exp_avgs/exp_avg_sqs hold uint8 codes and these the fp32 absmax of
-    #: each block of 256 elements (spd_kernels.quantization); None for fp32 moments
-    exp_avg_absmaxs: Optional[List[Tensor]] = None
-    exp_avg_sq_absmaxs: Optional[List[Tensor]] = None
+    #: the (exp_avg, exp_avg_sq) formats of every tensor's moments (``spd_kernels.formats``)
+    formats: Tuple[str, str] = ("fp32", "fp32")
+    #: per tensor, the per-block fp32 scales of a moment whose format has them (fp8: absmax / 448,
+    #: bnb8: absmax; one per block of 256 elements); None for a moment without
+    exp_avg_scales: Optional[List[Tensor]] = None
+    exp_avg_sq_scales: Optional[List[Tensor]] = None
     #: the step's scalar settings, one record for every backend
     hp: Hyperparameters = field(default_factory=Hyperparameters)
     #: AMP (torch.amp.GradScaler): grads are divided by grad_scale; a nonzero
@@ -131,8 +133,13 @@ class Bucket:
 
     @property
     def eight_bit(self) -> bool:
-        """Whether the moments are 8-bit codes with per-block absmax."""
-        return self.exp_avg_absmaxs is not None
+        """Whether the moments are bitsandbytes' 8-bit codes with per-block absmax."""
+        return self.formats == ("bnb8", "bnb8")
+
+    @property
+    def coded(self) -> bool:
+        """Whether a moment is stored other than as its fp32 value (q is then kept in p's dtype)."""
+        return self.formats != ("fp32", "fp32")
 
     def skipped(self) -> bool:
         """Host-side check of found_inf, for the backends that run on the host (reference, CPU)."""

@@ -21,7 +21,8 @@ from .anchors import GroupOrigin, origin
 from .backends import Backend
 from .bucket import Bucket
 from .hyperparameters import Hyperparameters
-from .state import bits_for, bits_held
+from .formats import DTYPE_KEYS, GROUP_KEYS, MomentFormat, names
+from .state import formats_for, held_formats
 
 
 @dataclass
@@ -72,9 +73,11 @@ def _partition(group: Dict[str, Any], record: GroupOrigin, where: str) -> zero.P
             "versions of themselves (FSDP2 DTensors, as Accelerate and the Trainer swap them in) and "
             "DeepSpeed ZeRO-1/2's flat partitions; anything else would change the tensors SPD's per-tensor "
             "sums run over. Build the optimizer for the params as they are now")
-    if group.get("optim_bits", 32) == 8:
-        raise ValueError(f"{where}: optim_bits=8 under DeepSpeed ZeRO is not supported (its 8-bit blocks would "
-                         "be cut by the flat partition); use optim_bits=32, or FSDP2 for 8-bit states")
+    chosen = {k: group.get(k) for k in ("optim_bits", *DTYPE_KEYS) if group.get(k) not in (None, 32, torch.float32)}
+    if chosen:
+        raise ValueError(f"{where}: compressed moments ({chosen}) under DeepSpeed ZeRO are not supported (a flat partition cuts "
+                         "their blocks and DeepSpeed keeps its own fp32 copies); use fp32 moments, or FSDP2 "
+                         "for compressed ones")
     return partition
 
 
@@ -90,7 +93,7 @@ def model_params(group: Dict[str, Any]) -> List[Tensor]:
 def backend_for(impl: str, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> Backend:
     anchor = state.get("anchor") if not group["anchor_free"] else None
     return backends.choose(impl, distributed.local(p), anchor.dtype if anchor is not None else None,
-                           bits_for(p, group))
+                           names(formats_for(p, group)))
 
 
 def step_device(impl: str, p: Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> torch.device:
@@ -105,7 +108,7 @@ def cache_key(param_groups: List[Dict[str, Any]]) -> Tuple:
     param moved in place, as ``Module.to`` may do, needs its checks again), its switches."""
     return tuple(
         (tuple(map(id, g["params"])), tuple(p.grad is None for p in g["params"]), tuple(p.device for p in g["params"]),
-         g["amsgrad"], g["anchor_free"], g["capturable"], g.get("optim_bits", 32), g.get("min_8bit_size", 4096))
+         g["amsgrad"], g["anchor_free"], g["capturable"], *(g.get(k) for k in GROUP_KEYS))
         for g in param_groups
     )
 
@@ -126,7 +129,7 @@ def buckets(work: List[Work], state: Dict[Tensor, Dict[str, Any]],
             st = state[p]
             backend = backend_for(impl, p, st, group)
             anchor = st.get("anchor") if anchored else None
-            eight_bit = bits_held(st) == 8
+            held = held_formats(st)
             if item.partition is not None:
                 reduce = distributed.group_key(item.partition.process_group)
                 first = rows.take(reduce, item.partition.rows, p.device)
@@ -134,13 +137,14 @@ def buckets(work: List[Work], state: Dict[Tensor, Dict[str, Any]],
                 reduce = distributed.reduce_key(p, f"param_groups[{item.index}]['params'][{pi}]")
                 first = rows.take(reduce, 1, p.device) if reduce is not None else None
             key = (item.index, backend.name, p.device, p.dtype, p.grad.dtype,
-                   anchor.dtype if anchor is not None else None, eight_bit, reduce)
+                   anchor.dtype if anchor is not None else None, names(held), reduce)
             if key not in out:
                 out[key] = (backend, item.index, Bucket(
                     max_exp_avg_sqs=[] if group["amsgrad"] else None,
                     anchors=[] if anchored else None,
-                    exp_avg_absmaxs=[] if eight_bit else None,
-                    exp_avg_sq_absmaxs=[] if eight_bit else None,
+                    formats=names(held),
+                    exp_avg_scales=[] if held[0].block else None,
+                    exp_avg_sq_scales=[] if held[1].block else None,
                     keys=[] if item.partition is not None else None,
                     grad_slices=[] if item.partition is not None else None,
                     hp=Hyperparameters.from_group(group),
@@ -150,7 +154,7 @@ def buckets(work: List[Work], state: Dict[Tensor, Dict[str, Any]],
                 _add_fragments(b, p, item.partition, st, anchor, group["amsgrad"])
                 sharded_rows[key] += [first + frag.row for frag in item.partition.fragments]
                 continue
-            _add_tensor(b, p, st, anchor, group["amsgrad"], eight_bit)
+            _add_tensor(b, p, st, anchor, group["amsgrad"], held)
             if first is not None:
                 sharded_rows[key].append(first)
     kept = {key: entry for key, entry in out.items() if len(entry[2])}  # a rank may hold no fragment
@@ -160,7 +164,7 @@ def buckets(work: List[Work], state: Dict[Tensor, Dict[str, Any]],
 
 
 def _add_tensor(b: Bucket, p: Tensor, state: Dict[str, Any], anchor: Optional[Tensor], amsgrad: bool,
-                eight_bit: bool) -> None:
+                held: Tuple[MomentFormat, MomentFormat]) -> None:
     b.owners.append(p)
     b.params.append(distributed.local(p))
     b.grads.append(distributed.local(p.grad))
@@ -171,9 +175,9 @@ def _add_tensor(b: Bucket, p: Tensor, state: Dict[str, Any], anchor: Optional[Te
         b.max_exp_avg_sqs.append(distributed.local(state["max_exp_avg_sq"]))
     if anchor is not None:
         b.anchors.append(distributed.local(anchor))
-    if eight_bit:
-        b.exp_avg_absmaxs.append(distributed.local_absmax(state["exp_avg_absmax"], p))
-        b.exp_avg_sq_absmaxs.append(distributed.local_absmax(state["exp_avg_sq_absmax"], p))
+    for moment, (fmt, scales) in enumerate(zip(held, (b.exp_avg_scales, b.exp_avg_sq_scales))):
+        if fmt.block:
+            scales.append(distributed.local_absmax(state[fmt.scale_key(moment)], p))
 
 
 def _add_fragments(b: Bucket, flat: Tensor, partition: zero.Partition, state: Dict[str, Any],

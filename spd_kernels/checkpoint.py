@@ -4,13 +4,13 @@
 
 1. ``from_official_format``: the official class keeps anchors in each group's ``pre``, an
    int ``step`` and an unused full-size ``hyper`` state;
-2. ``check``: every saved tensor fits its param (shape, placement, 8-bit blocks), before
+2. ``check``: every saved tensor fits its param (shape, placement, scale blocks), before
    anything changes;
 3. ``with_running_settings``: the groups keep what the running optimizer chose (its
    state format, keys an older checkpoint lacks, the records of ``spd_kernels.anchors``);
 4. torch's load, which casts floating state to each param's dtype;
 5. ``restore``: the saved dtypes back (fp32 moments of bf16 params stay fp32, anchors keep
-   theirs or take ``anchor_dtype``), a whole tensor's 8-bit state cut into a shard's blocks,
+   theirs or take ``anchor_dtype``), a whole tensor's block-scaled moments cut into a shard's blocks,
    and the moments in the running optimizer's format (``spd_kernels.state.match_format``).
 """
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import distributed, quantization
+from . import distributed, formats
 from .anchors import ORIGIN_KEY
+from .formats import MOMENTS
 from .reference import compute_dtype
-from .state import ABSMAX_KEYS, MOMENT_KEYS, SIGNED, match_format
+from .state import MOMENT_KEYS, SCALE_KEYS, match_format
 
 #: group keys that choose the state format: a loaded checkpoint keeps the running optimizer's
-FORMAT_KEYS = ("optim_bits", "min_8bit_size")
+FORMAT_KEYS = formats.GROUP_KEYS
 
 
 def from_official_format(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -70,7 +71,7 @@ def check(state_dict: Dict[str, Any], param_groups: List[Dict[str, Any]]) -> Non
             entry = state_dict["state"].get(pid, {})
             where = f"load_state_dict: param_groups[{gi}]['params'][{pi}]"
             for key, value in entry.items():
-                if key in ABSMAX_KEYS.values():
+                if key in SCALE_KEYS:
                     error = distributed.absmax_error(p, value)
                     if error:
                         raise ValueError(f"{where}: saved {key}: {error}")
@@ -89,7 +90,7 @@ def with_running_settings(state_dict: Dict[str, Any], param_groups: List[Dict[st
     setting. The groups' records stay out: torch deep-copies the saved groups."""
     return {**state_dict, "param_groups": [
         {**{k: v for k, v in group.items() if k not in ("params", ORIGIN_KEY)}, **saved,
-         **{k: group[k] for k in FORMAT_KEYS}}
+         **{k: group[k] for k in FORMAT_KEYS if k in group}}
         for saved, group in zip(state_dict["param_groups"], param_groups)
     ]}
 
@@ -101,13 +102,12 @@ def restore(state: Dict[Tensor, Dict[str, Any]], param_groups: List[Dict[str, An
     params = [p for g in param_groups for p in g["params"]]
     for pid, p in zip(saved_ids, params):
         entry = saved["state"].get(pid, {})
-        if distributed.is_dtensor(p) and ABSMAX_KEYS["exp_avg"] in entry and \
-                not distributed.is_dtensor(entry[ABSMAX_KEYS["exp_avg"]]):
-            entry = _shard_8bit_state(state[p], p, entry)
-        codes = ABSMAX_KEYS["exp_avg"] in entry  # the entry's moments are 8-bit codes (state.bits_held)
+        if distributed.is_dtensor(p):
+            entry = _shard_blocked_state(state[p], p, entry)
+        coded = {MOMENTS[k] for k in range(2) if (formats.held(entry, k) or formats.FP32).coded}
         for key, value in entry.items():
             if isinstance(value, Tensor):
-                state[p][key] = _loaded_tensor(key, value, p, anchor_dtype, codes)
+                state[p][key] = _loaded_tensor(key, value, p, anchor_dtype, key in coded)
     for group in param_groups:
         for p in group["params"]:
             if p not in state:  # no state saved: it is made at the param's first step
@@ -118,31 +118,36 @@ def restore(state: Dict[Tensor, Dict[str, Any]], param_groups: List[Dict[str, An
             match_format(state[p], p, group)
 
 
-def _shard_8bit_state(state: Dict[str, Any], p: Tensor, entry: Dict[str, Any]) -> Dict[str, Any]:
-    """A whole tensor's saved 8-bit moments for sharded ``p``: where this shard's blocks are the whole
-    tensor's, its codes and absmax are cut out exactly (into ``state``); elsewhere the moments are
-    dequantized, for ``match_format`` to quantize in the shard's own blocks (one more rounding).
+def _shard_blocked_state(state: Dict[str, Any], p: Tensor, entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A whole tensor's saved block-scaled moments for sharded ``p``: where this shard's blocks are the
+    whole tensor's, its codes and scales are cut out exactly (into ``state``); elsewhere the moments
+    are decoded, for ``match_format`` to encode in the shard's own blocks (one more rounding).
     Returns the entry left to load."""
-    rest = {k: v for k, v in entry.items() if k not in ABSMAX_KEYS and k not in ABSMAX_KEYS.values()}
-    for key, absmax_key in ABSMAX_KEYS.items():
-        cut = distributed.shard_of_blocks(p, entry[key], entry[absmax_key])
+    rest = dict(entry)
+    for moment in range(2):
+        fmt = formats.held(entry, moment)
+        if fmt is None or not fmt.block or distributed.is_dtensor(entry[fmt.scale_key(moment)]):
+            continue
+        key, scale_key = fmt.keys(moment)
+        del rest[key], rest[scale_key]
+        cut = distributed.shard_of_blocks(p, entry[key], entry[scale_key])
         if cut is None:
-            rest[key] = quantization.dequantize(entry[key], entry[absmax_key], SIGNED[key])
-            state.pop(absmax_key, None)
+            rest[key] = fmt.decode(entry[key], entry[scale_key], moment)
+            state.pop(scale_key, None)
             continue
         codes, blocks = cut
-        absmax = distributed.new_absmax(p)
-        distributed.local_absmax(absmax, p).copy_(blocks)
+        scale = distributed.new_absmax(p)
+        distributed.local_absmax(scale, p).copy_(blocks)
         state[key] = distributed.wrap_like(p, codes.to(p.device, copy=True).contiguous())
-        state[absmax_key] = absmax
+        state[scale_key] = scale
     return rest
 
 
-def _loaded_tensor(key: str, value: Tensor, p: Tensor, anchor_dtype: Optional[torch.dtype], codes: bool) -> Tensor:
+def _loaded_tensor(key: str, value: Tensor, p: Tensor, anchor_dtype: Optional[torch.dtype], coded: bool) -> Tensor:
     if key == "step":
         # the first step moves it to where its backend wants it
         return distributed.local(value).detach().to(dtype=torch.float32, device="cpu", copy=True)
-    if key in ABSMAX_KEYS.values() or (codes and key in ABSMAX_KEYS):  # 8-bit moments: codes and absmax
+    if key in SCALE_KEYS or coded:  # a compressed moment's codes and scales: their own dtypes
         return distributed.copy_to(value, p.device)
     if key in MOMENT_KEYS:
         dtype = compute_dtype(value.dtype)

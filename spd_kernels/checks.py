@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import distributed, formats
 from .anchors import SNAPSHOT
 from .backends import Backend
 
@@ -34,15 +34,7 @@ def hyperparameters(group: Dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: eps must be >= 0, got {group['eps']}")
     if not (group["weight_decay"] >= 0.0):
         raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']}")
-    bits = group.get("optim_bits", 32)
-    if isinstance(bits, bool) or bits not in (8, 32):
-        raise ValueError(f"{where}: optim_bits must be 32 or 8, got {bits!r}")
-    size = group.get("min_8bit_size", 4096)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"{where}: min_8bit_size must be an int >= 0, got {size!r}")
-    if bits == 8 and group["amsgrad"]:
-        raise ValueError(f"{where}: amsgrad with optim_bits=8 is not supported (its max would need "
-                         "a third 8-bit state); use optim_bits=32 for this group")
+    formats.check(group, where)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -109,11 +101,11 @@ def anchors(pre: Any, params: List[Tensor], where: str, backend: Optional[Backen
     return [a.detach() for a in pre]
 
 
-def backend_takes(backend: Optional[Backend], p: Tensor, anchor_dtype: Optional[torch.dtype], bits: int,
-                  where: str) -> None:
-    """With a fixed ``impl``: its backend runs ``p``'s device, layout, dtypes and moment format."""
+def backend_takes(backend: Optional[Backend], p: Tensor, anchor_dtype: Optional[torch.dtype],
+                  moment_formats: formats.Pair, where: str) -> None:
+    """With a fixed ``impl``: its backend runs ``p``'s device, layout, dtypes and moment formats."""
     error = backend and (backend.device_error(p.device) or
-                         backend.layout_error(distributed.local(p), anchor_dtype, bits))
+                         backend.layout_error(distributed.local(p), anchor_dtype, formats.names(moment_formats)))
     if error:
         raise ValueError(f"{where}: {error}")
 

@@ -76,10 +76,16 @@ class AdamSPD(Optimizer):
         cap_projection: cap the pull at s = min(lambda * r, 1), so a projection never moves a
             layer past its anchor (off: the paper's rule; turn it on when sweeping lambda > 1,
             where lambda * r > 2 ends farther from the anchor than before).
-        optim_bits, min_8bit_size: 32 (fp32 moments) or 8: tensors of at least
-            ``min_8bit_size`` elements keep ``exp_avg``/``exp_avg_sq`` as uint8 codes with an
-            fp32 absmax per 256 elements (bitsandbytes' blockwise format, its names), 2 bytes
-            per param instead of 8; not with amsgrad (``spd_kernels.state``).
+        exp_avg_dtype, exp_avg_sq_dtype: the moments' formats (Transformer Engine's names), per
+            group: ``torch.float32`` (default), ``torch.bfloat16`` (the second moment rounded
+            stochastically, reproducibly) or, for ``exp_avg`` only, ``torch.float8_e4m3fn``
+            (256 elements share one fp32 scale; tensors under ``min_8bit_size`` elements stay
+            fp32). ``exp_avg_dtype=torch.float8_e4m3fn, exp_avg_sq_dtype=torch.bfloat16`` keeps
+            3 bytes per param instead of 8. Formats: ``spd_kernels.formats``, docs/formats.md.
+        optim_bits, min_8bit_size: 32, or 8 for bitsandbytes' blockwise 8-bit format (uint8 codes
+            with an fp32 absmax per 256 elements, its names) on tensors of at least
+            ``min_8bit_size`` elements. Not with exp_avg_dtype/exp_avg_sq_dtype; compressed
+            moments not with amsgrad.
     """
 
     #: torch.amp.GradScaler hands us grad_scale / found_inf instead of unscaling grads itself
@@ -100,10 +106,13 @@ class AdamSPD(Optimizer):
         cap_projection: bool = False,
         optim_bits: int = 32,
         min_8bit_size: int = 4096,
+        exp_avg_dtype: torch.dtype = torch.float32,
+        exp_avg_sq_dtype: torch.dtype = torch.float32,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, capturable=capturable,
-                        cap_projection=cap_projection, optim_bits=optim_bits, min_8bit_size=min_8bit_size)
+                        cap_projection=cap_projection, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+                        exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype)
         checks.hyperparameters(defaults, "AdamSPD")
         if impl not in backends.IMPLS:
             raise ValueError(f"AdamSPD: impl must be one of {backends.IMPLS}, got {impl!r}")
@@ -150,7 +159,7 @@ class AdamSPD(Optimizer):
             group["betas"] = merged["betas"] = tuple(merged["betas"])
         checks.hyperparameters(merged, where)
         for i, p in enumerate(tensors):
-            checks.backend_takes(self._backend, p, self.anchor_dtype, state.bits_for(p, merged),
+            checks.backend_takes(self._backend, p, self.anchor_dtype, state.formats_for(p, merged),
                                  f"{where}['params'][{i}]")
         given = checks.anchors(pre, tensors, where, self._backend, self.anchor_dtype)
         group["params"], group["anchor_free"] = params, pre is None
@@ -315,9 +324,8 @@ class AdamSPD(Optimizer):
 
         Unlike ``Optimizer.load_state_dict``, fp32 moments of low-precision
         params stay fp32 and anchors keep their dtype. The moments' format is
-        this optimizer's (``optim_bits``, ``min_8bit_size``): 32-bit saved
-        moments are quantized into an 8-bit optimizer, 8-bit ones dequantized
-        into a 32-bit optimizer.
+        this optimizer's (``exp_avg_dtype``, ``exp_avg_sq_dtype``, ``optim_bits``,
+        ``min_8bit_size``): saved moments in another format are converted through fp32.
         """
         state_dict = checkpoint.from_official_format(state_dict)
         checkpoint.check(state_dict, self.param_groups)

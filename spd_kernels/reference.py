@@ -19,12 +19,11 @@ All math is fp32 (or the parameter's dtype when that is wider), whatever the
 storage dtype: bf16/fp16 parameters are loaded, updated in fp32 and rounded
 once on store.
 
-8-bit moments (``exp_avg``/``exp_avg_sq`` as uint8 codes with per-block absmax,
-``spd_kernels.quantization``): each step dequantizes them, updates in fp32,
-computes q from the fp32 moments (as bitsandbytes' 8-bit Adam does: a second
-moment rounded to a code near 0 would blow up the step), then re-quantizes. As
-the moments are not kept in fp32, q is kept in the param's storage dtype (a
-no-op for fp32 params), so a kernel can store it and project it later. The three reductions accumulate in fp64. The Adam part uses the same operations in the same order as
+Compressed moments (``spd_kernels.formats``: bf16, block-scaled fp8, bitsandbytes'
+8-bit): each step decodes them to fp32, updates in fp32, computes q from the fp32
+moments, then stores them back in their format. As the moments are not kept in
+fp32, q is kept in the param's storage dtype (a no-op for fp32 params), so a
+kernel can store it and project it later. The three reductions accumulate in fp64. The Adam part uses the same operations in the same order as
 ``torch.optim.Adam(foreach=False)``, so with ``lam = 0`` an fp32 run matches it.
 """
 from __future__ import annotations
@@ -36,7 +35,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import quantization
+from . import formats as moment_formats
 from .hyperparameters import Hyperparameters
 from .stats import NUM_STATS, STAT_C, STAT_NORM_P_A, STAT_NORM_Q_A, STAT_R, STAT_SCALE
 
@@ -55,15 +54,17 @@ def adam_q_(
     step: Tensor,
     hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
-    exp_avg_absmax: Optional[Tensor] = None,
-    exp_avg_sq_absmax: Optional[Tensor] = None,
+    exp_avg_scale: Optional[Tensor] = None,
+    exp_avg_sq_scale: Optional[Tensor] = None,
+    formats: Tuple[str, str] = ("fp32", "fp32"),
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The Adam half of a step: increments ``step``, updates the moments in place
     and returns ``(p, g, q)`` in the compute dtype (p before the step, the
     unscaled grad, the plain Adam step). ``param`` itself is not written.
 
-    With ``exp_avg_absmax``/``exp_avg_sq_absmax`` the moments are 8-bit codes
-    (``spd_kernels.quantization``), updated through fp32 and stored back."""
+    ``formats`` names the moments' formats (``spd_kernels.formats``); compressed ones, with their
+    per-block ``exp_avg_scale``/``exp_avg_sq_scale`` where they have them, are updated through
+    fp32 and stored back."""
     cdt = compute_dtype(param.dtype)
     lr, beta1, beta2 = hp.lr_value(), hp.beta1, hp.beta2
     step += 1
@@ -77,11 +78,9 @@ def adam_q_(
         # GradScaler.unscale_ multiplies by the fp32 reciprocal computed in fp64
         g = g * grad_scale.double().reciprocal().to(cdt)
 
-    eight_bit = exp_avg_absmax is not None
-    if eight_bit:
-        codes = (exp_avg, exp_avg_sq)
-        exp_avg = quantization.dequantize(codes[0], exp_avg_absmax, signed=True)
-        exp_avg_sq = quantization.dequantize(codes[1], exp_avg_sq_absmax, signed=False)
+    fmts = [moment_formats.FORMATS[name] for name in formats]
+    codes, scales = (exp_avg, exp_avg_sq), (exp_avg_scale, exp_avg_sq_scale)
+    exp_avg, exp_avg_sq = (fmt.decode(c, sc, k) for k, (fmt, c, sc) in enumerate(zip(fmts, codes, scales)))
     # Adam, as torch.optim.Adam's single-tensor path writes it.
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -92,9 +91,9 @@ def adam_q_(
         second_moment = exp_avg_sq
     denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(hp.eps)
     q = p.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
-    if eight_bit:
-        quantization.quantize_(codes[0], exp_avg_absmax, exp_avg, signed=True)
-        quantization.quantize_(codes[1], exp_avg_sq_absmax, exp_avg_sq, signed=False)
+    for k, (fmt, value) in enumerate(zip(fmts, (exp_avg, exp_avg_sq))):
+        fmt.encode_(codes[k], scales[k], value, k, int(t))
+    if any(fmt.coded for fmt in fmts):
         q = q.to(param.dtype).to(cdt)
     return p, g, q
 
@@ -154,8 +153,9 @@ def adam_spd_step_(
     step: Tensor,
     hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
-    exp_avg_absmax: Optional[Tensor] = None,
-    exp_avg_sq_absmax: Optional[Tensor] = None,
+    exp_avg_scale: Optional[Tensor] = None,
+    exp_avg_sq_scale: Optional[Tensor] = None,
+    formats: Tuple[str, str] = ("fp32", "fp32"),
 ) -> Tensor:
     """One AdamSPD step of one tensor, in place, with the settings ``hp``. Returns its stats row.
 
@@ -167,7 +167,7 @@ def adam_spd_step_(
     1-d tensor has ``NUM_STATS`` entries (see ``spd_kernels.stats``).
     """
     p, g, q = adam_q_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hp, grad_scale,
-                      exp_avg_absmax, exp_avg_sq_absmax)
+                      exp_avg_scale, exp_avg_sq_scale, formats)
     # The selective projection: its sums use p before the step.
     stats = spd_finalize(spd_sums(p, g, q, anchor), hp)
     spd_project_(param, q, anchor, stats)
@@ -184,12 +184,14 @@ def reference_step(
     steps: Sequence[Tensor],
     hp: Hyperparameters,
     grad_scale: Optional[Tensor] = None,
-    exp_avg_absmaxs: Optional[Sequence[Tensor]] = None,
-    exp_avg_sq_absmaxs: Optional[Sequence[Tensor]] = None,
+    exp_avg_scales: Optional[Sequence[Optional[Tensor]]] = None,
+    exp_avg_sq_scales: Optional[Sequence[Optional[Tensor]]] = None,
+    formats: Tuple[str, str] = ("fp32", "fp32"),
 ) -> Tensor:
     """The reference over a list of tensors: returns stats of shape ``[n, NUM_STATS]``.
 
-    ``exp_avg_absmaxs``/``exp_avg_sq_absmaxs`` (one per tensor) mark 8-bit moments."""
+    ``formats`` names the moments' formats (every tensor's); ``exp_avg_scales``/``exp_avg_sq_scales``
+    hold one per-block scale per tensor for the formats that have them."""
     if hp.lr_tensor is not None:
         hp = dataclasses.replace(hp, lr=hp.lr_value())  # read once, not once per tensor
     rows = []
@@ -205,8 +207,9 @@ def reference_step(
                 steps[i],
                 hp,
                 grad_scale,
-                exp_avg_absmaxs[i] if exp_avg_absmaxs is not None else None,
-                exp_avg_sq_absmaxs[i] if exp_avg_sq_absmaxs is not None else None,
+                exp_avg_scales[i] if exp_avg_scales else None,
+                exp_avg_sq_scales[i] if exp_avg_sq_scales else None,
+                formats,
             )
         )
     if not rows:

@@ -1,17 +1,16 @@
-"""A param's optimizer state: which format its moments take, and how it is made and kept.
+"""A param's optimizer state: its moments' formats, and how it is made and kept.
 
 Keys follow ``torch.optim.Adam``: ``step`` (a 0-d fp32 tensor), ``exp_avg``,
 ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad), plus ``anchor`` in anchored
-groups. Two moment formats:
+groups. Each moment is kept in a format (``spd_kernels.formats``): fp32 (the
+param's dtype when it is wider), bf16, block-scaled fp8 e4m3 or bitsandbytes'
+blockwise 8-bit, whose per-block fp32 scales sit beside it (``exp_avg_scale``,
+``exp_avg_absmax``, ...), one per block of 256 elements of the local shard
+(``spd_kernels.distributed.new_absmax``).
 
-- 32-bit: fp32 moments (the param's dtype when it is wider), shaped like the param;
-- 8-bit: ``exp_avg``/``exp_avg_sq`` as uint8 codes shaped like the param, and
-  ``exp_avg_absmax``/``exp_avg_sq_absmax``, one fp32 per block of 256 elements
-  of the local shard (``spd_kernels.quantization``, ``spd_kernels.distributed``).
-
-``bits_for`` decides a tensor's format from its group; ``bits_held`` reads it from
-a state. State is made at a param's first step (``make``), for the tensor the
-group holds then (``spd_kernels.anchors``).
+``formats_for`` decides a tensor's formats from its group; ``formats.held`` reads
+them from a state. State is made at a param's first step (``make``), for the
+tensor the group holds then (``spd_kernels.anchors``).
 """
 from __future__ import annotations
 
@@ -20,30 +19,24 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from . import distributed, quantization, zero
+from . import distributed, formats, zero
 from .anchors import GroupOrigin, snapshot
-from .reference import compute_dtype
+from .formats import MOMENTS, MomentFormat
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-#: 8-bit moments: the per-block absmax beside each code tensor
-ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
-#: which moments take the signed map (the first can be negative)
-SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+#: every key that holds a block format's per-block scales
+SCALE_KEYS = formats.scale_keys()
 
 
-def bits_for(p: Tensor, group: Dict[str, Any]) -> int:
-    """The moment format ``group`` gives ``p``: 8 for a tensor of at least ``min_8bit_size``
-    elements in an ``optim_bits=8`` group, else 32. Decided by the whole tensor's size, so
-    every rank of a sharded param decides alike."""
-    eight = group.get("optim_bits", 32) == 8 and p.numel() >= group.get("min_8bit_size", 4096)
-    return 8 if eight else 32
+def formats_for(p: Tensor, group: Dict[str, Any]) -> formats.Pair:
+    """The (exp_avg, exp_avg_sq) formats ``group`` gives ``p``, decided by the whole tensor's size."""
+    return formats.for_tensor(p.numel(), group)
 
 
-def bits_held(state: Dict[str, Any]) -> Optional[int]:
-    """The format a state's moments are in (None: no moments yet)."""
-    if "exp_avg" not in state:
-        return None
-    return 8 if ABSMAX_KEYS["exp_avg"] in state else 32
+def held_formats(state: Dict[str, Any]) -> Optional[formats.Pair]:
+    """The formats a state's moments are in (None: no moments yet)."""
+    m, v = formats.held(state, 0), formats.held(state, 1)
+    return None if m is None else (m, v)
 
 
 def stored_anchor(p: Tensor, given: Optional[Tensor], anchor_dtype: Optional[torch.dtype], where: str) -> Tensor:
@@ -69,27 +62,31 @@ def fragment_anchor(flat: Tensor, partition: zero.Partition, origin: GroupOrigin
     return anchor
 
 
+def _new_moment(state: Dict[str, Any], p: Tensor, fmt: MomentFormat, moment: int) -> None:
+    """A zero moment in ``fmt``, placed like ``p``: a sharded param's codes like it, its scales split
+    evenly over its shards (blocks are local to a shard)."""
+    for key in formats.FORMATS["bnb8"].keys(moment)[1:] + formats.FORMATS["fp8"].keys(moment)[1:]:
+        state.pop(key, None)
+    if not fmt.coded:
+        state[MOMENTS[moment]] = fmt.zeros(p, moment)  # zeros_like keeps a DTensor's placement
+        return
+    state[MOMENTS[moment]] = distributed.wrap_like(p, fmt.zeros(distributed.local(p), moment))
+    if fmt.block:
+        assert fmt.block == formats.FORMATS["bnb8"].block  # distributed.new_absmax's block size
+        state[fmt.scale_key(moment)] = distributed.new_absmax(p)
+
+
 def make(state: Dict[str, Any], p: Tensor, group: Dict[str, Any], step_device: torch.device) -> None:
     """Give ``p`` its step and moments if it has none; bring what it has to ``p``'s device, the
-    step's device, the group's format, and amsgrad's third moment when the group asks for it."""
+    step's device, the group's formats, and amsgrad's third moment when the group asks for it."""
     if "step" not in state:
         state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-        if bits_for(p, group) == 8:
-            # blocks are local to a shard: a sharded param's codes are placed like it, its
-            # absmax is split evenly over its shards (distributed.new_absmax)
-            for key, absmax_key in ABSMAX_KEYS.items():
-                codes = torch.full_like(distributed.local(p), quantization.zero_code(SIGNED[key]),
-                                        dtype=torch.uint8, memory_format=torch.contiguous_format)
-                state[key] = distributed.wrap_like(p, codes)
-                state[absmax_key] = distributed.new_absmax(p)
-        else:
-            moment_dtype = compute_dtype(p.dtype)
-            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        for moment, fmt in enumerate(formats_for(p, group)):
+            _new_moment(state, p, fmt, moment)
     elif state["step"].device != step_device:
         state["step"] = state["step"].to(step_device)
     # State built before the model moved (model.to(device) after a load) follows its param.
-    for key in (*MOMENT_KEYS, *ABSMAX_KEYS.values(), "anchor"):
+    for key in (*MOMENT_KEYS, *SCALE_KEYS, "anchor"):
         t = state.get(key)
         if t is not None and t.device != p.device:
             state[key] = t.to(p.device)
@@ -100,19 +97,22 @@ def make(state: Dict[str, Any], p: Tensor, group: Dict[str, Any], step_device: t
 
 
 def match_format(state: Dict[str, Any], p: Tensor, group: Dict[str, Any]) -> None:
-    """Convert ``p``'s moments to the format its group asks for: a 32-bit checkpoint loaded
-    into an 8-bit optimizer is quantized, an 8-bit one into a 32-bit optimizer dequantized."""
-    held, want = bits_held(state), bits_for(p, group)
-    if held is None or held == want:
+    """Convert ``p``'s moments to the formats its group asks for, through fp32: a checkpoint saved
+    in one format loads into an optimizer running another (one more rounding)."""
+    have = held_formats(state)
+    if have is None:
         return
-    for key, absmax_key in ABSMAX_KEYS.items():
-        value = distributed.local(state[key])
-        if want == 8:
-            codes = torch.empty(value.shape, dtype=torch.uint8, device=p.device)
-            absmax = distributed.new_absmax(p)
-            quantization.quantize_(codes, distributed.local_absmax(absmax, p), value.float(), SIGNED[key])
-            state[key], state[absmax_key] = distributed.wrap_like(p, codes), absmax
-        else:
-            absmax = distributed.local_absmax(state.pop(absmax_key), p)
-            fp32 = quantization.dequantize(value, absmax, SIGNED[key])
-            state[key] = distributed.wrap_like(p, fp32.to(compute_dtype(p.dtype)))
+    step = int(float(state["step"])) if "step" in state else 0
+    for moment, (held, want) in enumerate(zip(have, formats_for(p, group))):
+        if held is want:
+            continue
+        codes, scale = formats.state_of(state, held, moment)
+        scale = distributed.local_absmax(scale, p) if scale is not None else None
+        values = held.decode(distributed.local(codes), scale, moment).float()
+        _new_moment(state, p, want, moment)
+        if not want.coded:
+            distributed.local(state[MOMENTS[moment]]).copy_(values)
+            continue
+        codes, scale = formats.state_of(state, want, moment)
+        want.encode_(distributed.local(codes), distributed.local_absmax(scale, p) if scale is not None else None,
+                     values, moment, step)

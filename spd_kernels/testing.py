@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import quantization
+from . import formats as moment_formats
+from .formats.record import num_blocks
 from .bucket import Bucket
 from .hyperparameters import Hyperparameters
 from .reference import reference_step
@@ -82,35 +83,25 @@ def signed_grad(p: Tensor, anchor: Optional[Tensor], sign: float, generator=None
     return (noise - sign * k * d).to(p.dtype)
 
 
-def new_state(shapes: Sequence, p_dtype, a_dtype, amsgrad: bool, gen, device,
-              eight_bit: bool = False) -> Dict[str, Optional[List[Tensor]]]:
-    """A bucket's tensors (params, zero moments, anchors near the params, steps) from ``gen``;
-    with ``eight_bit`` the moments are 8-bit codes (of zero) and their absmax lists."""
+def new_state(shapes: Sequence, p_dtype, a_dtype, amsgrad: bool, gen, device, eight_bit: bool = False,
+              formats: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:
+    """A bucket's tensors (params, zero moments, anchors near the params, steps) from ``gen``, with
+    the moments in ``formats`` (``spd_kernels.formats`` names; ``eight_bit``: bitsandbytes' for both)."""
+    formats = formats or (("bnb8", "bnb8") if eight_bit else ("fp32", "fp32"))
+    fmts = [moment_formats.FORMATS[name] for name in formats]
     shapes = [(s,) if isinstance(s, int) else tuple(s) for s in shapes]
     params = [torch.randn(s, generator=gen).to(p_dtype).to(device) for s in shapes]
-    if eight_bit:
-        def codes(s, signed):
-            return torch.full(s, quantization.zero_code(signed), dtype=torch.uint8, device=device)
 
-        def absmax(s):
-            return torch.zeros(quantization.num_blocks(math.prod(s)), device=device)
+    def scales(fmt):
+        return [torch.zeros(num_blocks(p.numel(), fmt.block), device=device) for p in params] if fmt.block else None
 
-        return dict(
-            params=params,
-            exp_avgs=[codes(s, True) for s in shapes],
-            exp_avg_sqs=[codes(s, False) for s in shapes],
-            exp_avg_absmaxs=[absmax(s) for s in shapes],
-            exp_avg_sq_absmaxs=[absmax(s) for s in shapes],
-            max_exp_avg_sqs=None,
-            anchors=None if a_dtype is None else [
-                (p.float() + 0.5 * torch.randn(p.shape, generator=gen).to(device)).to(a_dtype) for p in params
-            ],
-            steps=[torch.zeros((), device=device) for _ in shapes],
-        )
     return dict(
         params=params,
-        exp_avgs=[torch.zeros(s, device=device) for s in shapes],
-        exp_avg_sqs=[torch.zeros(s, device=device) for s in shapes],
+        exp_avgs=[fmts[0].zeros(p, 0) for p in params],
+        exp_avg_sqs=[fmts[1].zeros(p, 1) for p in params],
+        exp_avg_scales=scales(fmts[0]),
+        exp_avg_sq_scales=scales(fmts[1]),
+        formats=tuple(formats),
         max_exp_avg_sqs=[torch.zeros(s, device=device) for s in shapes] if amsgrad else None,
         anchors=None if a_dtype is None else [
             (p.float() + 0.5 * torch.randn(p.shape, generator=gen).to(device)).to(a_dtype) for p in params
@@ -120,7 +111,8 @@ def new_state(shapes: Sequence, p_dtype, a_dtype, amsgrad: bool, gen, device,
 
 
 def clone_state(state):
-    return {key: None if value is None else [t.clone() for t in value] for key, value in state.items()}
+    return {key: value if value is None or key == "formats" else [t.clone() for t in value]
+            for key, value in state.items()}
 
 
 def bucket_of(state, grads, **settings) -> Bucket:
@@ -134,18 +126,18 @@ def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None
         # s = lam * r carries the sums' rounding times lam into p: scale the absolute slack with lam
         tol = dict(PARAM_TOL[p.dtype])
         tol["atol"] *= max(1.0, lam)
-        if got_state.get("exp_avg_absmaxs") is not None and p.dtype != torch.float32 and q.numel():
-            # 8-bit moments: q itself is rounded to p's dtype before the projection, so a q on a
+        if _coded(got_state) and p.dtype != torch.float32 and q.numel():
+            # compressed moments: q itself is rounded to p's dtype before the projection, so a q on a
             # rounding tie of that dtype moves the result by one unit of q, not of the result
             tol["atol"] = max(tol["atol"], torch.finfo(p.dtype).eps * float(q.float().abs().max()))
         torch.testing.assert_close(p.float(), q.float(), **tol, msg=lambda m: f"param {i}: {m}")
-    if got_state.get("exp_avg_absmaxs") is not None:
-        check_codes(got_state, want_state)
-    else:
-        for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
-            if got_state[key] is not None:
-                for x, y in zip(got_state[key], want_state[key]):
-                    torch.testing.assert_close(x, y, **MOMENT_TOL)
+    formats = got_state.get("formats") or ("fp32", "fp32")
+    for key, fmt in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), (*formats, "fp32")):
+        if fmt != "fp32":
+            check_codes(got_state, want_state, key)
+        elif got_state.get(key) is not None:
+            for x, y in zip(got_state[key], want_state[key]):
+                torch.testing.assert_close(x, y, **MOMENT_TOL)
     assert [s.item() for s in got_state["steps"]] == [s.item() for s in want_state["steps"]]
     got_stats, want_stats = got_stats.cpu(), want_stats.cpu()
     for i in range(len(grads)):
@@ -158,31 +150,49 @@ def check_step(got_state, got_stats, want_state, want_stats, grads, lam) -> None
         assert abs(g[STAT_SCALE] - w[STAT_SCALE]) <= 1e-4 * max(lam, 1.0)
 
 
-#: 8-bit moments: the share of a bucket's codes that may differ from the reference's, and by how
-#: much. A code differs only where the value sits within rounding of a midpoint between two codes
-#: (the backends round m and v in another order, a GPU fuses multiply-adds): by one code, in
+#: compressed moments: the share of a bucket's codes that may differ from the reference's, and by
+#: how much. A code differs only where the value sits within rounding of a boundary between two
+#: codes (the backends round m and v in another order, a GPU fuses multiply-adds): by one code, in
 #: about 1e-6 of the elements on the CPU with fp32 grads, 2e-4 on an H200 with bf16 grads
-#: (whose squares land on the maps' midpoints more often).
+#: (whose squares land on the 8-bit maps' midpoints more often).
 CODE_TIES = dict(share=1e-3, codes=1)
 
+_SCALES = {"exp_avgs": "exp_avg_scales", "exp_avg_sqs": "exp_avg_sq_scales"}
 
-def check_codes(got_state, want_state) -> None:
-    """8-bit moments: absmax within fp32 rounding, codes equal but for ties (``CODE_TIES``)."""
-    for codes_key, absmax_key in (("exp_avgs", "exp_avg_absmaxs"), ("exp_avg_sqs", "exp_avg_sq_absmaxs")):
-        for i, (x, y) in enumerate(zip(got_state[absmax_key], want_state[absmax_key])):
-            torch.testing.assert_close(x, y, **MOMENT_TOL, msg=lambda m: f"{absmax_key}[{i}]: {m}")
+
+def _coded(state) -> bool:
+    return (state.get("formats") or ("fp32", "fp32")) != ("fp32", "fp32")
+
+
+def _ordinal(codes: Tensor) -> Tensor:
+    """Codes as integers that count up with their value (a float code's bits, sign folded)."""
+    if codes.dtype == torch.uint8:
+        return codes.int()
+    bits = codes.view(torch.int16 if codes.element_size() == 2 else torch.int8).int()
+    magnitude = bits & (0x7FFF if codes.element_size() == 2 else 0x7F)
+    return torch.where(bits < 0, -magnitude, magnitude)
+
+
+def check_codes(got_state, want_state, codes_key: str = None) -> None:
+    """Compressed moments: per-block scales within fp32 rounding, codes equal but for ties
+    (``CODE_TIES``); ``codes_key`` picks one moment (default: both)."""
+    for key in [codes_key] if codes_key else list(_SCALES):
+        scale_key = _SCALES[key]
+        for i, (x, y) in enumerate(zip(got_state.get(scale_key) or [], want_state.get(scale_key) or [])):
+            torch.testing.assert_close(x, y, **MOMENT_TOL, msg=lambda m: f"{scale_key}[{i}]: {m}")
         differ = total = 0
-        for i, (x, y) in enumerate(zip(got_state[codes_key], want_state[codes_key])):
-            diff = (x.int() - y.int()).abs()
+        for i, (x, y) in enumerate(zip(got_state[key], want_state[key])):
+            assert x.dtype == y.dtype, f"{key}[{i}]: {x.dtype} codes, the reference's are {y.dtype}"
+            diff = (_ordinal(x) - _ordinal(y)).abs()
             if x.numel():
-                assert int(diff.max()) <= CODE_TIES["codes"], f"{codes_key}[{i}]: codes {int(diff.max())} apart"
+                assert int(diff.max()) <= CODE_TIES["codes"], f"{key}[{i}]: codes {int(diff.max())} apart"
             differ += int((diff > 0).sum())
             total += x.numel()
-        assert differ <= CODE_TIES["share"] * total, f"{codes_key}: {differ} of {total} codes differ"
+        assert differ <= CODE_TIES["share"] * total, f"{key}: {differ} of {total} codes differ"
 
 
 def run_step_parity(step_fn: Callable[[Bucket], Tensor], shapes, case, device, steps=10, lam=1.5,
-                    max_scale=float("inf"), seed=0, eight_bit=False) -> None:
+                    max_scale=float("inf"), seed=0, eight_bit=False, formats=None) -> None:
     """``steps`` steps of ``step_fn(bucket) -> stats`` against the reference; both branches must occur.
 
     Each step starts both from the same state (the backend's), so this checks one
@@ -195,7 +205,7 @@ def run_step_parity(step_fn: Callable[[Bucket], Tensor], shapes, case, device, s
     gen = torch.Generator().manual_seed(seed)
     # grads are drawn where the params live (on a GPU, realistic sizes would be slow to draw on the host)
     grad_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
-    state = new_state(shapes, p_dtype, a_dtype, amsgrad, gen, device, eight_bit)
+    state = new_state(shapes, p_dtype, a_dtype, amsgrad, gen, device, eight_bit, formats)
     lr = torch.tensor(0.02, device=device) if lr_tensor else 0.02
     hp = Hyperparameters(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=lam, amsgrad=amsgrad,
                          max_scale=max_scale)
@@ -229,7 +239,7 @@ def two_shard_step(start_fn: Callable[[Bucket], Callable[[], Tensor]]) -> Callab
     bucket, adding the halves' sums where FSDP2 would all-reduce them."""
 
     def step(bucket: Bucket) -> Tensor:
-        if bucket.exp_avg_absmaxs is not None:
+        if bucket.exp_avg_scales is not None or bucket.exp_avg_sq_scales is not None:
             # halving the absmax list would not give each half its own blocks; sharded 8-bit
             # states are tested in tests/test_distributed.py
             raise ValueError("two_shard_step: 8-bit states (absmax lists) are not emulated; blocks are local to "

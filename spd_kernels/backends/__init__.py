@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -48,8 +48,9 @@ def _warn_fallback(name: str, reason: str) -> None:
     )
 
 
-def choose(impl: str, param: Tensor, anchor_dtype: Optional[torch.dtype], state_bits: int = 32) -> Backend:
-    """The backend that runs ``param`` (a local tensor) with moments of ``state_bits``
+def choose(impl: str, param: Tensor, anchor_dtype: Optional[torch.dtype],
+           formats: Tuple[str, str] = ("fp32", "fp32")) -> Backend:
+    """The backend that runs ``param`` (a local tensor) with moments in ``formats``
     under the optimizer's ``impl`` setting.
 
     For ``'auto'``: the first registered backend meant for the param's device type
@@ -61,9 +62,9 @@ def choose(impl: str, param: Tensor, anchor_dtype: Optional[torch.dtype], state_
     for backend in REGISTRY.values():
         if backend.auto_devices is not None and param.device.type not in backend.auto_devices:
             continue
-        layout = backend.layout_error(param, anchor_dtype, state_bits)
+        layout = backend.layout_error(param, anchor_dtype, formats)
         if layout:
-            if state_bits not in backend.state_bits:  # a format it lacks, not a tensor it never takes: say so
+            if backend.format_error(formats):  # a format it lacks, not a tensor it never takes: say so
                 _warn_fallback(backend.name, layout)
             continue
         reason = backend.unavailable() or backend.device_error(param.device)

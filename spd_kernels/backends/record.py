@@ -45,18 +45,28 @@ class Backend:
     dtypes: Optional[Tuple[torch.dtype, ...]] = None
     #: whether it needs contiguous params
     contiguous_only: bool = False
-    #: the moment formats it runs: 32 (fp32 exp_avg/exp_avg_sq), 8 (uint8 codes + per-block absmax)
-    state_bits: Tuple[int, ...] = (32,)
+    #: the moment formats it runs, by name (``spd_kernels.formats``)
+    formats: Tuple[str, ...] = ("fp32",)
     #: whether it keeps each param's ``step`` on the param's device (else on the CPU, as torch.optim.Adam)
     step_on_device: bool = False
     #: whether it adds the fired flags to ``bucket.projections`` itself (else the optimizer does, from the stats)
     counts_projections: bool = False
 
-    def layout_error(self, param: Tensor, anchor_dtype: Optional[torch.dtype], state_bits: int = 32) -> str:
+    def format_error(self, formats: Tuple[str, str] = ("fp32", "fp32")) -> str:
+        """Why it cannot run moments in ``formats`` (exp_avg's, exp_avg_sq's), or ''."""
+        missing = [name for name in formats if name not in self.formats]
+        if not missing:
+            return ""
+        return (f"impl={self.name!r} does not run {'/'.join(dict.fromkeys(missing))} moments (yet; it runs "
+                f"{', '.join(self.formats)})")
+
+    def layout_error(self, param: Tensor, anchor_dtype: Optional[torch.dtype],
+                     formats: Tuple[str, str] = ("fp32", "fp32")) -> str:
         """Why it cannot take ``param`` (a local tensor) with anchors of ``anchor_dtype`` and
-        moments of ``state_bits``, or ''."""
-        if state_bits not in self.state_bits:
-            return f"impl={self.name!r} does not run {state_bits}-bit optimizer states (yet)"
+        moments in ``formats``, or ''."""
+        error = self.format_error(formats)
+        if error:
+            return error
         dtypes_ok = self.dtypes is None or (
             param.dtype in self.dtypes and (anchor_dtype is None or anchor_dtype in self.dtypes))
         if dtypes_ok and (param.is_contiguous() or not self.contiguous_only):

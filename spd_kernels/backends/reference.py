@@ -26,8 +26,8 @@ def run(bucket: Bucket) -> Tensor:
         return bucket.last_stats()
     return reference_step(
         bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs,
-        bucket.anchors, bucket.steps, bucket.hp, bucket.grad_scale, bucket.exp_avg_absmaxs,
-        bucket.exp_avg_sq_absmaxs,
+        bucket.anchors, bucket.steps, bucket.hp, bucket.grad_scale, bucket.exp_avg_scales,
+        bucket.exp_avg_sq_scales, bucket.formats,
     )
 
 
@@ -38,14 +38,14 @@ def start(bucket: Bucket) -> Callable[[], Tensor]:
         return bucket.last_stats
     hp = bucket.hp
     anchors = bucket.anchors or [None] * len(bucket)
-    m_absmax = bucket.exp_avg_absmaxs or [None] * len(bucket)
-    v_absmax = bucket.exp_avg_sq_absmaxs or [None] * len(bucket)
+    m_absmax = bucket.exp_avg_scales or [None] * len(bucket)
+    v_absmax = bucket.exp_avg_sq_scales or [None] * len(bucket)
     qs: List[Tensor] = []
     for i, param in enumerate(bucket.params):
         p, g, q = adam_q_(
             param, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i],
             bucket.max_exp_avg_sqs[i] if hp.amsgrad else None, bucket.steps[i], hp, bucket.grad_scale,
-            m_absmax[i], v_absmax[i],
+            m_absmax[i], v_absmax[i], bucket.formats,
         )
         bucket.sums[i] = spd_sums(p, g, q, anchors[i])
         qs.append(q)
@@ -61,4 +61,4 @@ def start(bucket: Bucket) -> Callable[[], Tensor]:
     return finish
 
 
-BACKEND = Backend(name="reference", run=run, start=start, state_bits=(32, 8))
+BACKEND = Backend(name="reference", run=run, start=start, formats=("fp32", "bf16", "fp8", "bnb8"))

@@ -613,8 +613,8 @@ class _Plan:
             [t.data_ptr() for t in bucket.max_exp_avg_sqs] if bucket.hp.amsgrad else zero,
             [t.data_ptr() for t in bucket.anchors] if bucket.anchors is not None else zero,
             [t.data_ptr() for t in bucket.steps],
-            [t.data_ptr() for t in bucket.exp_avg_absmaxs] if bucket.eight_bit else zero,
-            [t.data_ptr() for t in bucket.exp_avg_sq_absmaxs] if bucket.eight_bit else zero,
+            [t.data_ptr() for t in bucket.exp_avg_scales] if bucket.eight_bit else zero,
+            [t.data_ptr() for t in bucket.exp_avg_sq_scales] if bucket.eight_bit else zero,
         ]
         self.aligned = all(ptr % 16 == 0 for row in rows[:6] for ptr in row)
         self.single_max = -1 if split else chunk

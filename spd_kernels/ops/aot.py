@@ -113,7 +113,7 @@ def _bucket(p_dtype, a_dtype, amsgrad: bool, lr_tensor: bool, eight_bit: bool = 
     return Bucket(
         params=params, grads=[torch.zeros_like(p) for p in params],
         exp_avgs=[torch.zeros(n, dtype=moment) for n in sizes], exp_avg_sqs=[torch.zeros(n, dtype=moment) for n in sizes],
-        exp_avg_absmaxs=absmax, exp_avg_sq_absmaxs=[t.clone() for t in absmax] if eight_bit else None,
+        exp_avg_scales=absmax, exp_avg_sq_scales=[t.clone() for t in absmax] if eight_bit else None,
         max_exp_avg_sqs=[torch.zeros(n) for n in sizes] if amsgrad else None,
         anchors=[torch.zeros(n, dtype=a_dtype) for n in sizes] if a_dtype is not None else None,
         steps=[torch.zeros(()) for _ in sizes],

@@ -28,7 +28,7 @@ from ..stats import NUM_STATS
 _lib = torch.library.Library("spd_kernels", "FRAGMENT")
 
 #: the 8-bit lists and maps of the CPU ops: empty lists and no maps for fp32 moments
-_CPU_STATE = "Tensor(f!)[] exp_avg_absmaxs, Tensor(g!)[] exp_avg_sq_absmaxs, Tensor? qmaps"
+_CPU_STATE = "Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, Tensor? qmaps"
 
 SCHEMAS = {
     # one whole step of a bucket of CPU tensors
@@ -44,14 +44,14 @@ SCHEMAS = {
     # its second half: the stats from the all-reduced sums, then the projection
     "adam_spd_project": (
         "adam_spd_project(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
-        "Tensor[] anchors, Tensor[] steps, Tensor[] exp_avg_absmaxs, Tensor[] exp_avg_sq_absmaxs, Tensor? qmaps, "
+        "Tensor[] anchors, Tensor[] steps, Tensor[] exp_avg_scales, Tensor[] exp_avg_sq_scales, Tensor? qmaps, "
         "Tensor sums, float[] hyper, Tensor? lr_tensor=None) -> Tensor"),
     # one fused Triton step (empty max_exp_avg_sqs: no amsgrad; empty anchors: anchor-free; empty
     # absmax lists: fp32 moments); counts are the running projection counts, updated in place
     "adam_spd_triton_step": (
         "adam_spd_triton_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, "
-        "Tensor(f!)[] exp_avg_absmaxs, Tensor(g!)[] exp_avg_sq_absmaxs, Tensor(h!) counts, float[] hyper, "
+        "Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, Tensor(h!) counts, float[] hyper, "
         "Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf) -> Tensor"),
 }
 
@@ -64,24 +64,24 @@ def _stats_like(params):
 
 
 @torch.library.register_fake("spd_kernels::adam_spd_step", lib=_lib)
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs,
-      exp_avg_sq_absmaxs, qmaps, hyper, inv_grad_scale, lr_tensor=None):
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_scales,
+      exp_avg_sq_scales, qmaps, hyper, inv_grad_scale, lr_tensor=None):
     return _stats_like(params)
 
 
 @torch.library.register_fake("spd_kernels::adam_spd_partials", lib=_lib)
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs,
-      exp_avg_sq_absmaxs, qmaps, hyper, inv_grad_scale, sums, lr_tensor=None):
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_scales,
+      exp_avg_sq_scales, qmaps, hyper, inv_grad_scale, sums, lr_tensor=None):
     return None
 
 
 @torch.library.register_fake("spd_kernels::adam_spd_project", lib=_lib)
-def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs, exp_avg_sq_absmaxs,
+def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_scales, exp_avg_sq_scales,
       qmaps, sums, hyper, lr_tensor=None):
     return _stats_like(params)
 
 
 @torch.library.register_fake("spd_kernels::adam_spd_triton_step", lib=_lib)
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_absmaxs, exp_avg_sq_absmaxs,
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_scales, exp_avg_sq_scales,
       counts, hyper, lr_tensor, grad_scale, found_inf):
     return _stats_like(params)

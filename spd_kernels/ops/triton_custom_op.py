@@ -37,7 +37,7 @@ def _cached_plan(bucket: Bucket):
         tuple(map(ptr, ts))
         for ts in (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
                    bucket.max_exp_avg_sqs or [], bucket.anchors or [], bucket.steps,
-                   bucket.exp_avg_absmaxs or [], bucket.exp_avg_sq_absmaxs or [])
+                   bucket.exp_avg_scales or [], bucket.exp_avg_sq_scales or [])
     )
     plan = _plans.get(key)
     if plan is not None:
@@ -54,8 +54,8 @@ def _triton_step_kernel(
     max_exp_avg_sqs: List[Tensor],
     anchors: List[Tensor],
     steps: List[Tensor],
-    exp_avg_absmaxs: List[Tensor],
-    exp_avg_sq_absmaxs: List[Tensor],
+    exp_avg_scales: List[Tensor],
+    exp_avg_sq_scales: List[Tensor],
     counts: Tensor,
     hyper: List[float],
     lr_tensor: Optional[Tensor],
@@ -69,7 +69,7 @@ def _triton_step_kernel(
     bucket = Bucket(
         params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
         max_exp_avg_sqs=max_exp_avg_sqs or None, anchors=anchors or None, steps=steps,
-        exp_avg_absmaxs=exp_avg_absmaxs or None, exp_avg_sq_absmaxs=exp_avg_sq_absmaxs or None,
+        exp_avg_scales=exp_avg_scales or None, exp_avg_sq_scales=exp_avg_sq_scales or None,
         hp=Hyperparameters.from_packed(hyper, amsgrad=bool(max_exp_avg_sqs), lr_tensor=lr_tensor),
         grad_scale=grad_scale, found_inf=found_inf, projections=counts,
     )
@@ -95,6 +95,6 @@ def run_bucket(bucket: Bucket) -> Tensor:
     return adam_spd_triton_step_op(
         bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if hp.amsgrad else [], bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, bucket.exp_avg_absmaxs or [], bucket.exp_avg_sq_absmaxs or [], counts, hp.packed(),
+        bucket.steps, bucket.exp_avg_scales or [], bucket.exp_avg_sq_scales or [], counts, hp.packed(),
         hp.lr_tensor, bucket.grad_scale, bucket.found_inf,
     )
