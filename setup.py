@@ -21,7 +21,7 @@ if CppExtension is not None and os.environ.get("SPD_KERNELS_NO_EXT", "0") == "0"
         CppExtension(
             "spd_kernels._C",
             ["csrc/adam_spd_cpu.cpp"],
-            depends=[f"csrc/cpu/{part}.h" for part in ("common", "schedule", "math", "quantizer", "drivers")],
+            depends=[f"csrc/cpu/{part}.h" for part in ("common", "schedule", "math", "quantizer", "formats", "drivers")],
             # -fno-math-errno lets sqrt vectorize; -fopenmp makes at::parallel_for parallel
             # (it binds to the libgomp torch already loaded).
             extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp", *arch],

@@ -1,7 +1,7 @@
 // What one 256-element block of the 8-bit CPU step costs, part by part (bench/cpu_block_costs.py).
 // Built from the kernel's own headers (csrc/cpu/), so every part is the code the step runs;
 // one thread, data in L1/L2, so the figures are compute costs, not memory ones.
-#include "cpu/quantizer.h"
+#include "cpu/formats.h"
 
 #include <chrono>
 

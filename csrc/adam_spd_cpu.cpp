@@ -41,7 +41,7 @@
 //   adam_spd_project:  from the all-reduced sums, the stats rows and
 //
 // The parts: cpu/common.h (layout, sizes, scalars), cpu/schedule.h (batches, chunk lists),
-// cpu/math.h (the fp32 chunk step), cpu/quantizer.h (8-bit moments), cpu/drivers.h (a bucket's
+// cpu/math.h (the fp32 chunk step), cpu/quantizer.h (the 8-bit maps), cpu/formats.h (the moment formats), cpu/drivers.h (a bucket's
 // step and split halves); this file checks the inputs, dispatches dtypes and registers the ops.
 
 #include "cpu/drivers.h"
@@ -52,23 +52,51 @@
 namespace spd_kernels {
 namespace {
 
-void check_inputs(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                  at::TensorList steps, const Bucket8& eight, const std::optional<at::Tensor>& qmaps,
-                  bool with_grads) {
-  const size_t n = params.size();
-  const bool eight_bit = !eight.m_absmaxs.empty();
-  TORCH_CHECK(eight.m_absmaxs.size() == eight.v_absmaxs.size() && (!eight_bit || eight.m_absmaxs.size() == n), op,
-              ": exp_avg_scales and exp_avg_sq_scales: one per tensor, or both empty (fp32 moments)");
-  if (eight_bit) {
-    TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": amsgrad with 8-bit moments is not supported");
-    TORCH_CHECK(qmaps.has_value() && qmaps->device().is_cpu() && qmaps->scalar_type() == at::kFloat &&
-                    qmaps->is_contiguous() && qmaps->numel() == 512,
-                op, ": 8-bit moments need qmaps, a contiguous fp32 CPU tensor of shape [2, 256]");
+// A moment format, from its codes' dtype (spd_kernels/formats/: the dtypes name the formats).
+enum class Format { F32, BF16, FP8, BNB8 };
+
+Format format_of(const char* op, const char* what, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return Format::F32;
+    case at::kBFloat16: return Format::BF16;
+    case at::kFloat8_e4m3fn: return Format::FP8;
+    case at::kByte: return Format::BNB8;
+    default:
+      TORCH_CHECK(false, op, ": ", what, " must be fp32, bf16, float8_e4m3fn (block-scaled) or uint8 "
+                  "(bitsandbytes' 8-bit) codes, got ", dtype);
   }
+}
+
+bool blocked(Format f) { return f == Format::FP8 || f == Format::BNB8; }
+
+struct Formats {
+  Format m = Format::F32, v = Format::F32;
+};
+
+Formats check_inputs(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
+                     at::TensorList steps, const CodedMoments& coded, const std::optional<at::Tensor>& qmaps,
+                     bool with_grads) {
+  const size_t n = params.size();
   TORCH_CHECK((!with_grads || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   steps.size() == n,
               op, ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
+  Formats f;
+  if (n == 0) return f;
+  f.m = format_of(op, "exp_avgs", exp_avgs[0].scalar_type());
+  f.v = format_of(op, "exp_avg_sqs", exp_avg_sqs[0].scalar_type());
+  TORCH_CHECK((f.m == Format::BNB8) == (f.v == Format::BNB8), op,
+              ": bitsandbytes' 8-bit format (uint8 codes) is for both moments or neither");
+  TORCH_CHECK(f.v != Format::FP8, op, ": fp8 second moments are not supported (spd_kernels/formats/fp8.py says why)");
+  const bool compressed = f.m != Format::F32 || f.v != Format::F32;
+  TORCH_CHECK(!compressed || max_exp_avg_sqs.empty(), op, ": amsgrad with compressed moments is not supported");
+  TORCH_CHECK(coded.m_scales.size() == (blocked(f.m) ? n : 0) && coded.v_scales.size() == (blocked(f.v) ? n : 0),
+              op, ": exp_avg_scales / exp_avg_sq_scales: one per tensor for a block-scaled moment (fp8, 8-bit), "
+              "else empty");
+  if (f.m == Format::BNB8)
+    TORCH_CHECK(qmaps.has_value() && qmaps->device().is_cpu() && qmaps->scalar_type() == at::kFloat &&
+                    qmaps->is_contiguous() && qmaps->numel() == 512,
+                op, ": 8-bit moments need qmaps, a contiguous fp32 CPU tensor of shape [2, 256]");
   TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, op, ": max_exp_avg_sqs length");
   TORCH_CHECK(anchors.empty() || anchors.size() == n, op, ": anchors length");
   for (size_t i = 0; i < n; ++i) {
@@ -80,15 +108,15 @@ void check_inputs(const char* op, at::TensorList params, at::TensorList grads, a
                       grads[i].is_contiguous(),
                   op, ": grad ", i, " must be contiguous, with its param's shape and dtype");
     for (const auto* t : {&exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(t->scalar_type() == (eight_bit ? at::kByte : at::kFloat) && t->is_contiguous() &&
-                      t->numel() == p.numel(),
-                  op, ": moments of tensor ", i, " must be contiguous ", eight_bit ? "uint8 codes" : "fp32",
-                  " of its param's size");
-    if (eight_bit)
-      for (const auto* t : {&eight.m_absmaxs[i], &eight.v_absmaxs[i]})
-        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                        t->numel() == (p.numel() + QBLOCK - 1) / QBLOCK,
-                    op, ": absmax of tensor ", i, " must be contiguous fp32, one per 256 elements");
+      TORCH_CHECK(t->scalar_type() == (t == &exp_avgs[i] ? exp_avgs[0] : exp_avg_sqs[0]).scalar_type() &&
+                      t->is_contiguous() && t->numel() == p.numel(),
+                  op, ": moments of tensor ", i, " must be contiguous, of its param's size, one format per bucket");
+    for (const auto* scales : {&coded.m_scales, &coded.v_scales})
+      if (!scales->empty()) {
+        const auto& t = (*scales)[i];
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == (p.numel() + QBLOCK - 1) / QBLOCK,
+                    op, ": scales of tensor ", i, " must be contiguous fp32, one per 256 elements");
+      }
     if (!max_exp_avg_sqs.empty())
       TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == at::kFloat && max_exp_avg_sqs[i].is_contiguous() &&
                       max_exp_avg_sqs[i].numel() == p.numel(),
@@ -100,6 +128,7 @@ void check_inputs(const char* op, at::TensorList params, at::TensorList grads, a
     TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1 && steps[i].device().is_cpu(), op,
                 ": step ", i, " must be a one-element fp32 CPU tensor");
   }
+  return f;
 }
 
 // The ``hyper`` list as named settings. A tensor lr (a 0-d CPU tensor: torch.compile
@@ -140,19 +169,37 @@ void with_storage_type(at::ScalarType dtype, const char* op, const char* what, F
   }
 }
 
-// Calls f(Type<P>, Type<A>, AMSGRAD, HAS_ANCHOR, EIGHT) with the storage types and switches
-// of a bucket as compile-time values: one instantiation per combination (8-bit: no amsgrad).
+// The moment-format pairs the kernel is instantiated for, one row each: f(MF{}, VF{}).
+template <typename F>
+void with_formats(const char* op, Formats formats, F&& f) {
+  using M = Format;
+  const auto is = [&](M m, M v) { return formats.m == m && formats.v == v; };
+  if (is(M::F32, M::F32)) return f(F32Format{}, F32Format{});
+  if (is(M::BNB8, M::BNB8)) return f(Bnb8Format{}, Bnb8Format{});
+  if (is(M::BF16, M::BF16)) return f(BF16Format{}, BF16Format{});
+  if (is(M::FP8, M::BF16)) return f(FP8Format{}, BF16Format{});
+  if (is(M::F32, M::BF16)) return f(F32Format{}, BF16Format{});
+  if (is(M::BF16, M::F32)) return f(BF16Format{}, F32Format{});
+  if (is(M::FP8, M::F32)) return f(FP8Format{}, F32Format{});
+  TORCH_CHECK(false, op, ": this pair of moment formats is not instantiated");
+}
+
+// Calls f(Type<P>, Type<A>, AMSGRAD, HAS_ANCHOR, MF, VF) with the storage types, switches and moment
+// formats of a bucket as compile-time values: one instantiation per combination (amsgrad: fp32 only).
 template <typename F>
 void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-              bool eight_bit, F&& f) {
+              Formats formats, F&& f) {
   const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
   auto switches = [&](auto p_type, auto a_type) {
-    if (eight_bit && anchored) return f(p_type, a_type, std::false_type{}, std::true_type{}, std::true_type{});
-    if (eight_bit) return f(p_type, a_type, std::false_type{}, std::false_type{}, std::true_type{});
-    if (amsgrad && anchored) return f(p_type, a_type, std::true_type{}, std::true_type{}, std::false_type{});
-    if (amsgrad) return f(p_type, a_type, std::true_type{}, std::false_type{}, std::false_type{});
-    if (anchored) return f(p_type, a_type, std::false_type{}, std::true_type{}, std::false_type{});
-    return f(p_type, a_type, std::false_type{}, std::false_type{}, std::false_type{});
+    with_formats(op, formats, [&](auto mf, auto vf) {
+      constexpr bool fp32 = decltype(mf)::DIRECT && decltype(vf)::DIRECT;
+      if constexpr (fp32) {
+        if (amsgrad && anchored) return f(p_type, a_type, std::true_type{}, std::true_type{}, mf, vf);
+        if (amsgrad) return f(p_type, a_type, std::true_type{}, std::false_type{}, mf, vf);
+      }
+      if (anchored) return f(p_type, a_type, std::false_type{}, std::true_type{}, mf, vf);
+      return f(p_type, a_type, std::false_type{}, std::false_type{}, mf, vf);
+    });
   };
   // anchor-free buckets take the fp32 case: their anchor type is never used
   const auto a = anchors.empty() ? at::kFloat : anchors[0].scalar_type();
@@ -161,33 +208,33 @@ void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_
   });
 }
 
-#define SPD_TYPES(p_type, a_type, ams, anc, eig) \
-  using P = typename decltype(p_type)::type;      \
-  using A = typename decltype(a_type)::type;      \
-  constexpr bool AMS = decltype(ams)::value;      \
-  constexpr bool ANC = decltype(anc)::value;      \
-  constexpr bool EIG = decltype(eig)::value
+#define SPD_TYPES(p_type, a_type, ams, anc, mf, vf) \
+  using P = typename decltype(p_type)::type;         \
+  using A = typename decltype(a_type)::type;         \
+  constexpr bool AMS = decltype(ams)::value;         \
+  constexpr bool ANC = decltype(anc)::value;         \
+  using MF = decltype(mf);                           \
+  using VF = decltype(vf)
 
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                          at::TensorList steps, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                          const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
                          const std::optional<at::Tensor>& lr_tensor) {
-  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
-  check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight, qmaps,
+  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
+  const Formats formats = check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded, qmaps,
                true);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
   float* out = stats.data_ptr<float>();
   const Hyper h = read_hyper("adam_spd_step", hyper, lr_tensor);
-  const bool eight_bit = !exp_avg_scales.empty();
-  const QMaps* maps = eight_bit ? &make_qmaps(*qmaps) : nullptr;
-  dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, eight_bit,
-           [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
-    SPD_TYPES(p_type, a_type, ams, anc, eig);
-    run_bucket<P, A, AMS, ANC, EIG>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
-                                    inv_grad_scale, eight, maps, out);
+  const QMaps* maps = formats.m == Format::BNB8 ? &make_qmaps(*qmaps) : nullptr;
+  dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, formats,
+           [&](auto p_type, auto a_type, auto ams, auto anc, auto mf, auto vf) {
+    SPD_TYPES(p_type, a_type, ams, anc, mf, vf);
+    run_bucket<P, A, AMS, ANC, MF, VF>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
+                                    inv_grad_scale, coded, maps, out);
   });
   return stats;
 }
@@ -197,21 +244,20 @@ void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList steps, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                        const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
                        const at::Tensor& sums, const std::optional<at::Tensor>& lr_tensor) {
-  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
-  check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight,
+  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
+  const Formats formats = check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded,
                qmaps, true);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_partials", sums, n);
   if (n == 0) return;
   double* out = sums.data_ptr<double>();
   const Hyper h = read_hyper("adam_spd_partials", hyper, lr_tensor);
-  const bool eight_bit = !exp_avg_scales.empty();
-  const QMaps* maps = eight_bit ? &make_qmaps(*qmaps) : nullptr;
-  dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, eight_bit,
-           [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
-    SPD_TYPES(p_type, a_type, ams, anc, eig);
-    partials_bucket<P, A, AMS, ANC, EIG>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
-                                         inv_grad_scale, eight, maps, out);
+  const QMaps* maps = formats.m == Format::BNB8 ? &make_qmaps(*qmaps) : nullptr;
+  dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, formats,
+           [&](auto p_type, auto a_type, auto ams, auto anc, auto mf, auto vf) {
+    SPD_TYPES(p_type, a_type, ams, anc, mf, vf);
+    partials_bucket<P, A, AMS, ANC, MF, VF>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
+                                         inv_grad_scale, coded, maps, out);
   });
 }
 
@@ -220,8 +266,8 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
                             at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                             const std::optional<at::Tensor>& qmaps, const at::Tensor& sums,
                             at::ArrayRef<double> hyper, const std::optional<at::Tensor>& lr_tensor) {
-  const Bucket8 eight{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
-  check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, eight, qmaps,
+  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
+  const Formats formats = check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded, qmaps,
                false);
   const int64_t n = static_cast<int64_t>(params.size());
   check_sums("adam_spd_project", sums, n);
@@ -230,10 +276,10 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
   const double* in = sums.data_ptr<double>();
   float* out = stats.data_ptr<float>();
   const Hyper h = read_hyper("adam_spd_project", hyper, lr_tensor);
-  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, !exp_avg_scales.empty(),
-           [&](auto p_type, auto a_type, auto ams, auto anc, auto eig) {
-    SPD_TYPES(p_type, a_type, ams, anc, eig);
-    project_bucket<P, A, AMS, ANC, EIG>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, h, out);
+  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, formats,
+           [&](auto p_type, auto a_type, auto ams, auto anc, auto mf, auto vf) {
+    SPD_TYPES(p_type, a_type, ams, anc, mf, vf);
+    project_bucket<P, A, AMS, ANC, MF, VF>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, h, out);
   });
   return stats;
 }

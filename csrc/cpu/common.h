@@ -52,6 +52,7 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 struct Scalars {
   float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2;
   float weight_decay, max_scale, inv_grad_scale;
+  uint32_t step;  // the step count after this step's increment (stochastic rounding's key)
 };
 
 // The step's settings as the ops received them (``hyper``, lr already resolved from lr_tensor).
@@ -65,7 +66,7 @@ Scalars make_scalars(double count, const Hyper& h, double inv_grad_scale) {
   return Scalars{static_cast<float>(1.0 - h.beta1), static_cast<float>(h.beta2), static_cast<float>(1.0 - h.beta2),
                  static_cast<float>(h.eps), static_cast<float>(h.lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),
                  static_cast<float>(h.weight_decay), static_cast<float>(h.max_scale),
-                 static_cast<float>(inv_grad_scale)};
+                 static_cast<float>(inv_grad_scale), static_cast<uint32_t>(count)};
 }
 
 }  // namespace

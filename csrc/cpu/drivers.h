@@ -1,29 +1,35 @@
 // A bucket's whole step and its split halves over the chunk and task schedule.
 #pragma once
 
-#include "quantizer.h"
+#include "formats.h"
 #include "schedule.h"
 
 namespace spd_kernels {
 namespace {
 
-// The 8-bit moments of a bucket's tensors (empty lists: fp32 moments).
-struct Bucket8 {
-  at::TensorList exp_avgs, exp_avg_sqs, m_absmaxs, v_absmaxs;
-  Moments8 at(int64_t t) const {
-    return Moments8{exp_avgs[t].data_ptr<uint8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
-                    m_absmaxs[t].data_ptr<float>(), v_absmaxs[t].data_ptr<float>()};
+// The coded moments of a bucket's tensors: codes, and per-block scales where the format has them.
+struct CodedMoments {
+  at::TensorList exp_avgs, exp_avg_sqs, m_scales, v_scales;
+  MomentView m(int64_t t) const { return view(exp_avgs[t], m_scales, t); }
+  MomentView v(int64_t t) const { return view(exp_avg_sqs[t], v_scales, t); }
+  static MomentView view(const at::Tensor& codes, at::TensorList scales, int64_t t) {
+    return MomentView{codes.data_ptr(), scales.empty() ? nullptr : scales[t].data_ptr<float>()};
   }
 };
 
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
+// Whether moments in MF, VF are stored other than as fp32 values (then q is stored in p in
+// phase 1, since the fp32 moments are gone after it, and q is defined in the param's dtype).
+template <typename MF, typename VF>
+constexpr bool coded_v = !(MF::DIRECT && VF::DIRECT);
+
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, typename MF, typename VF>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, const Hyper& hyper,
-                double inv_grad_scale, const Bucket8& eight, const QMaps* maps, float* stats) {
+                double inv_grad_scale, const CodedMoments& coded, const QMaps* maps, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
-  // fp32 params hold q after phase 1; so do 8-bit buckets (their fp32 moments are gone after it,
-  // and q is defined in the param's dtype); else q is rebuilt and rounded once
-  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
+  // fp32 params hold q after phase 1; so do coded moments; else q is rebuilt and rounded once
+  constexpr bool CODED = coded_v<MF, VF>;
+  constexpr bool STORE_Q = CODED || std::is_same<P, float>::value;
 
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
@@ -34,14 +40,15 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
   }
   auto ptrs = [&](int64_t t) {
     return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(),
-                           EIGHT ? nullptr : exp_avgs[t].data_ptr<float>(),
-                           EIGHT ? nullptr : exp_avg_sqs[t].data_ptr<float>(),
+                           CODED ? nullptr : exp_avgs[t].data_ptr<float>(),
+                           CODED ? nullptr : exp_avg_sqs[t].data_ptr<float>(),
                            AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr,
                            HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr);
   };
   auto adam = [&](int64_t t, int64_t begin, int64_t end) {
     auto [p, g, m, v, vmax, a] = ptrs(t);
-    if constexpr (EIGHT) return adam_chunk8<P, A, HAS_ANCHOR>(p, g, eight.at(t), a, begin, end, scalars[t], *maps);
+    if constexpr (CODED)
+      return adam_chunk_coded<P, A, HAS_ANCHOR, MF, VF>(p, g, coded.m(t), coded.v(t), a, begin, end, scalars[t], maps);
     else return adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, begin, end, scalars[t]);
   };
 
@@ -91,14 +98,15 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
 // Split step, first half: Adam on every chunk of every tensor (steps += 1) and
 // each tensor's three sums, summed over its chunks in order, into sums [n, 3].
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, typename MF, typename VF>
 void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, const Hyper& hyper, double inv_grad_scale, const Bucket8& eight,
+                     at::TensorList steps, const Hyper& hyper, double inv_grad_scale, const CodedMoments& coded,
                      const QMaps* maps, double* sums) {
   const int64_t n = static_cast<int64_t>(params.size());
   // else q is rebuilt and rounded once in the project op
-  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
+  constexpr bool CODED = coded_v<MF, VF>;
+  constexpr bool STORE_Q = CODED || std::is_same<P, float>::value;
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
     float* step = steps[t].data_ptr<float>();
@@ -111,9 +119,9 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
   parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
     const auto [t, begin, end] = work.chunks[k];
     const A* a = HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr;
-    if constexpr (EIGHT) {
-      partials[k] = adam_chunk8<P, A, HAS_ANCHOR>(params[t].data_ptr<P>(), grads[t].data_ptr<P>(), eight.at(t), a,
-                                                  begin, end, scalars[t], *maps);
+    if constexpr (CODED) {
+      partials[k] = adam_chunk_coded<P, A, HAS_ANCHOR, MF, VF>(params[t].data_ptr<P>(), grads[t].data_ptr<P>(),
+                                                               coded.m(t), coded.v(t), a, begin, end, scalars[t], maps);
     } else {
       partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
           params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
@@ -132,12 +140,12 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
 
 // Split step, second half: stats from the (all-reduced) sums, then the projection
 // of the tensors with s > 0 (every tensor for bf16/fp16, whose q was not stored).
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool EIGHT>
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, typename MF, typename VF>
 void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps,
                     const double* sums, const Hyper& hyper, float* stats) {
   const int64_t n = static_cast<int64_t>(params.size());
-  constexpr bool STORE_Q = EIGHT || std::is_same<P, float>::value;
+  constexpr bool STORE_Q = coded_v<MF, VF> || std::is_same<P, float>::value;
   std::vector<Scalars> scalars(n);
   for (int64_t t = 0; t < n; ++t) {
     const double count = static_cast<double>(*steps[t].data_ptr<float>());  // incremented by the partials op

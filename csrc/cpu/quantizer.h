@@ -225,28 +225,5 @@ inline float max_abs(const float* __restrict x, int64_t len) {
   return out;
 }
 
-// Adam on [begin, end) (begin on a block bound) with 8-bit moments, block by block:
-// dequantize m and v, the fp32 step (q, kept in the param's dtype, into p; the sums), the
-// blocks' new absmax, quantize. Returns the three sums.
-template <typename P, typename A, bool HAS_ANCHOR>
-Sums adam_chunk8(P* __restrict p, const P* __restrict g, const Moments8& mo, const A* __restrict a, int64_t begin,
-                 int64_t end, const Scalars& s, const QMaps& maps) {
-  Sums total;
-  float m[QBLOCK], v[QBLOCK];
-  for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
-    const int64_t len = std::min(QBLOCK, end - b0), blk = b0 / QBLOCK;
-    dequantize_block(mo.m + b0, len, maps, 0, mo.m_absmax[blk], m);
-    dequantize_block(mo.v + b0, len, maps, 1, mo.v_absmax[blk], v);
-    total.add(adam_chunk<P, A, false, HAS_ANCHOR, true, true>(p + b0, g + b0, m, v, nullptr,
-                                                               HAS_ANCHOR ? a + b0 : nullptr, 0, len, s));
-    const float m_max = max_abs(m, len), v_max = max_abs(v, len);
-    quantize_block(m, len, m_max > 0.0f ? 1.0f / m_max : 0.0f, maps, 0, mo.m + b0);
-    quantize_block(v, len, v_max > 0.0f ? 1.0f / v_max : 0.0f, maps, 1, mo.v + b0);
-    mo.m_absmax[blk] = m_max;
-    mo.v_absmax[blk] = v_max;
-  }
-  return total;
-}
-
 }  // namespace
 }  // namespace spd_kernels

@@ -41,5 +41,5 @@ def start(bucket: Bucket) -> Callable[[], Tensor]:
 
 BACKEND = Backend(
     name="cpu", run=run, start=start, unavailable=unavailable, device_error=device_error,
-    auto_devices=("cpu",), dtypes=FLOAT_STORAGE, contiguous_only=True, formats=("fp32", "bnb8"),
+    auto_devices=("cpu",), dtypes=FLOAT_STORAGE, contiguous_only=True, formats=("fp32", "bf16", "fp8", "bnb8"),
 )
