@@ -239,11 +239,11 @@ def two_shard_step(start_fn: Callable[[Bucket], Callable[[], Tensor]]) -> Callab
     bucket, adding the halves' sums where FSDP2 would all-reduce them."""
 
     def step(bucket: Bucket) -> Tensor:
-        if bucket.exp_avg_scales is not None or bucket.exp_avg_sq_scales is not None:
-            # halving the absmax list would not give each half its own blocks; sharded 8-bit
-            # states are tested in tests/test_distributed.py
-            raise ValueError("two_shard_step: 8-bit states (absmax lists) are not emulated; blocks are local to "
-                             "a shard, so each half would need its own absmax")
+        if bucket.coded:
+            # halving a scale list would not give each half its own blocks, and stochastic rounding's
+            # bits follow the local index; sharded compressed states are tested in tests/test_distributed.py
+            raise ValueError("two_shard_step: 8-bit and other compressed states are not emulated; blocks and "
+                             "rounding bits are local to a shard, so each half would need its own")
         shards = []
         for part in (0, 1):
             lists = {key: None if value is None else [_half(t, part) for t in value]
