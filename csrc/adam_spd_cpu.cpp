@@ -192,7 +192,7 @@ void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_
   const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
   auto switches = [&](auto p_type, auto a_type) {
     with_formats(op, formats, [&](auto mf, auto vf) {
-      constexpr bool fp32 = decltype(mf)::DIRECT && decltype(vf)::DIRECT;
+      constexpr bool fp32 = !coded_v<decltype(mf), decltype(vf)>;
       if constexpr (fp32) {
         if (amsgrad && anchored) return f(p_type, a_type, std::true_type{}, std::true_type{}, mf, vf);
         if (amsgrad) return f(p_type, a_type, std::true_type{}, std::false_type{}, mf, vf);

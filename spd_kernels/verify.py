@@ -8,7 +8,9 @@ every step a twin copy of the params and state, synced from the backend's
 before the step, takes the same gradients through ``reference_step``; the table
 shows the worst relative error per state over all steps, how often the
 projection fired, and PASS/FAIL against the stated tolerance. Exits 1 on any
-FAIL. The ``split`` rows run each backend's split step (the one sharded params
+FAIL. The moment-format rows run each backend in every compressed format it
+declares (``spd_kernels.formats``; a compressed moment's tolerance is one code
+of its format, its codes being compared after decoding). The ``split`` rows run each backend's split step (the one sharded params
 take under FSDP2) on two halves of every tensor, adding the halves' sums where
 the all-reduce would, against the reference on the whole tensors.
 """
@@ -23,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import backends
+from . import formats as moment_formats
 from .bench import param_sets
 from .anchors import origin
 from .bucket import Bucket
@@ -36,6 +39,16 @@ from .testing import PARAM_TOL, relative_error, signed_grad, two_shard_step
 #: dtype: the relative tolerance of the one table in spd_kernels.testing
 TOLERANCE = {dtype: tol["rtol"] for dtype, tol in PARAM_TOL.items()}
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+#: worst allowed relative error of a compressed moment (its decoded values): one code of its format
+#: at the top of a block, where a value within rounding of a code boundary may round the other way
+CODE_TOLERANCE = {"bf16": 2.0**-7, "fp8": 2.0**-3, "bnb8": 2.0**-5}
+#: the optimizer settings of each moment-format row (min_8bit_size: the small run's tensors take them)
+FORMAT_SETTINGS = {
+    ("fp32", "fp32"): {},
+    ("bf16", "bf16"): dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16),
+    ("fp8", "bf16"): dict(exp_avg_dtype=torch.float8_e4m3fn, exp_avg_sq_dtype=torch.bfloat16, min_8bit_size=1024),
+    ("bnb8", "bnb8"): dict(optim_bits=8, min_8bit_size=1024),
+}
 
 
 @dataclass
@@ -46,11 +59,16 @@ class Row:
     errors: Dict[str, float]
     fired: int
     total: int
+    #: the (exp_avg, exp_avg_sq) formats of the large tensors
+    formats: tuple = ("fp32", "fp32")
+
+    def tolerance(self, key: str) -> float:
+        fmt = dict(zip(("exp_avg", "exp_avg_sq"), self.formats)).get(key, "fp32")
+        return CODE_TOLERANCE[fmt] if fmt != "fp32" else TOLERANCE[self.dtype]
 
     @property
     def passed(self) -> bool:
-        tol = TOLERANCE[self.dtype]
-        return all(e <= tol for e in self.errors.values()) and self.fired > 0
+        return all(e <= self.tolerance(k) for k, e in self.errors.items()) and self.fired > 0
 
 
 class TinyFineTune(torch.nn.Module):
@@ -125,9 +143,9 @@ class ModelTask:
 
 
 def run_backend(impl: str, dtype: torch.dtype, device: torch.device, steps: int, seed: int = 0,
-                param_set: str = "mlp") -> Row:
+                param_set: str = "mlp", formats: tuple = ("fp32", "fp32")) -> Row:
     task = ModelTask(device, dtype, seed) if param_set == "mlp" else ParamSetTask(param_set, device, dtype, seed)
-    opt = AdamSPD(task.groups(), lr=1e-2, weight_decay=1.0, impl=impl)
+    opt = AdamSPD(task.groups(), lr=1e-2, weight_decay=1.0, impl=impl, **FORMAT_SETTINGS[formats])
     opt.pin_anchors()  # the twins need the anchors before the first step creates the state
     errors = {key: 0.0 for key in STATE_KEYS}
     fired = total = 0
@@ -142,9 +160,20 @@ def run_backend(impl: str, dtype: torch.dtype, device: torch.device, steps: int,
             _run_twin(twin, group)
             for i, p in enumerate(twin["owners"]):
                 errors["param"] = max(errors["param"], relative_error(p, twin["params"][i]))
-                for key, twin_key in (("exp_avg", "exp_avgs"), ("exp_avg_sq", "exp_avg_sqs")):
-                    errors[key] = max(errors[key], relative_error(opt.state[p][key], twin[twin_key][i]))
-    return Row(impl, dtype, steps, errors, fired, total)
+                for k, key in enumerate(("exp_avg", "exp_avg_sq")):
+                    errors[key] = max(errors[key], relative_error(_decoded(opt.state[p], k), _decoded(twin, k, i)))
+    return Row(impl, dtype, steps, errors, fired, total, formats)
+
+
+def _decoded(state: dict, moment: int, i: Optional[int] = None) -> torch.Tensor:
+    """A moment's fp32 values: from a param's state, or (``i``) from entry i of a twin's lists."""
+    if i is None:
+        fmt = moment_formats.held(state, moment)
+        return fmt.decode(*moment_formats.state_of(state, fmt, moment), moment).float()
+    fmt = moment_formats.FORMATS[state["formats"][i][moment]]
+    codes = state[("exp_avgs", "exp_avg_sqs")[moment]][i]
+    scale = state[("exp_avg_scales", "exp_avg_sq_scales")[moment]][i]
+    return fmt.decode(codes, scale, moment).float()
 
 
 def _twin(opt: AdamSPD, group) -> dict:
@@ -152,17 +181,30 @@ def _twin(opt: AdamSPD, group) -> dict:
     positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
     params = [group["params"][i] for i in positions]
 
-    def moment(p, key):  # before the first step the state does not exist yet: zeros
-        s = opt.state[p]
-        return s[key].clone() if key in s else torch.zeros_like(p, dtype=torch.float32)
+    def pair(p):  # before the first step the state does not exist yet: its group's formats
+        held = [moment_formats.held(opt.state[p], k) for k in range(2)]
+        chosen = moment_formats.for_tensor(p.numel(), group)
+        return tuple(f.name for f in (held if held[0] is not None else chosen))
 
+    def moment(p, k):
+        fmt = moment_formats.FORMATS[pair(p)[k]]
+        s = opt.state[p]
+        if "step" in s:
+            codes, scale = moment_formats.state_of(s, fmt, k)
+            return codes.clone(), (scale.clone() if scale is not None else None)
+        return fmt.zeros(p.detach(), k), (torch.zeros(-(-p.numel() // fmt.block), device=p.device)
+                                           if fmt.block else None)
+
+    ms, vs = [moment(p, 0) for p in params], [moment(p, 1) for p in params]
     return dict(
         owners=params,
+        formats=[pair(p) for p in params],
         params=[p.detach().clone() for p in params],
         grads=[p.grad.clone() for p in params],
-        exp_avgs=[moment(p, "exp_avg") for p in params],
-        exp_avg_sqs=[moment(p, "exp_avg_sq") for p in params],
-        max_exp_avg_sqs=[moment(p, "max_exp_avg_sq") for p in params] if group["amsgrad"] else None,
+        exp_avgs=[m for m, _ in ms], exp_avg_scales=[sc for _, sc in ms],
+        exp_avg_sqs=[v for v, _ in vs], exp_avg_sq_scales=[sc for _, sc in vs],
+        max_exp_avg_sqs=[opt.state[p]["max_exp_avg_sq"].clone() if "max_exp_avg_sq" in opt.state[p]
+                         else torch.zeros_like(p, dtype=torch.float32) for p in params] if group["amsgrad"] else None,
         anchors=None if group["anchor_free"] else [
             opt.state[p]["anchor"] if "anchor" in opt.state[p] else origin(group).anchors[i]  # given or pinned
             for i, p in zip(positions, params)],
@@ -171,10 +213,16 @@ def _twin(opt: AdamSPD, group) -> dict:
 
 
 def _run_twin(twin: dict, group) -> None:
-    reference_step(
-        twin["params"], twin["grads"], twin["exp_avgs"], twin["exp_avg_sqs"], twin["max_exp_avg_sqs"],
-        twin["anchors"], twin["steps"], Hyperparameters.from_group(group),
-    )
+    """The reference over the twin, one tensor at a time (its tensors may differ in format)."""
+    hp = Hyperparameters.from_group(group)
+    for i in range(len(twin["params"])):
+        reference_step(
+            twin["params"][i:i + 1], twin["grads"][i:i + 1], twin["exp_avgs"][i:i + 1], twin["exp_avg_sqs"][i:i + 1],
+            twin["max_exp_avg_sqs"][i:i + 1] if twin["max_exp_avg_sqs"] else None,
+            twin["anchors"][i:i + 1] if twin["anchors"] is not None else None, twin["steps"][i:i + 1], hp,
+            exp_avg_scales=twin["exp_avg_scales"][i:i + 1], exp_avg_sq_scales=twin["exp_avg_sq_scales"][i:i + 1],
+            formats=twin["formats"][i],
+        )
 
 
 def run_split(impl: str, dtype: torch.dtype, device: torch.device, steps: int, seed: int = 0,
@@ -221,15 +269,26 @@ def plan(device: torch.device) -> List[tuple]:
             for dtype in (torch.float32, torch.bfloat16)]
 
 
+def format_plan(device: torch.device) -> List[tuple]:
+    """(backend, moment formats) of every compressed format each available backend runs (fp32 params)."""
+    return [(name, pair) for name in reversed(backends.available(device)) for pair in FORMAT_SETTINGS
+            if pair != ("fp32", "fp32") and not backends.get(name).format_error(pair)]
+
+
+def _tolerances(r: Row) -> str:
+    param, moments = r.tolerance("param"), max(r.tolerance("exp_avg"), r.tolerance("exp_avg_sq"))
+    return f"{param:.1e}" + (f" ({moments:.1e})" if moments != param else "")
+
+
 def format_table(rows: List[Row]) -> str:
-    head = f"{'backend':16s} {'dtype':9s} {'steps':>5s} " + " ".join(f"{k:>11s}" for k in STATE_KEYS)
-    head += f" {'projected':>11s} {'tolerance':>9s}  result"
+    head = f"{'backend':16s} {'dtype':9s} {'moments':9s} {'steps':>5s} " + " ".join(f"{k:>11s}" for k in STATE_KEYS)
+    head += f" {'projected':>11s} {'tolerance (moments)':>19s}  result"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.backend:16s} {str(r.dtype).replace('torch.', ''):9s} {r.steps:5d} "
-            + " ".join(f"{r.errors[k]:11.2e}" for k in STATE_KEYS)
-            + f" {f'{r.fired}/{r.total}':>11s} {TOLERANCE[r.dtype]:9.1e}  {'PASS' if r.passed else 'FAIL'}"
+            f"{r.backend:16s} {str(r.dtype).replace('torch.', ''):9s} {'/'.join(dict.fromkeys(r.formats)):9s} "
+            f"{r.steps:5d} " + " ".join(f"{r.errors[k]:11.2e}" for k in STATE_KEYS)
+            + f" {f'{r.fired}/{r.total}':>11s} {_tolerances(r):>19s}  {'PASS' if r.passed else 'FAIL'}"
         )
     return "\n".join(lines)
 
@@ -259,6 +318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cpu" and "triton" in backends.available(device):
         print("triton runs under TRITON_INTERPRET=1 (no GPU): the real kernels, slowly")
     rows = [run_backend(impl, dtype, device, args.steps, param_set=param_set) for impl, dtype in plan(device)]
+    rows += [run_backend(impl, torch.float32, device, args.steps, param_set=param_set, formats=pair)
+             for impl, pair in format_plan(device)]
     rows += [run_split(impl, dtype, device, args.steps, param_set=param_set) for impl, dtype in plan(device)]
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]

@@ -304,9 +304,9 @@ def test_8bit_ops_name_bad_inputs():
     with pytest.raises(RuntimeError, match="8-bit moments need qmaps"):
         torch.ops.spd_kernels.adam_spd_step(*base, state["exp_avg_scales"], state["exp_avg_sq_scales"], None,
                                             hyper, 1.0)
-    with pytest.raises(RuntimeError, match="absmax of tensor 0 must be contiguous fp32, one per 256 elements"):
+    with pytest.raises(RuntimeError, match="scales of tensor 0 must be contiguous fp32, one per 256 elements"):
         torch.ops.spd_kernels.adam_spd_step(*base, [torch.zeros(1)], [torch.zeros(1)], _cpu.qmaps(), hyper, 1.0)
-    with pytest.raises(RuntimeError, match="moments of tensor 0 must be contiguous fp32"):
+    with pytest.raises(RuntimeError, match="one per tensor for a block-scaled moment"):
         torch.ops.spd_kernels.adam_spd_step(*base, [], [], None, hyper, 1.0)
 
 

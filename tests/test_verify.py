@@ -25,7 +25,15 @@ def test_verify_command_passes():
     assert "0 failed" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.endswith("PASS")]
     assert len(rows) >= 8  # reference and cpu (or triton), fp32 and bf16, whole and split
-    assert sum(" split " in row for row in rows) == len(rows) // 2
+    split = [row for row in rows if " split " in row]
+    whole_fp32 = [row for row in rows if " split " not in row and row.split()[2] == "fp32"]
+    assert len(split) == len(whole_fp32)
+    # every compressed format each backend declares has its row
+    for name in backends.available(torch.device("cpu")):
+        for pair in verify.FORMAT_SETTINGS:
+            if pair != ("fp32", "fp32") and not backends.get(name).format_error(pair):
+                label = "/".join(dict.fromkeys(pair))
+                assert any(row.split()[:3] == [name, "float32", label] for row in rows), (name, label)
 
 
 def test_verify_fails_when_a_backend_skips_the_projection(monkeypatch):

@@ -20,7 +20,7 @@ struct CodedMoments {
 // Whether moments in MF, VF are stored other than as fp32 values (then q is stored in p in
 // phase 1, since the fp32 moments are gone after it, and q is defined in the param's dtype).
 template <typename MF, typename VF>
-constexpr bool coded_v = !(MF::DIRECT && VF::DIRECT);
+constexpr bool coded_v = !(std::is_same<MF, F32Format>::value && std::is_same<VF, F32Format>::value);
 
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, typename MF, typename VF>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,

@@ -7,6 +7,55 @@
 namespace spd_kernels {
 namespace {
 
+// How adam_chunk reads and writes a moment element: fp32 in place, or bf16 (nearest even, or
+// stochastic from the element's random bits; formats.h says which moment takes which). Written
+// as plain arithmetic so the loop stays one vectorized pass.
+inline uint32_t hash32(uint32_t x) {  // lowbias32 (spd_kernels/formats/rounding.py)
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct F32Store {
+  using Code = float;
+  static float load(const float* m, int64_t i) { return m[i]; }
+  static void store(float* m, int64_t i, float x, uint32_t, uint32_t) { m[i] = x; }
+};
+
+inline uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+inline float float_of(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+struct BF16NearestStore {
+  using Code = uint16_t;
+  static float load(const uint16_t* m, int64_t i) { return float_of(static_cast<uint32_t>(m[i]) << 16); }
+  static void store(uint16_t* m, int64_t i, float x, uint32_t, uint32_t) {
+    const uint32_t b = bits_of(x);
+    const uint16_t rounded = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    m[i] = x != x ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN, as c10's cast
+  }
+};
+
+struct BF16StochasticStore {
+  using Code = uint16_t;
+  static float load(const uint16_t* m, int64_t i) { return float_of(static_cast<uint32_t>(m[i]) << 16); }
+  // ``index``: the element's index in its tensor; ``key``: the step's and moment's hash
+  static void store(uint16_t* m, int64_t i, float x, uint32_t index, uint32_t key) {
+    m[i] = static_cast<uint16_t>((bits_of(x) + (hash32(index + key) & 0xFFFFu)) >> 16);
+  }
+};
+
 struct Sums {
   double gd = 0.0, dd = 0.0, qq = 0.0;
   void add(const Sums& o) { gd += o.gd; dd += o.dd; qq += o.qq; }
@@ -15,9 +64,15 @@ struct Sums {
 // Adam on [begin, end): writes m, v (vmax) and, if STORE_Q, q into p; returns the
 // chunk's three sums. One plain loop the compiler vectorizes (omp simd); its
 // reduction order is fixed by the build, never by the thread count.
-template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool STORE_Q, bool ROUND_Q = false>
-__attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* __restrict g, float* __restrict m, float* __restrict v,
-                float* __restrict vmax, const A* __restrict a, int64_t begin, int64_t end, const Scalars& s) {
+// MS, VS: how m and v are stored (F32Store: fp32 in place); ``index0 + i`` is element i's index in
+// its tensor and m_key, v_key the stochastic rounding keys (formats.h), for the stores that use them.
+template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool STORE_Q, bool ROUND_Q = false,
+          typename MS = F32Store, typename VS = F32Store>
+__attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* __restrict g,
+                                                      typename MS::Code* __restrict m, typename VS::Code* __restrict v,
+                                                      float* __restrict vmax, const A* __restrict a, int64_t begin,
+                                                      int64_t end, const Scalars& s, int64_t index0 = 0,
+                                                      uint32_t m_key = 0, uint32_t v_key = 0) {
   double gd = 0.0, dd = 0.0, qq = 0.0;
   const float w1 = s.one_minus_beta1, b2 = s.beta2, w2 = s.one_minus_beta2;
   const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
@@ -26,10 +81,11 @@ __attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* 
   for (int64_t i = begin; i < end; ++i) {
     const float gi = to_float(g[i]) * inv_grad_scale;
     const float pi = to_float(p[i]);
-    const float mi = m[i] + w1 * (gi - m[i]);  // torch's lerp for a weight < 0.5
-    float vi = b2 * v[i] + w2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
+    const float m0 = MS::load(m, i);
+    const float mi = m0 + w1 * (gi - m0);  // torch's lerp for a weight < 0.5
+    float vi = b2 * VS::load(v, i) + w2 * gi * gi;
+    MS::store(m, i, mi, static_cast<uint32_t>(index0 + i), m_key);
+    VS::store(v, i, vi, static_cast<uint32_t>(index0 + i), v_key);
     if constexpr (AMSGRAD) {
       vi = std::max(vmax[i], vi);
       vmax[i] = vi;

@@ -26,26 +26,32 @@ class Line:
     #: ``make(params, pre, anchors, device)`` -> the stepper; ``pre`` is None for an anchor-free set
     make: Callable
     #: the fewest bytes one step moves per fp32 param, with an anchor: read p, g, moments (and the
-    #: anchor); write p and moments. AdamW 28; SPD 32 (fp32 anchor), 30 (bf16), 18 (8-bit, bf16 anchor)
+    #: anchor); write p and moments. AdamW 28; SPD 32 (fp32 anchor), 30 (bf16), 22 (bf16 moments,
+    #: bf16 anchor), 20 (fp8 m, bf16 v), 18 (8-bit); per-block scales (4 B per 256) not counted
     step_bytes_anchored: int
     #: of those, the anchor's read (not moved on an anchor-free set)
     anchor_bytes: int = 0
     #: which report lines it belongs to: 'default', or a flag's: 'formats', 'kernels', 'graph'
     kind: str = "default"
-    #: what it needs here: 'fast' (a fused AdamSPD backend), 'cuda', 'bitsandbytes', or ''
+    #: what it needs here: 'fast' (a fused AdamSPD backend), 'cuda', 'bitsandbytes', 'torchao', or ''
     needs: str = ""
     #: whether its step is an AdamSPD step whose projections the report counts
     counts_projections: bool = False
+    #: the moment formats its AdamSPD runs (``spd_kernels.formats``): 'fast' lines need a fused backend
+    #: that runs them
+    moment_formats: tuple = ("fp32",)
 
     def step_bytes(self, anchored: bool) -> int:
         return self.step_bytes_anchored - (0 if anchored else self.anchor_bytes)
 
 
-def fast_backend(device: torch.device) -> str:
-    """The backend ``impl='auto'`` runs fp32 params on here ('reference' when no fused one can)."""
+def fast_backend(device: torch.device, moment_formats: Sequence[str] = ("fp32",)) -> str:
+    """The backend ``impl='auto'`` runs fp32 params with moments in ``moment_formats`` on here
+    ('reference' when no fused one can)."""
+    pair = (moment_formats[0], moment_formats[-1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a missing kernel shows as the absent 'spd' line instead
-        return backends.choose("auto", torch.empty(1, device=device), None).name
+        return backends.choose("auto", torch.empty(1, device=device), None, pair).name
 
 
 def _spd_tensor_step(p, g, m, v, a, step, lr: float, beta1: float, beta2: float, eps: float, lam: float):
@@ -131,6 +137,12 @@ def _spd(**options):
     return make
 
 
+def _torchao_fp8(params, pre, anchors, device):
+    from torchao.optim import AdamWFp8
+
+    return AdamWFp8(params, lr=1e-3, weight_decay=0.01)
+
+
 def _bnb(params, pre, anchors, device):
     import bitsandbytes
 
@@ -154,9 +166,18 @@ LINES: Dict[str, Line] = {line.name: line for line in (
          _spd(anchor_dtype=torch.bfloat16), 30, 2, kind="formats", needs="fast", counts_projections=True),
     Line("spd_8bit", "AdamSPD with 8-bit moments and bf16 anchors (optim_bits=8)",
          _spd(anchor_dtype=torch.bfloat16, optim_bits=8), 18, 2, kind="formats", needs="fast",
-         counts_projections=True),
+         counts_projections=True, moment_formats=("bnb8",)),
+    Line("spd_bf16", "AdamSPD with bf16 moments and bf16 anchors (exp_avg_dtype=exp_avg_sq_dtype=torch.bfloat16)",
+         _spd(anchor_dtype=torch.bfloat16, exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16), 22, 2,
+         kind="formats", needs="fast", counts_projections=True, moment_formats=("bf16",)),
+    Line("spd_fp8", "AdamSPD with fp8 first and bf16 second moments, bf16 anchors "
+         "(exp_avg_dtype=torch.float8_e4m3fn, exp_avg_sq_dtype=torch.bfloat16)",
+         _spd(anchor_dtype=torch.bfloat16, exp_avg_dtype=torch.float8_e4m3fn, exp_avg_sq_dtype=torch.bfloat16),
+         20, 2, kind="formats", needs="fast", counts_projections=True, moment_formats=("fp8", "bf16")),
     Line("adamw_8bit_bnb", "bitsandbytes' AdamW8bit (when bitsandbytes is installed)", _bnb, 16,
          kind="formats", needs="bitsandbytes"),
+    Line("adamw_fp8_torchao", "torchao's AdamWFp8 (fp8 e4m3 moments; when torchao is installed)", _torchao_fp8, 16,
+         kind="formats", needs="torchao"),
     Line("spd_kernels", "the fast backend's whole step on AdamSPD's own bucket, without step()'s bookkeeping",
          lambda params, pre, anchors, device: KernelsOnly(_spd()(params, pre, anchors, device), split=False),
          32, 4, kind="kernels", needs="fast"),
@@ -178,11 +199,11 @@ GRAPH = tuple(n for n, line in LINES.items() if line.kind == "graph")
 def can_run(name: str, device: torch.device) -> bool:
     needs = LINES[name].needs
     if needs == "fast":
-        return fast_backend(device) != "reference"
+        return fast_backend(device, LINES[name].moment_formats) != "reference"
     if needs == "cuda":
         return device.type == "cuda"
-    if needs == "bitsandbytes":
-        return importlib.util.find_spec("bitsandbytes") is not None
+    if needs in ("bitsandbytes", "torchao"):
+        return importlib.util.find_spec(needs) is not None
     return True
 
 

@@ -87,19 +87,29 @@ def params_of(line) -> List[torch.Tensor]:
 
 def state_bytes_per_param(line, n_params: int) -> Optional[float]:
     """Bytes of optimizer state per param: every tensor in ``opt.state``, each storage once
-    (bitsandbytes' states share their quantization maps)."""
+    (bitsandbytes' states share their quantization maps), a tensor subclass by its inner tensors."""
     inner = getattr(line, "opt", line)
     state = getattr(inner, "state", None)
     if not isinstance(state, dict):
         return None
     seen, total = set(), 0
+
+    def add(value: torch.Tensor) -> None:
+        nonlocal total
+        if hasattr(value, "__tensor_flatten__"):  # a tensor subclass (torchao's fp8 and 8-bit states)
+            names, _ = value.__tensor_flatten__()
+            for name in names:
+                add(getattr(value, name))
+            return
+        key = (value.untyped_storage().data_ptr(), value.device)
+        if key not in seen:
+            seen.add(key)
+            total += value.untyped_storage().nbytes()
+
     for entry in state.values():
         for value in entry.values():
             if isinstance(value, torch.Tensor):
-                key = (value.untyped_storage().data_ptr(), value.device)
-                if key not in seen:
-                    seen.add(key)
-                    total += value.untyped_storage().nbytes()
+                add(value)
     return total / n_params
 
 

@@ -201,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 30 CUDA, 7 CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones (default 3)")
     parser.add_argument("--state-formats", action="store_true",
-                        help="add the spd_bf16a, spd_8bit and adamw_8bit_bnb lines (bf16 anchors, 8-bit "
-                             "moments, bitsandbytes' AdamW8bit); the state bytes per param column compares them")
+                        help="add the state-format lines: spd_bf16a (bf16 anchors), spd_bf16 (bf16 moments), "
+                             "spd_fp8 (fp8 first, bf16 second moments), spd_8bit (bitsandbytes' 8-bit format), "
+                             "and the peers adamw_8bit_bnb (bitsandbytes' AdamW8bit) and adamw_fp8_torchao (torchao's "
+                             "AdamWFp8), those installed; the state bytes per param column compares them")
     grads = parser.add_mutually_exclusive_group()
     grads.add_argument("--fresh-grads", action="store_true",
                        help="new random grads before every timed step (untimed), so SPD's condition fires "
