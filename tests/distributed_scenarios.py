@@ -16,7 +16,7 @@ from torch import nn
 
 from spd_kernels import AdamSPD
 from spd_kernels.distributed import local, local_absmax, wrap_like
-from spd_kernels.quantization import dequantize
+from spd_kernels import formats
 
 STEPS = 6
 
@@ -62,9 +62,16 @@ def param_groups(model: nn.Sequential, anchors: List[torch.Tensor]):
     ]
 
 
-def make_optimizer(model, anchors, impl, eight_bit: bool = False):
-    bits = dict(optim_bits=8, min_8bit_size=MIN_8BIT_SIZE) if eight_bit else {}
-    return AdamSPD(param_groups(model, anchors), lr=0.05, weight_decay=1.0, impl=impl, **bits)
+#: compressed-moment settings by name (the 8-bit model's block-aligned shards take them)
+MOMENTS = {
+    "8bit": dict(optim_bits=8, min_8bit_size=MIN_8BIT_SIZE),
+    "fp8": dict(exp_avg_dtype=torch.float8_e4m3fn, exp_avg_sq_dtype=torch.bfloat16, min_8bit_size=MIN_8BIT_SIZE),
+}
+
+
+def make_optimizer(model, anchors, impl, eight_bit: bool = False, moments: str = ""):
+    settings = MOMENTS[moments or "8bit"] if (eight_bit or moments) else {}
+    return AdamSPD(param_groups(model, anchors), lr=0.05, weight_decay=1.0, impl=impl, **settings)
 
 
 def train(model, opt, steps, first_step=0, count_comms=False) -> Dict[str, object]:
@@ -105,12 +112,16 @@ def snapshot(model, opt) -> Dict[str, torch.Tensor]:
             out[f"param/{name}"] = full(p)
             for key in ("exp_avg", "exp_avg_sq", "anchor"):
                 if key in opt.state[p]:
-                    out[f"{key}/{name}"] = full(opt.state[p][key])
-            if "exp_avg_absmax" in opt.state[p]:  # 8-bit: the codes above, and the values they stand for
-                for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                    absmax = local_absmax(opt.state[p][f"{key}_absmax"], p)
-                    value = dequantize(local(opt.state[p][key]), absmax, signed)
-                    out[f"{key}_value/{name}"] = full(wrap_like(p, value))
+                    t = opt.state[p][key]
+                    if t.dtype == torch.float8_e4m3fn:  # gathered as bytes (gloo has no fp8)
+                        t = wrap_like(p, local(t).view(torch.uint8))
+                    out[f"{key}/{name}"] = full(t)
+            for k, key in enumerate(("exp_avg", "exp_avg_sq")):  # compressed: the values codes stand for
+                fmt = formats.held(opt.state[p], k)
+                if fmt is not None and fmt.coded:
+                    codes, scale = formats.state_of(opt.state[p], fmt, k)
+                    scale = local_absmax(scale, p) if scale is not None else None
+                    out[f"{key}_value/{name}"] = full(wrap_like(p, fmt.decode(local(codes), scale, k)))
             out[f"step/{name}"] = opt.state[p]["step"].detach().clone()
     # the last step's per-layer stats: c and the norms scale with the sums (r does not)
     stats = opt.spd_stats()
@@ -119,9 +130,9 @@ def snapshot(model, opt) -> Dict[str, torch.Tensor]:
     return out
 
 
-def single_process(impl: str, eight_bit: bool = False) -> Dict[str, torch.Tensor]:
-    model = make_model(eight_bit=eight_bit)
-    opt = make_optimizer(model, pretrained_anchors(model), impl, eight_bit)
+def single_process(impl: str, eight_bit: bool = False, moments: str = "") -> Dict[str, torch.Tensor]:
+    model = make_model(eight_bit=eight_bit or bool(moments))
+    opt = make_optimizer(model, pretrained_anchors(model), impl, eight_bit, moments)
     result = train(model, opt, STEPS)
     return {**snapshot(model, opt), "fired": torch.tensor(result["fired"])}
 
@@ -137,9 +148,9 @@ def fsdp_model(mesh, eight_bit: bool = False, seed: int = 0):
     return model, anchors
 
 
-def fsdp(impl: str, mesh, eight_bit: bool = False) -> Dict[str, torch.Tensor]:
-    model, anchors = fsdp_model(mesh, eight_bit)
-    opt = make_optimizer(model, anchors, impl, eight_bit)
+def fsdp(impl: str, mesh, eight_bit: bool = False, moments: str = "") -> Dict[str, torch.Tensor]:
+    model, anchors = fsdp_model(mesh, eight_bit or bool(moments))
+    opt = make_optimizer(model, anchors, impl, eight_bit, moments)
     result = train(model, opt, STEPS, count_comms=True)
     locals_ = {f"local/{n}": p.to_local().clone() for n, p in model.named_parameters()}
     return {**snapshot(model, opt), **locals_, "fired": torch.tensor(result["fired"]), "comms": result["comms"]}
@@ -156,14 +167,14 @@ def ddp(impl: str) -> Dict[str, torch.Tensor]:
     return {**snapshot(model, opt), "fired": torch.tensor(result["fired"]), "comms": result["comms"]}
 
 
-def checkpoint_resume(mesh, ckpt_dir: str, eight_bit: bool = False) -> Dict[str, torch.Tensor]:
+def checkpoint_resume(mesh, ckpt_dir: str, eight_bit: bool = False, moments: str = "") -> Dict[str, torch.Tensor]:
     """Save with DCP mid-run, load into a fresh model and optimizer, finish the run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     half = STEPS // 2
-    model, anchors = fsdp_model(mesh, eight_bit)
-    opt = make_optimizer(model, anchors, "auto", eight_bit)
+    model, anchors = fsdp_model(mesh, eight_bit or bool(moments))
+    opt = make_optimizer(model, anchors, "auto", eight_bit, moments)
     train(model, opt, half)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
@@ -173,12 +184,12 @@ def checkpoint_resume(mesh, ckpt_dir: str, eight_bit: bool = False) -> Dict[str,
     # a fresh model from another seed, with other anchors: everything must come from the checkpoint
     from torch.distributed.fsdp import fully_shard
 
-    fresh = make_model(seed=123, eight_bit=eight_bit)
+    fresh = make_model(seed=123, eight_bit=eight_bit or bool(moments))
     other_anchors = [a + 1.0 for a in pretrained_anchors(fresh)]
     for i in (0, 2, 4, 6):
         fully_shard(fresh[i], mesh=mesh)
     fully_shard(fresh, mesh=mesh)
-    fresh_opt = make_optimizer(fresh, other_anchors, "auto", eight_bit)
+    fresh_opt = make_optimizer(fresh, other_anchors, "auto", eight_bit, moments)
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=ckpt_dir)
@@ -306,7 +317,14 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, scenarios: List[str
     try:
         results = {}
         for name in scenarios:
-            if name.startswith("fsdp8:"):
+            if name.startswith("fsdpfp8:"):
+                results[name] = fsdp(name.split(":", 1)[1], init_device_mesh("cpu", (world,)), moments="fp8")
+            elif name.startswith("singlefp8:"):
+                results[name] = single_process(name.split(":", 1)[1], moments="fp8")
+            elif name == "dcpfp8":
+                results[name] = checkpoint_resume(init_device_mesh("cpu", (world,)), os.path.join(out_dir, "ckptfp8"),
+                                                  moments="fp8")
+            elif name.startswith("fsdp8:"):
                 results[name] = fsdp(name.split(":", 1)[1], init_device_mesh("cpu", (world,)), eight_bit=True)
             elif name.startswith("single8:"):
                 results[name] = single_process(name.split(":", 1)[1], eight_bit=True)
