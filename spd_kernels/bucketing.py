@@ -73,7 +73,7 @@ def _partition(group: Dict[str, Any], record: GroupOrigin, where: str) -> zero.P
             "versions of themselves (FSDP2 DTensors, as Accelerate and the Trainer swap them in) and "
             "DeepSpeed ZeRO-1/2's flat partitions; anything else would change the tensors SPD's per-tensor "
             "sums run over. Build the optimizer for the params as they are now")
-    chosen = {k: group.get(k) for k in ("optim_bits", *DTYPE_KEYS) if group.get(k) not in (None, 32, torch.float32)}
+    chosen = {k: group.get(k) for k in ("optim_bits", *DTYPE_KEYS) if group.get(k) not in (None, 32, "float32")}
     if chosen:
         raise ValueError(f"{where}: compressed moments ({chosen}) under DeepSpeed ZeRO are not supported (a flat partition cuts "
                          "their blocks and DeepSpeed keeps its own fp32 copies); use fp32 moments, or FSDP2 "

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import anchors, backends, bucketing, checkpoint, checks, distributed, state
+from . import anchors, backends, bucketing, checkpoint, checks, distributed, formats, state
 from .anchors import ORIGIN_KEY, SNAPSHOT
 from .backends import Backend
 from .bucket import Bucket
@@ -112,7 +112,8 @@ class AdamSPD(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, capturable=capturable,
                         cap_projection=cap_projection, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                        exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype)
+                        exp_avg_dtype=formats.dtype_name(exp_avg_dtype),
+                        exp_avg_sq_dtype=formats.dtype_name(exp_avg_sq_dtype))
         checks.hyperparameters(defaults, "AdamSPD")
         if impl not in backends.IMPLS:
             raise ValueError(f"AdamSPD: impl must be one of {backends.IMPLS}, got {impl!r}")
@@ -147,7 +148,8 @@ class AdamSPD(Optimizer):
         """Add a group; validates everything first, so a bad group changes nothing. No state is
         created here: each param gets its state at its first step (the class docstring)."""
         where = f"param_groups[{len(self.param_groups)}]"
-        group = {k: v for k, v in param_group.items() if k not in ("pre", ORIGIN_KEY)}
+        group = {k: formats.dtype_name(v) if k in formats.DTYPE_KEYS else v
+                 for k, v in param_group.items() if k not in ("pre", ORIGIN_KEY)}
         pre = param_group.get("pre", SNAPSHOT)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)

@@ -191,7 +191,9 @@ def test_state_takes_the_named_formats_and_small_tensors_keep_fp32_for_fp8():
     assert "exp_avg_sq_scale" not in big
     assert small["exp_avg"].dtype == torch.float32 and small["exp_avg_sq"].dtype == BF16  # 300 < min_8bit_size
     assert mid["exp_avg"].dtype == FP8 and mid["exp_avg_scale"].shape == (40,)
-    assert opt.param_groups[0]["exp_avg_dtype"] is FP8
+    # the group keeps the dtype's name: every checkpointer saves it (DCP's helpers refuse a torch.dtype)
+    assert opt.param_groups[0]["exp_avg_dtype"] == "float8_e4m3fn"
+    assert AdamSPD(params, exp_avg_sq_dtype="bfloat16").defaults["exp_avg_sq_dtype"] == "bfloat16"
     assert {b.formats for _, b in opt.buckets()} == {("fp8", "bf16"), ("fp32", "bf16")}
     if not _cpu.load_error():
         assert {backend.name for backend, _ in opt.buckets()} == {"cpu"}

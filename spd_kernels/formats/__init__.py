@@ -13,7 +13,8 @@ bnb8      ``optim_bits=8``       uint8 dynamic-map codes +   1 + 4/256
 ========  =====================  ==========================  ===============
 
 A group chooses each moment's format with ``exp_avg_dtype`` and
-``exp_avg_sq_dtype`` (Transformer Engine's names), or both at once with
+``exp_avg_sq_dtype`` (Transformer Engine's names; the group keeps the dtype's
+name, ``"bfloat16"``, so that every checkpointer saves it), or both at once with
 ``optim_bits=8``; ``for_tensor`` applies the choice to one tensor (a format that
 does not take the tensor, a blocked one below ``min_8bit_size``, leaves it
 fp32). ``held`` reads the format a state is in, so a checkpoint in one format
@@ -32,16 +33,33 @@ from .record import MOMENTS, MomentFormat, state_of
 #: every format by name, in the order the docs list them
 FORMATS: Dict[str, MomentFormat] = {f.name: f for f in (fp32.FORMAT, bf16.FORMAT, fp8.FORMAT, bnb8.FORMAT)}
 FP32 = fp32.FORMAT
-#: what exp_avg_dtype / exp_avg_sq_dtype accept
+#: what exp_avg_dtype / exp_avg_sq_dtype accept: a torch.dtype, or its name (as param groups keep it)
 BY_DTYPE: Dict[torch.dtype, MomentFormat] = {f.dtype: f for f in FORMATS.values() if f.dtype is not None}
+BY_DTYPE_NAME: Dict[str, MomentFormat] = {str(d).replace("torch.", ""): f for d, f in BY_DTYPE.items()}
 #: the group keys that choose the formats (a loaded checkpoint keeps the running optimizer's)
 GROUP_KEYS = ("optim_bits", "min_8bit_size", "exp_avg_dtype", "exp_avg_sq_dtype")
 DTYPE_KEYS = ("exp_avg_dtype", "exp_avg_sq_dtype")
 
 Pair = Tuple[MomentFormat, MomentFormat]
 
-__all__ = ["BY_DTYPE", "DTYPE_KEYS", "FORMATS", "FP32", "GROUP_KEYS", "MOMENTS", "MomentFormat", "Pair", "check",
+__all__ = ["BY_DTYPE", "BY_DTYPE_NAME", "DTYPE_KEYS", "dtype_name", "FORMATS", "FP32", "GROUP_KEYS", "MOMENTS", "MomentFormat", "Pair", "check",
            "for_tensor", "held", "names", "state_of"]
+
+
+def dtype_name(value: Any) -> Any:
+    """The name a group keeps for an exp_avg_dtype / exp_avg_sq_dtype (``torch.bfloat16`` ->
+    ``"bfloat16"``): param groups hold plain values, which every checkpointer saves
+    (torch.distributed.checkpoint's state-dict helpers refuse a ``torch.dtype``). Anything
+    else comes back unchanged, for ``check`` to name."""
+    if isinstance(value, torch.dtype) and value in BY_DTYPE:
+        return str(value).replace("torch.", "")
+    return value
+
+
+def _format_of(value: Any) -> Optional[MomentFormat]:
+    if isinstance(value, torch.dtype):
+        return BY_DTYPE.get(value)
+    return BY_DTYPE_NAME.get(value) if isinstance(value, str) else None
 
 
 def check(group: Mapping[str, Any], where: str) -> None:
@@ -54,11 +72,11 @@ def check(group: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: min_8bit_size must be an int >= 0, got {size!r}")
     chosen = []
     for moment, key in enumerate(DTYPE_KEYS):
-        dtype = group.get(key, torch.float32)
-        fmt = BY_DTYPE.get(dtype) if isinstance(dtype, torch.dtype) else None
+        dtype = group.get(key, "float32")
+        fmt = _format_of(dtype)
         if fmt is None:
             names = ", ".join(str(d) for d in BY_DTYPE)
-            raise ValueError(f"{where}: {key} must be one of {names}, got {dtype!r}")
+            raise ValueError(f"{where}: {key} must be one of {names} (or its name), got {dtype!r}")
         refusal = fmt.refuses(moment)
         if refusal:
             raise ValueError(f"{where}: {refusal}")
@@ -81,7 +99,7 @@ def for_tensor(numel: int, group: Mapping[str, Any]) -> Pair:
         return fmt, fmt
     out = []
     for key in DTYPE_KEYS:
-        fmt = BY_DTYPE[group.get(key, torch.float32)]
+        fmt = _format_of(group.get(key, "float32"))
         out.append(fmt if fmt.applies(numel, group) else FP32)
     return out[0], out[1]
 
