@@ -59,14 +59,15 @@ def test_two_runs_are_identical():
 
 
 def test_demo_quick_end_to_end(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "spd_kernels", "demo", "--quick", "--eight-bit", "--out",
+    out = subprocess.run([sys.executable, "-m", "spd_kernels", "demo", "--quick", "--formats", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "seed 1/2" in out.stdout and "OOD @ 75%" in out.stdout and "vs AdamW" in out.stdout
     result = json.loads((tmp_path / "demo.json").read_text())
     assert result["environment"]["threads"] == cli.THREADS
     assert [r["method"] for r in result["table"]] == ["pre-trained", "AdamW", "WiSE-FT", "LP-FT", "L2-SP",
-                                                      "AdamSPD", "AdamSPD 8-bit"]
+                                                      "AdamSPD", "AdamSPD 8-bit", "AdamSPD bf16",
+                                                      "AdamSPD fp8/bf16"]
     grid = cli.QUICK["grid"]
     for seed in result["seeds"]:
         curves = seed["curves"]

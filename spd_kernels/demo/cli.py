@@ -11,7 +11,7 @@ import torch
 
 from .data import corrupted_test_sets, load_digits_tensors, splits
 from .frontier import LEVELS, matched_table
-from .methods import CAP_ABOVE, Grid, SeedResult, run_seed
+from .methods import CAP_ABOVE, FORMAT_RUNS, Grid, SeedResult, run_seed
 from .model import Evaluator, pretrain
 
 #: torch's CPU reductions split work by thread count, so the demo fixes it (on any core count)
@@ -31,7 +31,7 @@ QUICK = dict(
 )
 
 
-def run(seeds: int, pretrain_steps: int, grid: Grid, shots: int = 10, lr: float = 1e-3, eight_bit: bool = False,
+def run(seeds: int, pretrain_steps: int, grid: Grid, shots: int = 10, lr: float = 1e-3, formats=(),
         log: Callable[[str], None] = lambda s: print(s, flush=True)) -> List[SeedResult]:
     """Pre-train one model per seed and sweep every method from it; logs progress per seed."""
     x, y = load_digits_tensors()
@@ -43,7 +43,7 @@ def run(seeds: int, pretrain_steps: int, grid: Grid, shots: int = 10, lr: float 
         pre = pretrain(*pre_split, seed=seed, steps=pretrain_steps)
         evaluate = Evaluator(test, corrupted_test_sets(test, seed), pre)
         log(f"seed {seed + 1}/{seeds}: pre-trained in {time.perf_counter() - t:.1f}s")
-        out.append(run_seed(pre, few, evaluate, grid, lr, seed, eight_bit,
+        out.append(run_seed(pre, few, evaluate, grid, lr, seed, formats,
                             log=lambda s, seed=seed: log(f"seed {seed + 1}/{seeds}: {s}")))
         spent = time.perf_counter() - t0
         log(f"seed {seed + 1}/{seeds} done: {spent:.0f}s so far, about {spent / (seed + 1) * (seeds - seed - 1):.0f}s "
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"cap_projection=True above {CAP_ABOVE:g}")
     parser.add_argument("--eight-bit", action="store_true",
                         help="also sweep AdamSPD with 8-bit moments (optim_bits=8) as its own frontier")
+    parser.add_argument("--formats", action="store_true",
+                        help="also sweep AdamSPD in every compressed moment format, each its own frontier: "
+                             "8-bit (optim_bits=8), bf16 moments, fp8 first + bf16 second moments")
     parser.add_argument("--out", default="demo-results", help="folder for demo.png and demo.json")
     return parser
 
@@ -84,7 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         grid = Grid(**{**asdict(grid), "spd_lambda": lambdas, "record_lambda": lambdas[len(lambdas) // 2]})
     torch.set_num_threads(THREADS)
     t0 = time.perf_counter()
-    results = run(seeds, args.pretrain_steps or config["pretrain_steps"], grid, args.shots, args.lr, args.eight_bit)
+    formats = list(FORMAT_RUNS) if args.formats else ["AdamSPD 8-bit"] if args.eight_bit else []
+    results = run(seeds, args.pretrain_steps or config["pretrain_steps"], grid, args.shots, args.lr, formats)
     rows = matched_table(results, LEVELS)
     print()
     print(format_table(rows, seeds, grid.adamw_wd[0]))

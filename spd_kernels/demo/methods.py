@@ -134,13 +134,23 @@ def l2sp_curve(pre, few, evaluate, grid: Grid, lr: float, seed: int) -> Curve:
     return Curve("alpha", "alpha", points)
 
 
-def spd_curve(pre, few, evaluate, grid: Grid, lr: float, seed: int, optim_bits: int = 32, record: bool = False):
+#: the compressed-moment frontiers ``demo --formats`` adds (``--eight-bit``: the 8-bit one alone): the
+#: large tensors (conv2/conv3 weights, >= min_8bit_size) take fp8 and 8-bit; smaller ones stay fp32
+FORMAT_RUNS = {
+    "AdamSPD 8-bit": dict(optim_bits=8),
+    "AdamSPD bf16": dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16),
+    "AdamSPD fp8/bf16": dict(exp_avg_dtype=torch.float8_e4m3fn, exp_avg_sq_dtype=torch.bfloat16),
+}
+
+
+def spd_curve(pre, few, evaluate, grid: Grid, lr: float, seed: int, moments: Optional[dict] = None,
+              record: bool = False):
     """Final models along lambda; with ``record``, the per-layer projections of the ``record_lambda`` run."""
     points, projections = [], None
     for lam in sorted(grid.spd_lambda):
         model = copy_of(pre)
         opt = AdamSPD(model.named_parameters(), lr=lr, weight_decay=lam, cap_projection=lam > CAP_ABOVE,
-                      optim_bits=optim_bits)
+                      **(moments or {}))
         fired: List[List[float]] = []
         watch = record and lam == grid.record_lambda
         after = (lambda o: fired.append([float(s["projected"]) for s in o.spd_stats().values()])) if watch else None
@@ -153,7 +163,7 @@ def spd_curve(pre, few, evaluate, grid: Grid, lr: float, seed: int, optim_bits: 
 
 
 def run_seed(pre: SmallCNN, few, evaluate: Evaluator, grid: Grid, lr: float, seed: int,
-             eight_bit: bool = False, log: Callable[[str], None] = lambda s: None) -> SeedResult:
+             formats: Sequence[str] = (), log: Callable[[str], None] = lambda s: None) -> SeedResult:
     """Every method's curves for one seed's pre-trained model."""
     record = seed == 0
     curves: Dict[str, List[Curve]] = {}
@@ -164,7 +174,6 @@ def run_seed(pre: SmallCNN, few, evaluate: Evaluator, grid: Grid, lr: float, see
     log("AdamW, WiSE-FT, LP-FT, L2-SP done")
     spd, projections = spd_curve(pre, few, evaluate, grid, lr, seed, record=record)
     curves["AdamSPD"] = [spd]
-    if eight_bit:
-        # 8-bit moments for the conv2/conv3 weights (>= min_8bit_size); smaller tensors stay fp32
-        curves["AdamSPD 8-bit"] = [spd_curve(pre, few, evaluate, grid, lr, seed, optim_bits=8)[0]]
+    for name in formats:  # FORMAT_RUNS' names, each its own frontier
+        curves[name] = [spd_curve(pre, few, evaluate, grid, lr, seed, moments=FORMAT_RUNS[name])[0]]
     return SeedResult(seed, evaluate(pre, 0.0), curves, projections)
