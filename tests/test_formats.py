@@ -363,3 +363,57 @@ def test_stochastic_rounding_keeps_the_second_moment_following_the_grads():
     err_nearest = float(((nearest.float() - v32) / v32).mean())
     assert abs(err_sr) < 0.01, err_sr
     assert err_nearest > 0.05, err_nearest  # the trap the rounding avoids
+
+
+# ------------------------------------------------------- Triton (CUDA, or the interpreter on CPU tensors)
+
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif("triton" not in backends.available(TRITON_DEVICE),
+                                  reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _triton():
+    from spd_kernels.ops import adam_spd
+
+    return adam_spd
+
+
+@needs_triton
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("case", [c for c in CASES if not c[2]][:4], ids=str)
+def test_triton_steps_like_the_reference_in_every_format(pair, case):
+    k = _triton()
+    chunk = k.BLOCK * k.TILES
+    # a single-chunk tensor with a tail block, one exactly a tile, several chunks with a tail
+    run_step_parity(k.adam_spd_triton_step, [5, 300, k.BLOCK, 2 * chunk + 300], case, TRITON_DEVICE, steps=6,
+                    formats=pair)
+
+
+@needs_triton
+@pytest.mark.parametrize("pair", [("fp8", "bf16"), ("bf16", "bf16")])
+def test_triton_codes_equal_the_reference_on_rounding_ties(pair):
+    k = _triton()
+    gen = torch.Generator().manual_seed(3)
+    state = new_state([4096], torch.float32, None, False, gen, TRITON_DEVICE, formats=pair)
+    for step in range(3):
+        grads = [_tie_grads(pair, gen).to(TRITON_DEVICE)]
+        want = {key: v if v is None or key == "formats" else [t.cpu().clone() for t in v] for key, v in state.items()}
+        hp = dict(lr=1e-3, beta1=0.0, beta2=0.0, weight_decay=0.0)
+        reference_step(**want, grads=[grads[0].cpu()], hp=Hyperparameters(**hp))
+        k.adam_spd_triton_step(bucket_of(state, grads, **hp))
+        for key in ("exp_avgs", "exp_avg_sqs", "params"):
+            assert torch.equal(state[key][0].cpu().view(torch.uint8), want[key][0].view(torch.uint8)), (step, key)
+        if state["exp_avg_scales"]:
+            assert torch.equal(state["exp_avg_scales"][0].cpu(), want["exp_avg_scales"][0])
+
+
+@needs_triton
+@pytest.mark.parametrize("pair", [("fp8", "bf16"), ("bf16", "bf16")])
+def test_triton_split_step_matches_the_reference(pair):
+    k = _triton()
+
+    def one_shard(bucket):  # the split step on one shard: its own kernels, whole tensors
+        bucket.sums = torch.zeros((len(bucket), 3), dtype=torch.float64, device=bucket.device)
+        return k.adam_spd_triton_partials(bucket)()
+
+    run_step_parity(one_shard, [7, 300, 3 * k.BLOCK * k.TILES + 5], CASES[0], TRITON_DEVICE, steps=6, formats=pair)

@@ -68,5 +68,5 @@ def start(bucket: Bucket) -> Callable[[], Tensor]:
 BACKEND = Backend(
     name="triton", run=run, start=start, unavailable=unavailable, device_error=device_error,
     auto_devices=("cuda",), dtypes=FLOAT_STORAGE, contiguous_only=True,
-    step_on_device=True, counts_projections=True, formats=("fp32", "bnb8"),
+    step_on_device=True, counts_projections=True, formats=("fp32", "bf16", "fp8", "bnb8"),
 )

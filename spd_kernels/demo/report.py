@@ -24,7 +24,7 @@ def _pm(s: dict, digits: int = 1, signed: bool = False, total: Optional[int] = N
 def format_table(rows: List[dict], seeds: int, tuned_wd: float) -> str:
     pre, methods = rows[0], rows[1:]
     fractions = [lv["fraction"] for lv in methods[0]["levels"]] if methods else []
-    head = f"{'method':14s} {'best ID gain':>13s}" + "".join(
+    head = f"{'method':17s} {'best ID gain':>13s}" + "".join(
         f" {f'OOD @ {f:.0%}':>18s} {'vs ' + BASELINE:>16s}" for f in fractions)
     lines = [
         "OOD accuracy % at matched ID. 'OOD @ 75%': at the ID where 75% of plain fine-tuning's ID gain is kept",
@@ -42,7 +42,7 @@ def format_table(rows: List[dict], seeds: int, tuned_wd: float) -> str:
             f" {_pm(lv['ood'], total=seeds):>18s} "
             f"{('--' if r['method'] == BASELINE else _pm(lv['delta'], signed=True, total=seeds)):>16s}"
             for lv in r["levels"])
-        lines.append(f"{r['method']:14s} {_pm(r['best_id_gain'], signed=True):>13s}{cells}")
+        lines.append(f"{r['method']:17s} {_pm(r['best_id_gain'], signed=True):>13s}{cells}")
     return "\n".join(lines)
 
 

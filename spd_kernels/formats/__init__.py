@@ -43,7 +43,7 @@ DTYPE_KEYS = ("exp_avg_dtype", "exp_avg_sq_dtype")
 Pair = Tuple[MomentFormat, MomentFormat]
 
 __all__ = ["BY_DTYPE", "BY_DTYPE_NAME", "DTYPE_KEYS", "dtype_name", "FORMATS", "FP32", "GROUP_KEYS", "MOMENTS", "MomentFormat", "Pair", "check",
-           "for_tensor", "held", "names", "state_of"]
+           "for_tensor", "held", "names", "of_codes", "state_of"]
 
 
 def dtype_name(value: Any) -> Any:
@@ -115,6 +115,12 @@ def held(state: Mapping[str, Any], moment: int) -> Optional[MomentFormat]:
         if value.dtype == fmt.storage:
             return fmt
     return FP32
+
+
+def of_codes(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> Tuple[str, str]:
+    """The format names of a bucket's moments from their codes' dtypes (what an op receives)."""
+    by_storage = {torch.uint8: "bnb8", torch.float8_e4m3fn: "fp8", torch.bfloat16: "bf16"}
+    return by_storage.get(exp_avg.dtype, "fp32"), by_storage.get(exp_avg_sq.dtype, "fp32")
 
 
 def names(pair: Pair) -> Tuple[str, str]:

@@ -241,55 +241,146 @@ def _nearest_code(y, table_ptr, K: tl.constexpr):
     return code
 
 
+#: moment formats as the kernels name them (spd_kernels.formats): the m and v rows' element types
+FMT_FP32 = tl.constexpr(0)
+FMT_BF16 = tl.constexpr(1)  # bf16 bits as uint16; m rounded to nearest even, v stochastically
+FMT_FP8 = tl.constexpr(2)  # e4m3fn bits as uint8, one fp32 scale = absmax / 448 per block
+FMT_BNB8 = tl.constexpr(3)  # bitsandbytes' dynamic-map codes, one fp32 absmax per block
+FORMAT_CODES = {"fp32": 0, "bf16": 1, "fp8": 2, "bnb8": 3}
+_CODE_TYPES = {0: tl.float32, 1: tl.uint16, 2: tl.uint8, 3: tl.uint8}
+
+
 @triton.jit
-def _quantize_tile(x, codes_ptr, absmax_ptr, offs, mask, tile_start, numel, table_ptr,
-                   K: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    """Store fp32 ``x`` (one tile, dead lanes 0) as codes of map K and one absmax per block of QBLOCK."""
+def _hash32(x):
+    """lowbias32 of uint32 ``x`` (spd_kernels/formats/rounding.py: the rounding bits every backend draws)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _e4m3_value(code):
+    """fp32 value of e4m3fn codes (int32): exponent and mantissa into fp32's fields, subnormals
+    (exponent 0) as mantissa * 2^-9 (integer arithmetic: no fp8 type, the same on every GPU)."""
+    exponent = (code >> 3) & 15
+    mantissa = code & 7
+    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    value = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+    return tl.where((code & 0x80) != 0, -value, value)
+
+
+@triton.jit
+def _e4m3_code(y):
+    """e4m3fn code (int32) of fp32 ``y`` with |y| <= 448, nearest even: 3 mantissa bits kept by an
+    integer add (its carry moves the exponent); below 2^-6 the subnormal code |y| / 2^-9, rounded
+    by adding and removing 1.5 * 2^23 (fp32's own nearest-even rounding)."""
+    bits = y.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - (120 << 3)
+    scaled = mag.to(tl.float32, bitcast=True) * 512.0
+    sub = ((scaled + 12582912.0) - 12582912.0).to(tl.int32)
+    code = tl.where(mag < 0x3C800000, sub, normal)
+    return code | (((bits >> 31) & 1) << 7)
+
+
+@triton.jit
+def _block_scales(x, tile_start, BLOCK: tl.constexpr, SCALE_OF_MAX: tl.constexpr):
+    """Per block of QBLOCK elements of one tile (dead lanes 0): the stored scale (absmax /
+    SCALE_OF_MAX, correctly rounded) and the factor 1 / scale broadcast to the tile (0 for a zero block)."""
     NB: tl.constexpr = BLOCK // QBLOCK
     amax = tl.max(tl.reshape(tl.abs(x), (NB, QBLOCK)), axis=1)
-    inv = tl.where(amax > 0.0, tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), amax), 0.0)
-    inv = tl.reshape(tl.broadcast_to(inv[:, None], (NB, QBLOCK)), (BLOCK,))
-    y = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
-    code = _nearest_code(y, table_ptr, K).to(tl.uint8)
-    blocks = tile_start // QBLOCK + tl.arange(0, NB)
-    if MASKED:
-        tl.store(codes_ptr + offs, code, mask=mask)
-        tl.store(absmax_ptr + blocks, amax, mask=blocks * QBLOCK < numel)
+    if SCALE_OF_MAX == 1.0:
+        scale = amax
     else:
-        tl.store(codes_ptr + offs, code)
-        tl.store(absmax_ptr + blocks, amax)
+        scale = tl.math.div_rn(amax, tl.full((NB,), SCALE_OF_MAX, tl.float32))
+    inv = tl.where(scale > 0.0, tl.math.div_rn(tl.full((NB,), 1.0, tl.float32), scale), 0.0)
+    return scale, tl.reshape(tl.broadcast_to(inv[:, None], (NB, QBLOCK)), (BLOCK,))
 
 
 @triton.jit
-def _phase1_tile8(
-    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, table_ptr,
+def _store_scales(scale_ptr, scale, tile_start, numel, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    blocks = tile_start // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
+    if MASKED:
+        tl.store(scale_ptr + blocks, scale, mask=blocks * QBLOCK < numel)
+    else:
+        tl.store(scale_ptr + blocks, scale)
+
+
+@triton.jit
+def _load_moment(ptr, scale_ptr, maps_ptr, offs, mask, FMT: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr):
+    """Moment K (0: m, 1: v) of one tile as fp32, from its format FMT."""
+    if FMT == FMT_FP32:
+        return _load(ptr + offs, mask, MASKED)
+    if MASKED:
+        code = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+    else:
+        code = tl.load(ptr + offs).to(tl.int32)
+    if FMT == FMT_BF16:
+        return (code << 16).to(tl.float32, bitcast=True)
+    elif FMT == FMT_FP8:
+        return _e4m3_value(code) * _load(scale_ptr + offs // QBLOCK, mask, MASKED)
+    else:
+        return tl.load(maps_ptr + K * 256 + code) * _load(scale_ptr + offs // QBLOCK, mask, MASKED)
+
+
+@triton.jit
+def _store_moment(x, ptr, scale_ptr, table_ptr, offs, mask, tile_start, numel, key,
+                  FMT: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """Store fp32 moment K of one tile (dead lanes 0) in format FMT: bf16 (m nearest even, v
+    stochastically from the element's bits), fp8 or 8-bit with one scale per block."""
+    if FMT == FMT_FP32:
+        _store(ptr + offs, x, mask, MASKED)
+        return
+    if FMT == FMT_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        if K == 0:
+            code = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            code = tl.where(x != x, 0x7FC0, code)  # NaN stays NaN, as torch's cast
+        else:
+            code = (bits + (_hash32(offs.to(tl.uint32) + key) & 0xFFFF)) >> 16
+        code = code.to(tl.uint16)
+    elif FMT == FMT_FP8:
+        scale, inv = _block_scales(x, tile_start, BLOCK, 448.0)
+        code = _e4m3_code(tl.minimum(tl.maximum(x * inv, -448.0), 448.0)).to(tl.uint8)
+        _store_scales(scale_ptr, scale, tile_start, numel, MASKED, BLOCK)
+    else:
+        absmax, inv = _block_scales(x, tile_start, BLOCK, 1.0)
+        code = _nearest_code(tl.minimum(tl.maximum(x * inv, -1.0), 1.0), table_ptr, K).to(tl.uint8)
+        _store_scales(scale_ptr, absmax, tile_start, numel, MASKED, BLOCK)
+    if MASKED:
+        tl.store(ptr + offs, code, mask=mask)
+    else:
+        tl.store(ptr + offs, code)
+
+
+@triton.jit
+def _phase1_tile_coded(
+    p_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, a_ptr, maps_ptr, table_ptr,
     offs, mask, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2,
+    m_key, v_key, M_FMT: tl.constexpr, V_FMT: tl.constexpr,
     HAS_ANCHOR: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Adam on one tile with 8-bit moments: dequantize m, v; update in fp32; q (rounded to
-    p's dtype) into p; re-quantize per block. Returns the three per-element sum terms."""
+    """Adam on one tile with compressed moments (formats M_FMT, V_FMT): decode m, v; update in
+    fp32; q (rounded to p's dtype) into p; encode m, v (per block for the scaled formats).
+    Returns the three per-element sum terms."""
     p = _load(p_ptr + offs, mask, MASKED)
     g = _load(g_ptr + offs, mask, MASKED) * inv_scale
-    if MASKED:
-        m_code = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.int32)
-        v_code = tl.load(v_ptr + offs, mask=mask, other=0).to(tl.int32)
-    else:
-        m_code = tl.load(m_ptr + offs).to(tl.int32)
-        v_code = tl.load(v_ptr + offs).to(tl.int32)
-    m_old = tl.load(maps_ptr + m_code) * _load(m_absmax_ptr + offs // QBLOCK, mask, MASKED)
-    v_old = tl.load(maps_ptr + 256 + v_code) * _load(v_absmax_ptr + offs // QBLOCK, mask, MASKED)
+    m_old = _load_moment(m_ptr, m_scale_ptr, maps_ptr, offs, mask, M_FMT, 0, MASKED)
+    v_old = _load_moment(v_ptr, v_scale_ptr, maps_ptr, offs, mask, V_FMT, 1, MASKED)
     m = m_old + one_minus_beta1 * (g - m_old)
     v = beta2 * v_old + one_minus_beta2 * g * g
     q = _round_to(_adam_q(p, m, v, step_size, inv_sqrt_bc2, eps), p_ptr.dtype.element_ty)
-    if MASKED:  # dead lanes: out of the sums and of the blocks' absmax
+    if MASKED:  # dead lanes: out of the sums and of the blocks' scales
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
         q = tl.where(mask, q, 0.0)
     _store(p_ptr + offs, q, mask, MASKED)
-    # the sum terms first: p, g, q and a are then dead while the moments are quantized
+    # the sum terms first: p, g, q and a are then dead while the moments are encoded
     gd, dd, qq = _sum_terms(p, g, q, a_ptr, offs, mask, HAS_ANCHOR, MASKED)
-    _quantize_tile(m, m_ptr, m_absmax_ptr, offs, mask, tile_start, numel, table_ptr, 0, MASKED, BLOCK)
-    _quantize_tile(v, v_ptr, v_absmax_ptr, offs, mask, tile_start, numel, table_ptr, 1, MASKED, BLOCK)
+    _store_moment(m, m_ptr, m_scale_ptr, table_ptr, offs, mask, tile_start, numel, m_key, M_FMT, 0, MASKED, BLOCK)
+    _store_moment(v, v_ptr, v_scale_ptr, table_ptr, offs, mask, tile_start, numel, v_key, V_FMT, 1, MASKED, BLOCK)
     return gd, dd, qq
 
 
@@ -346,7 +437,10 @@ def _phase1_kernel(
     AMSGRAD: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr,
     STORE_Q: tl.constexpr,  # fp32 p or 8-bit moments: store q now; else q is rebuilt and rounded once later
-    EIGHT_BIT: tl.constexpr,  # m, v rows hold uint8 codes; their absmax rows are used
+    M_FMT: tl.constexpr,  # the moments' formats (FMT_*): compressed ones use their scale rows
+    V_FMT: tl.constexpr,
+    M_TYPE: tl.constexpr,  # the element types of the m and v rows (_CODE_TYPES)
+    V_TYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,
@@ -363,11 +457,12 @@ def _phase1_kernel(
 
     p_ptr = _table_ptr(ptrs_ptr, ROW_P, n_tensors, tid, P_DTYPE, ALIGNED)
     g_ptr = _table_ptr(ptrs_ptr, ROW_G, n_tensors, tid, G_DTYPE, ALIGNED)
-    if EIGHT_BIT:
-        m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, tl.uint8, ALIGNED)
-        v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, tl.uint8, ALIGNED)
-        m_absmax_ptr = _table_ptr(ptrs_ptr, ROW_M_ABSMAX, n_tensors, tid, tl.float32, False)
-        v_absmax_ptr = _table_ptr(ptrs_ptr, ROW_V_ABSMAX, n_tensors, tid, tl.float32, False)
+    CODED: tl.constexpr = M_FMT != FMT_FP32 or V_FMT != FMT_FP32
+    if CODED:
+        m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, M_TYPE, ALIGNED)
+        v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, V_TYPE, ALIGNED)
+        m_scale_ptr = _table_ptr(ptrs_ptr, ROW_M_ABSMAX, n_tensors, tid, tl.float32, False)
+        v_scale_ptr = _table_ptr(ptrs_ptr, ROW_V_ABSMAX, n_tensors, tid, tl.float32, False)
     else:
         m_ptr = _table_ptr(ptrs_ptr, ROW_M, n_tensors, tid, tl.float32, ALIGNED)
         v_ptr = _table_ptr(ptrs_ptr, ROW_V, n_tensors, tid, tl.float32, ALIGNED)
@@ -379,6 +474,9 @@ def _phase1_kernel(
         lr = tl.load(lr_ptr)
     t = tl.load(step_ptr) + 1.0
     step_size, inv_sqrt_bc2 = _step_scalars(t, lr, ln_beta1, ln_beta2)
+    if CODED:  # stochastic rounding's keys: the step count and the moment (rounding.py)
+        m_key = _hash32(t.to(tl.uint32) * 4)
+        v_key = _hash32(t.to(tl.uint32) * 4 + 1)
 
     acc_gd = tl.zeros([BLOCK], dtype=tl.float32)
     acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
@@ -386,18 +484,18 @@ def _phase1_kernel(
     for tile in tl.range(TILES):
         tile_start = start + tile * BLOCK
         offs = tile_start + tl.arange(0, BLOCK)
-        if EIGHT_BIT:
+        if CODED:
             if tile_start + BLOCK <= numel:
-                gd, dd, qq = _phase1_tile8(
-                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, table_ptr,
+                gd, dd, qq = _phase1_tile_coded(
+                    p_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, a_ptr, maps_ptr, table_ptr,
                     offs, None, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    step_size, inv_sqrt_bc2, HAS_ANCHOR, False, BLOCK,
+                    step_size, inv_sqrt_bc2, m_key, v_key, M_FMT, V_FMT, HAS_ANCHOR, False, BLOCK,
                 )
             else:
-                gd, dd, qq = _phase1_tile8(
-                    p_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, a_ptr, maps_ptr, table_ptr,
+                gd, dd, qq = _phase1_tile_coded(
+                    p_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, a_ptr, maps_ptr, table_ptr,
                     offs, offs < numel, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    step_size, inv_sqrt_bc2, HAS_ANCHOR, True, BLOCK,
+                    step_size, inv_sqrt_bc2, m_key, v_key, M_FMT, V_FMT, HAS_ANCHOR, True, BLOCK,
                 )
         elif tile_start + BLOCK <= numel:
             gd, dd, qq = _phase1_tile(
@@ -613,8 +711,8 @@ class _Plan:
             [t.data_ptr() for t in bucket.max_exp_avg_sqs] if bucket.hp.amsgrad else zero,
             [t.data_ptr() for t in bucket.anchors] if bucket.anchors is not None else zero,
             [t.data_ptr() for t in bucket.steps],
-            [t.data_ptr() for t in bucket.exp_avg_scales] if bucket.eight_bit else zero,
-            [t.data_ptr() for t in bucket.exp_avg_sq_scales] if bucket.eight_bit else zero,
+            [t.data_ptr() for t in bucket.exp_avg_scales] if bucket.exp_avg_scales else zero,
+            [t.data_ptr() for t in bucket.exp_avg_sq_scales] if bucket.exp_avg_sq_scales else zero,
         ]
         self.aligned = all(ptr % 16 == 0 for row in rows[:6] for ptr in row)
         self.single_max = -1 if split else chunk
@@ -684,6 +782,10 @@ def _ln(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
+#: the torch dtype of each moment format's codes
+_MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "bnb8": torch.uint8}
+
+
 def _check_bucket(bucket: Bucket) -> None:
     for i, p in enumerate(bucket.params):
         if p.dtype not in _TORCH_TO_TL or not p.is_contiguous():
@@ -691,10 +793,11 @@ def _check_bucket(bucket: Bucket) -> None:
         g = bucket.grads[i]
         if g.shape != p.shape or g.dtype not in _TORCH_TO_TL or g.device != p.device:
             raise ValueError(f"triton backend: grad {i} must match its param, got {g.dtype} {tuple(g.shape)}")
-        moment = torch.uint8 if bucket.eight_bit else torch.float32
-        for name, t in (("exp_avg", bucket.exp_avgs[i]), ("exp_avg_sq", bucket.exp_avg_sqs[i])):
+        for k, (name, t) in enumerate((("exp_avg", bucket.exp_avgs[i]), ("exp_avg_sq", bucket.exp_avg_sqs[i]))):
+            moment = _MOMENT_DTYPES[bucket.formats[k]]
             if t.dtype != moment or not t.is_contiguous():
-                raise ValueError(f"triton backend: {name} of tensor {i} must be contiguous {moment}")
+                raise ValueError(f"triton backend: {name} of tensor {i} must be contiguous {moment} "
+                                 f"({bucket.formats[k]} moments)")
 
 
 class _Step:
@@ -720,9 +823,10 @@ class _Step:
         self.grad_scale = _amp_arg(bucket.grad_scale, plan.amp_default[0:1])
         self.found_inf = _amp_arg(bucket.found_inf, plan.amp_default[1:2])
         self.ln_b1, self.ln_b2 = _ln(hp.beta1), _ln(hp.beta2)
-        self.eight_bit = bucket.eight_bit
-        # 8-bit: q is defined in p's dtype and stored now (the fp32 moments are gone after phase 1)
-        self.store_q = self.p_dtype == tl.float32 or self.eight_bit
+        self.m_fmt, self.v_fmt = (FORMAT_CODES[name] for name in bucket.formats)
+        self.coded = bucket.coded
+        # compressed moments: q is defined in p's dtype and stored now (the fp32 moments are gone after phase 1)
+        self.store_q = self.p_dtype == tl.float32 or self.coded
         self.qmaps, self.qtable = _quantization_tables(bucket.device)
 
     def phase1(self) -> None:
@@ -736,8 +840,9 @@ class _Step:
             1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, self.ln_b1, self.ln_b2, hp.eps, hp.weight_decay,
             hp.max_scale, P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, A_DTYPE=self.a_dtype,
             HAS_ANCHOR=self.anchored, AMSGRAD=hp.amsgrad, LR_IS_TENSOR=self.lr_is_tensor, STORE_Q=self.store_q,
-            EIGHT_BIT=self.eight_bit, ALIGNED=plan.aligned,
-            BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS_8BIT if self.eight_bit else self.num_warps,
+            M_FMT=self.m_fmt, V_FMT=self.v_fmt, M_TYPE=_CODE_TYPES[self.m_fmt], V_TYPE=_CODE_TYPES[self.v_fmt],
+            ALIGNED=plan.aligned,
+            BLOCK=self.block, TILES=self.tiles, num_warps=NUM_WARPS_8BIT if self.coded else self.num_warps,
         )
 
     def finalize(self) -> None:

@@ -27,6 +27,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .. import formats
 from ..bucket import Bucket
 from .. import quantization
 from ..hyperparameters import Hyperparameters
@@ -88,32 +89,42 @@ class _Recorder:
         p, a = constexprs.get("P_DTYPE"), constexprs.get("A_DTYPE")
         switches = [f"{k.lower()}={int(constexprs[k])}" for k in ("HAS_ANCHOR", "AMSGRAD", "LR_IS_TENSOR")
                     if k in constexprs]
-        if constexprs.get("EIGHT_BIT"):
-            switches.append("8bit")
+        m_fmt, v_fmt = constexprs.get("M_FMT", 0), constexprs.get("V_FMT", 0)
+        if m_fmt or v_fmt:
+            switches.append(f"m={_FORMAT_NAMES[int(m_fmt)]} v={_FORMAT_NAMES[int(v_fmt)]}")
         tag = " ".join(filter(None, [
             f"p={_DTYPE_NAMES[p]}" if p is not None else "",
             f"a={_DTYPE_NAMES[a] if constexprs.get('HAS_ANCHOR') else '-'}" if a is not None else "",
             *switches,
         ]))
-        # 128-bit accesses are expected where every stream is fp32 (8-bit codes are 1 byte a lane)
+        # 128-bit accesses are expected where every stream is fp32 (compressed codes are 1-2 bytes a lane)
         all_fp32 = (p == tl.float32 and (a == tl.float32 or not constexprs.get("HAS_ANCHOR"))
-                    and not constexprs.get("EIGHT_BIT"))
+                    and not (m_fmt or v_fmt))
         self.seen[key] = Variant(
             f"{self.fn.__name__.strip('_').removesuffix('_kernel')} {tag}".strip(), self.fn, signature,
             constexprs, num_warps, all_fp32,
         )
 
 
-def _bucket(p_dtype, a_dtype, amsgrad: bool, lr_tensor: bool, eight_bit: bool = False) -> Bucket:
+_FORMAT_NAMES = {code: name for name, code in k.FORMAT_CODES.items()}
+#: the compressed moment formats the launcher takes (fp32/fp32 is the plain variant)
+CODED_PAIRS = (("bnb8", "bnb8"), ("bf16", "bf16"), ("fp8", "bf16"), ("fp32", "bf16"), ("bf16", "fp32"),
+               ("fp8", "fp32"))
+
+
+def _bucket(p_dtype, a_dtype, amsgrad: bool, lr_tensor: bool, pair=("fp32", "fp32")) -> Bucket:
     """A CPU bucket with a one-chunk and a multi-chunk tensor, so every kernel is called."""
     sizes = (7, k.BLOCK * k.TILES + 1)
     params = [torch.zeros(n, dtype=p_dtype) for n in sizes]
-    moment = torch.uint8 if eight_bit else torch.float32
-    absmax = [torch.zeros(quantization.num_blocks(n)) for n in sizes] if eight_bit else None
+    moments = [formats.FORMATS[name] for name in pair]
+
+    def scales(fmt):
+        return [torch.zeros(quantization.num_blocks(n)) for n in sizes] if fmt.block else None
+
     return Bucket(
-        params=params, grads=[torch.zeros_like(p) for p in params],
-        exp_avgs=[torch.zeros(n, dtype=moment) for n in sizes], exp_avg_sqs=[torch.zeros(n, dtype=moment) for n in sizes],
-        exp_avg_scales=absmax, exp_avg_sq_scales=[t.clone() for t in absmax] if eight_bit else None,
+        params=params, grads=[torch.zeros_like(p) for p in params], formats=tuple(pair),
+        exp_avgs=[moments[0].zeros(p, 0) for p in params], exp_avg_sqs=[moments[1].zeros(p, 1) for p in params],
+        exp_avg_scales=scales(moments[0]), exp_avg_sq_scales=scales(moments[1]),
         max_exp_avg_sqs=[torch.zeros(n) for n in sizes] if amsgrad else None,
         anchors=[torch.zeros(n, dtype=a_dtype) for n in sizes] if a_dtype is not None else None,
         steps=[torch.zeros(()) for _ in sizes],
@@ -131,13 +142,17 @@ def variants() -> List[Variant]:
     try:
         for name, fn in saved.items():
             setattr(k, name, _Recorder(fn, seen))
-        for p_dtype, a_dtype, amsgrad, lr_tensor, eight_bit in itertools.product(
-            dtypes, (*dtypes, None), (False, True), (False, True), (False, True)
+        for p_dtype, a_dtype, amsgrad, lr_tensor in itertools.product(
+            dtypes, (*dtypes, None), (False, True), (False, True)
         ):
-            if eight_bit and amsgrad:
-                continue  # not a supported combination
-            k.adam_spd_triton_step(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor, eight_bit))
-            k.adam_spd_triton_partials(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor, eight_bit))()
+            k.adam_spd_triton_step(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor))
+            k.adam_spd_triton_partials(_bucket(p_dtype, a_dtype, amsgrad, lr_tensor))()
+        # compressed moments (no amsgrad): every param dtype, anchors of its dtype or none; a tensor lr
+        # changes nothing in the coded paths, so one setting of it serves
+        for p_dtype, pair in itertools.product(dtypes, CODED_PAIRS):
+            for a_dtype in (p_dtype, torch.bfloat16, None):
+                k.adam_spd_triton_step(_bucket(p_dtype, a_dtype, False, False, pair))
+                k.adam_spd_triton_partials(_bucket(p_dtype, a_dtype, False, False, pair))()
     finally:
         for name, fn in saved.items():
             setattr(k, name, fn)

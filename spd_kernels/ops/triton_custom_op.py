@@ -22,6 +22,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from .. import formats
 from ..bucket import Bucket
 from ..hyperparameters import Hyperparameters
 from . import contract
@@ -63,13 +64,15 @@ def _triton_step_kernel(
     found_inf: Optional[Tensor],
 ) -> Tensor:
     """One fused step of a bucket (empty ``max_exp_avg_sqs``: no amsgrad; empty
-    ``anchors``: anchor-free; empty absmax lists: fp32 moments); returns a fresh copy of the stats [n, 5]."""
+    ``anchors``: anchor-free; the moments' dtypes name their formats, empty scale lists for those
+    without scales); returns a fresh copy of the stats [n, 5]."""
     from .adam_spd import adam_spd_triton_step
 
     bucket = Bucket(
         params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
         max_exp_avg_sqs=max_exp_avg_sqs or None, anchors=anchors or None, steps=steps,
         exp_avg_scales=exp_avg_scales or None, exp_avg_sq_scales=exp_avg_sq_scales or None,
+        formats=formats.of_codes(exp_avgs[0], exp_avg_sqs[0]) if params else ("fp32", "fp32"),
         hp=Hyperparameters.from_packed(hyper, amsgrad=bool(max_exp_avg_sqs), lr_tensor=lr_tensor),
         grad_scale=grad_scale, found_inf=found_inf, projections=counts,
     )
