@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU machine runs (from the source tree, no install):
-# the GPU tests, the verify table, the benchmark report with the state-format (bf16
-# anchors, 8-bit moments), kernels-only, split-step and CUDA-graph lines, and the size and
+# the GPU tests, the verify table (every moment format), the benchmark report with the
+# state-format lines (bf16 anchors, bf16 moments, fp8 + bf16 moments, 8-bit), kernels-only, split-step and CUDA-graph lines, and the size and
 # count sweeps. Parts run in that order (what matters most first), each under its own
 # time limit; the limits add up to 510 s, so the whole fits one 600 s device call. The
 # sweeps start no new point once their budget is spent and rewrite their files after

@@ -218,10 +218,16 @@ def test_bad_format_settings_are_named_and_change_nothing(settings, match):
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
-def test_a_fixed_backend_without_the_format_is_refused_by_name():
-    triton = backends.get("triton")
-    assert "does not run fp8/bf16 moments" in triton.format_error(("fp8", "bf16"))
-    assert triton.format_error(("bnb8", "bnb8")) == ""
+def test_a_backend_without_the_format_is_passed_over_or_refused_by_name():
+    import dataclasses
+
+    for name in ("reference", "cpu", "triton"):  # every backend runs every format
+        assert set(backends.get(name).formats) == set(formats.FORMATS), name
+    older = dataclasses.replace(backends.get("cpu"), formats=("fp32", "bnb8"))
+    assert "impl='cpu' does not run fp8/bf16 moments" in older.format_error(("fp8", "bf16"))
+    assert older.format_error(("bnb8", "bnb8")) == ""
+    p = torch.zeros(4096)
+    assert "does not run bf16 moments" in older.layout_error(p, None, ("bf16", "bf16"))
 
 
 def test_state_dict_round_trips_exactly_and_training_continues_alike():
