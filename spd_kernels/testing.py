@@ -12,9 +12,8 @@ noise's contribution), so two correct implementations take the same branch.
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor

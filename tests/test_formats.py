@@ -7,8 +7,6 @@ rounding ties.
 """
 from __future__ import annotations
 
-import math
-import warnings
 
 import pytest
 import torch
@@ -301,34 +299,14 @@ def test_grad_scaler_inf_step_leaves_compressed_state_untouched():
 
 # ------------------------------------------------------------------------------------ quality
 
-def _drift_setup(steps, seed=0):
-    """The 8-bit test's measure on harder grads: per-row scales spread over three decades."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(256, 128), (64, 512), (300,)]
-    p0 = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-    rows = [torch.logspace(-3, 0, s[0])[torch.randperm(s[0], generator=gen)].view(-1, *([1] * (len(s) - 1)))
-            for s in shapes]
-    grads = [[torch.randn(s, generator=gen) * r * (0.01 + 0.01 * (t % 3)) for s, r in zip(shapes, rows)]
-             for t in range(steps)]
-    return p0, grads
-
-
-def _final(make, p0, grads):
-    params = [torch.nn.Parameter(p.clone()) for p in p0]
-    opt = make(params)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        opt.step()
-    return torch.cat([p.detach().flatten() for p in params])
-
-
 def drift(settings, steps, seed=0):
     """Distance from fp32 Adam after ``steps`` steps at lambda = 0, relative to the distance moved."""
-    p0, grads = _drift_setup(steps, seed)
-    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
-    ours = _final(lambda ps: AdamSPD(ps, weight_decay=0.0, **kw, **settings), p0, grads)
-    fp32 = _final(lambda ps: torch.optim.Adam(ps, **kw), p0, grads)
+    # the quality bench's setup: three tensors whose grads have per-row scales over three decades
+    from bench.format_quality import KW, run_optimizer, setup
+
+    p0, grads = setup(steps, seed)
+    ours = run_optimizer(lambda ps: AdamSPD(ps, weight_decay=0.0, **KW, **settings), p0, grads)
+    fp32 = run_optimizer(lambda ps: torch.optim.Adam(ps, **KW), p0, grads)
     start = torch.cat([p.flatten() for p in p0])
     return float((ours - fp32).norm() / (fp32 - start).norm())
 

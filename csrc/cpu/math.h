@@ -25,23 +25,23 @@ struct F32Store {
   static void store(float* m, int64_t i, float x, uint32_t, uint32_t) { m[i] = x; }
 };
 
-inline uint32_t bits_of(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, sizeof b);
-  return b;
+inline uint32_t float_bits(float y) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, sizeof bits);
+  return bits;
 }
 
-inline float float_of(uint32_t b) {
-  float x;
-  std::memcpy(&x, &b, sizeof x);
-  return x;
+inline float bits_float(uint32_t bits) {
+  float y;
+  std::memcpy(&y, &bits, sizeof y);
+  return y;
 }
 
 struct BF16NearestStore {
   using Code = uint16_t;
-  static float load(const uint16_t* m, int64_t i) { return float_of(static_cast<uint32_t>(m[i]) << 16); }
+  static float load(const uint16_t* m, int64_t i) { return bits_float(static_cast<uint32_t>(m[i]) << 16); }
   static void store(uint16_t* m, int64_t i, float x, uint32_t, uint32_t) {
-    const uint32_t b = bits_of(x);
+    const uint32_t b = float_bits(x);
     const uint16_t rounded = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
     m[i] = x != x ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN, as c10's cast
   }
@@ -49,10 +49,10 @@ struct BF16NearestStore {
 
 struct BF16StochasticStore {
   using Code = uint16_t;
-  static float load(const uint16_t* m, int64_t i) { return float_of(static_cast<uint32_t>(m[i]) << 16); }
+  static float load(const uint16_t* m, int64_t i) { return bits_float(static_cast<uint32_t>(m[i]) << 16); }
   // ``index``: the element's index in its tensor; ``key``: the step's and moment's hash
   static void store(uint16_t* m, int64_t i, float x, uint32_t index, uint32_t key) {
-    m[i] = static_cast<uint16_t>((bits_of(x) + (hash32(index + key) & 0xFFFFu)) >> 16);
+    m[i] = static_cast<uint16_t>((float_bits(x) + (hash32(index + key) & 0xFFFFu)) >> 16);
   }
 };
 

@@ -37,17 +37,6 @@ struct QMaps {
 
 constexpr int32_t NO_MID = 0x10000, FIELD = 0x1FFFF;
 
-inline uint32_t float_bits(float y) {
-  uint32_t bits;
-  std::memcpy(&bits, &y, sizeof bits);
-  return bits;
-}
-
-inline float bits_float(uint32_t bits) {
-  float y;
-  std::memcpy(&y, &bits, sizeof y);
-  return y;
-}
 
 // The number of midpoints below y, by binary search (to build and check the table).
 int count_below(float y, const float* mid) {
