@@ -58,12 +58,12 @@ def _projection_counts(model, opt) -> Dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- DeepSpeed
 
-def _deepspeed_engine(stage: int, seed: int = 0, anchor_shift: float = 0.0):
+def _deepspeed_engine(stage: int, seed: int = 0, anchor_shift: float = 0.0, moments: str = ""):
     import deepspeed
 
-    model = sc.make_model(seed)
+    model = sc.make_model(seed, bool(moments))
     anchors = [a + anchor_shift for a in sc.pretrained_anchors(model)]
-    opt = sc.make_optimizer(model, anchors, "auto")
+    opt = sc.make_optimizer(model, anchors, "auto", moments=moments)
     config = {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": stage},
               # exact comparisons: DeepSpeed refuses an optimizer it has not tested unless told,
               # and clips gradients at 1.0 unless told not to
@@ -150,15 +150,22 @@ def deepspeed_checkpoint(stage: int, out_dir: str) -> Dict[str, object]:
 
 
 def deepspeed_zero3(out_dir: str) -> Dict[str, object]:
-    model, opt, engine = _deepspeed_engine(3)
+    return _first_step_error(3)
+
+
+def _first_step_error(stage: int, moments: str = "") -> Dict[str, object]:
+    """The error of the first step of a refused DeepSpeed route, and whether any state was made."""
+    model, opt, engine = _deepspeed_engine(stage, moments=moments)
     x, y = sc.batch(0)
     engine.backward(nn.functional.mse_loss(engine(x), y))
+    before = [p.detach().clone() for p in model.parameters()]
     try:
         engine.step()
         error = "no error"
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    return {"error": error, "state_is_empty": not opt.state}
+    unchanged = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    return {"error": error, "state_is_empty": not opt.state, "params_unchanged": unchanged}
 
 
 # ---------------------------------------------------------------------------- Accelerate / Trainer
@@ -177,14 +184,15 @@ def _force_fsdp2(accelerator) -> None:
     assert accelerator.is_fsdp2
 
 
-def _accelerate_run(eight_bit: bool, seed: int = 0, anchor_shift: float = 0.0):
+def _accelerate_run(eight_bit: bool, seed: int = 0, anchor_shift: float = 0.0, moments: str = ""):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     _force_fsdp2(accelerator)
-    model = sc.make_model(seed, eight_bit)
+    model = sc.make_model(seed, eight_bit or bool(moments))
     anchors = [a + anchor_shift for a in sc.pretrained_anchors(model)]
-    opt = sc.make_optimizer(model, anchors, "auto", eight_bit)  # built on the unsharded model, as users do
+    # built on the unsharded model, as users do
+    opt = sc.make_optimizer(model, anchors, "auto", eight_bit, moments)
     model, opt = accelerator.prepare(model, opt)
     return accelerator, model, opt
 
@@ -219,15 +227,15 @@ def accelerate_fsdp2(eight_bit: bool, out_dir: str) -> Dict[str, object]:
             "full_param_numel": sum(p.numel() for p in params)}
 
 
-def accelerate_fsdp2_checkpoint(eight_bit: bool, out_dir: str) -> Dict[str, object]:
-    ckpt = os.path.join(out_dir, f"accelerate-ckpt{'8' if eight_bit else ''}")
-    accelerator, model, opt = _accelerate_run(eight_bit)
+def accelerate_fsdp2_checkpoint(eight_bit: bool, out_dir: str, moments: str = "") -> Dict[str, object]:
+    ckpt = os.path.join(out_dir, f"accelerate-ckpt{'8' if eight_bit else ''}{moments}")
+    accelerator, model, opt = _accelerate_run(eight_bit, moments=moments)
     _train_accelerated(accelerator, model, opt, HALF)
     accelerator.save_state(ckpt)
     _train_accelerated(accelerator, model, opt, STEPS - HALF, first=HALF)
     uninterrupted = sc.snapshot(model, opt.optimizer)
     # a fresh model from another seed, with other anchors: everything must come from the checkpoint
-    accelerator, fresh, fresh_opt = _accelerate_run(eight_bit, seed=123, anchor_shift=1.0)
+    accelerator, fresh, fresh_opt = _accelerate_run(eight_bit, seed=123, anchor_shift=1.0, moments=moments)
     accelerator.load_state(ckpt)
     _train_accelerated(accelerator, fresh, fresh_opt, STEPS - HALF, first=HALF)
     return {"uninterrupted": uninterrupted, "resumed": sc.snapshot(fresh, fresh_opt.optimizer)}
@@ -332,6 +340,7 @@ SCENARIOS = {
     "accelerate_fsdp2_8bit": lambda out: accelerate_fsdp2(True, out),
     "accelerate_fsdp2_checkpoint": lambda out: accelerate_fsdp2_checkpoint(False, out),
     "accelerate_fsdp2_8bit_checkpoint": lambda out: accelerate_fsdp2_checkpoint(True, out),
+    "accelerate_fsdp2_fp8_checkpoint": lambda out: accelerate_fsdp2_checkpoint(False, out, moments="fp8"),
     "trainer_ddp": lambda out: trainer_route(False, out),
     "trainer_fsdp2": lambda out: trainer_route(True, out),
     "zero1": lambda out: deepspeed_zero(1, out),
@@ -339,6 +348,7 @@ SCENARIOS = {
     "zero1_checkpoint": lambda out: deepspeed_checkpoint(1, out),
     "zero2_checkpoint": lambda out: deepspeed_checkpoint(2, out),
     "zero3": deepspeed_zero3,
+    "zero2_fp8": lambda out: _first_step_error(2, moments="fp8"),
 }
 
 

@@ -31,8 +31,8 @@ from .test_distributed import assert_matches_single_process, relative_error
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STACK_SCENARIOS = ["accelerate_fsdp2", "accelerate_fsdp2_8bit", "accelerate_fsdp2_checkpoint",
-                   "accelerate_fsdp2_8bit_checkpoint", "trainer_ddp", "trainer_fsdp2", "lightning_ddp"]
-ZERO_SCENARIOS = ["zero1", "zero2", "zero1_checkpoint", "zero2_checkpoint", "zero3"]
+                   "accelerate_fsdp2_8bit_checkpoint", "accelerate_fsdp2_fp8_checkpoint", "trainer_ddp", "trainer_fsdp2", "lightning_ddp"]
+ZERO_SCENARIOS = ["zero1", "zero2", "zero1_checkpoint", "zero2_checkpoint", "zero3", "zero2_fp8"]
 
 
 def _free_port() -> int:
@@ -104,7 +104,8 @@ def test_accelerate_fsdp2_leaves_no_stale_state(stacks, name):
         assert per_param <= 3.0  # exp_avg, exp_avg_sq (codes under 8-bit) and anchor, for its own shards
 
 
-@pytest.mark.parametrize("name", ["accelerate_fsdp2_checkpoint", "accelerate_fsdp2_8bit_checkpoint"])
+@pytest.mark.parametrize("name", ["accelerate_fsdp2_checkpoint", "accelerate_fsdp2_8bit_checkpoint",
+                                  "accelerate_fsdp2_fp8_checkpoint"])
 def test_accelerate_save_state_load_state_resumes_bitwise(stacks, name):
     for rank in ranks(stacks, name):
         assert_resumed_bitwise(rank)
@@ -174,6 +175,14 @@ def test_deepspeed_zero_state_is_the_partitions_and_one_all_reduce_per_step_call
 def test_deepspeed_save_checkpoint_load_checkpoint_resumes_bitwise(zero, name):
     for rank in ranks(zero, name):
         assert_resumed_bitwise(rank)
+
+
+def test_deepspeed_with_compressed_moments_fails_at_the_first_step_and_changes_nothing(zero):
+    for rank in ranks(zero, "zero2_fp8"):
+        assert re.match(r"ValueError: param_groups\[\d\]: compressed moments \(.*exp_avg_dtype.*\) under DeepSpeed "
+                        r"ZeRO are not supported", rank["error"]), rank["error"]
+        assert "FSDP2" in rank["error"]
+        assert rank["state_is_empty"] and rank["params_unchanged"]
 
 
 def test_deepspeed_zero3_fails_at_the_first_step_naming_the_alternatives(zero):
