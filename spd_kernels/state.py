@@ -102,10 +102,10 @@ def match_format(state: Dict[str, Any], p: Tensor, group: Dict[str, Any]) -> Non
     have = held_formats(state)
     if have is None:
         return
-    step = int(float(state["step"])) if "step" in state else 0
     for moment, (held, want) in enumerate(zip(have, formats_for(p, group))):
-        if held is want:
+        if held is want:  # nothing is read from the device unless a moment converts
             continue
+        step = int(float(state["step"])) if "step" in state else 0  # stochastic rounding's key
         codes, scale = formats.state_of(state, held, moment)
         scale = distributed.local_absmax(scale, p) if scale is not None else None
         values = held.decode(distributed.local(codes), scale, moment).float()
