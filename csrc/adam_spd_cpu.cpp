@@ -97,6 +97,8 @@ Formats check_inputs(const char* op, at::TensorList params, at::TensorList grads
     TORCH_CHECK(qmaps.has_value() && qmaps->device().is_cpu() && qmaps->scalar_type() == at::kFloat &&
                     qmaps->is_contiguous() && qmaps->numel() == 512,
                 op, ": 8-bit moments need qmaps, a contiguous fp32 CPU tensor of shape [2, 256]");
+  TORCH_CHECK(coded.offsets.empty() || coded.offsets.size() == n, op,
+              ": index_offsets: one per tensor (where its shard starts in the whole tensor), or empty");
   TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, op, ": max_exp_avg_sqs length");
   TORCH_CHECK(anchors.empty() || anchors.size() == n, op, ": anchors length");
   for (size_t i = 0; i < n; ++i) {
@@ -219,9 +221,9 @@ void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                          at::TensorList steps, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
-                         const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
-                         const std::optional<at::Tensor>& lr_tensor) {
-  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
+                         const std::optional<at::Tensor>& qmaps, at::IntArrayRef index_offsets,
+                         at::ArrayRef<double> hyper, double inv_grad_scale, const std::optional<at::Tensor>& lr_tensor) {
+  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, index_offsets};
   const Formats formats = check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded, qmaps,
                true);
   const int64_t n = static_cast<int64_t>(params.size());
@@ -242,9 +244,10 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
 void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                        at::TensorList steps, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
-                       const std::optional<at::Tensor>& qmaps, at::ArrayRef<double> hyper, double inv_grad_scale,
-                       const at::Tensor& sums, const std::optional<at::Tensor>& lr_tensor) {
-  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
+                       const std::optional<at::Tensor>& qmaps, at::IntArrayRef index_offsets,
+                       at::ArrayRef<double> hyper, double inv_grad_scale, const at::Tensor& sums,
+                       const std::optional<at::Tensor>& lr_tensor) {
+  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, index_offsets};
   const Formats formats = check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded,
                qmaps, true);
   const int64_t n = static_cast<int64_t>(params.size());

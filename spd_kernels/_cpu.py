@@ -54,6 +54,11 @@ def _state_args(bucket: Bucket):
             qmaps() if "bnb8" in bucket.formats else None)
 
 
+def _offsets(bucket: Bucket):
+    """Where each tensor's shard starts in its whole tensor (stochastic rounding's index), or [] (all 0)."""
+    return bucket.index_offsets or []
+
+
 def _host_args(bucket: Bucket):
     """(hyper, lr_tensor, 1/grad_scale, contiguous grads) as the ops take them.
 
@@ -80,7 +85,7 @@ def adam_spd_cpu_step(bucket: Bucket) -> Tensor:
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if bucket.hp.amsgrad else [],
         bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, *_state_args(bucket), hyper, inv_scale, lr_tensor,
+        bucket.steps, *_state_args(bucket), _offsets(bucket), hyper, inv_scale, lr_tensor,
     )
 
 
@@ -95,7 +100,7 @@ def adam_spd_cpu_partials(bucket: Bucket) -> Callable[[], Tensor]:
     anchors = bucket.anchors if bucket.anchors is not None else []
     torch.ops.spd_kernels.adam_spd_partials(
         bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, max_exp_avg_sqs, anchors, bucket.steps,
-        *_state_args(bucket), hyper, inv_scale, bucket.sums, lr_tensor,
+        *_state_args(bucket), _offsets(bucket), hyper, inv_scale, bucket.sums, lr_tensor,
     )
 
     def finish() -> Tensor:

@@ -51,6 +51,9 @@ class Bucket:
     #: bnb8: absmax; one per block of 256 elements); None for a moment without
     exp_avg_scales: Optional[List[Tensor]] = None
     exp_avg_sq_scales: Optional[List[Tensor]] = None
+    #: per tensor, where its local shard starts in the whole flattened tensor (stochastic rounding's
+    #: element index, so a sharded run rounds as the single process); None: all 0
+    index_offsets: Optional[List[int]] = None
     #: the step's scalar settings, one record for every backend
     hp: Hyperparameters = field(default_factory=Hyperparameters)
     #: AMP (torch.amp.GradScaler): grads are divided by grad_scale; a nonzero

@@ -143,6 +143,7 @@ def buckets(work: List[Work], state: Dict[Tensor, Dict[str, Any]],
                     max_exp_avg_sqs=[] if group["amsgrad"] else None,
                     anchors=[] if anchored else None,
                     formats=names(held),
+                    index_offsets=[] if any(f.coded for f in held) else None,
                     exp_avg_scales=[] if held[0].block else None,
                     exp_avg_sq_scales=[] if held[1].block else None,
                     keys=[] if item.partition is not None else None,
@@ -178,6 +179,8 @@ def _add_tensor(b: Bucket, p: Tensor, state: Dict[str, Any], anchor: Optional[Te
     for moment, (fmt, scales) in enumerate(zip(held, (b.exp_avg_scales, b.exp_avg_sq_scales))):
         if fmt.block:
             scales.append(distributed.local_absmax(state[fmt.scale_key(moment)], p))
+    if b.index_offsets is not None:
+        b.index_offsets.append(distributed.flat_start(p) or 0)  # 0 for a shard that is no one stretch
 
 
 def _add_fragments(b: Bucket, flat: Tensor, partition: zero.Partition, state: Dict[str, Any],

@@ -176,23 +176,33 @@ def local_absmax(absmax: Tensor, param: Tensor) -> Tensor:
     return absmax.to_local()[: quantization.num_blocks(local(param).numel())]
 
 
-def shard_of_blocks(param: Tensor, codes: Tensor, absmax: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """This rank's codes and absmax cut from a whole tensor's 8-bit state, when its shard is one
-    stretch of the flattened tensor (sharded on dim 0 only) that starts where a block starts and
-    ends where one ends (or at the tensor's end): its blocks are then the whole tensor's, exactly.
-    None otherwise (the caller re-quantizes)."""
+def flat_start(param: Tensor) -> Optional[int]:
+    """Where this rank's shard starts in the flattened whole tensor, when the shard is one stretch of it
+    (a plain tensor: 0; a DTensor sharded on dim 0 only); None when it is not."""
+    if not is_dtensor(param):
+        return 0
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if any(pl.is_shard() and not (type(pl) is Shard and pl.dim == 0) for pl in param.placements):
         return None
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    start = offset[0] * math.prod(param.shape[1:]) if param.dim() else 0  # elements before this shard
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return offset[0] * math.prod(param.shape[1:]) if param.dim() else 0
+
+
+def shard_of_blocks(param: Tensor, codes: Tensor, absmax: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """This rank's codes and absmax cut from a whole tensor's 8-bit state, when its shard is one
+    stretch of the flattened tensor (sharded on dim 0 only) that starts where a block starts and
+    ends where one ends (or at the tensor's end): its blocks are then the whole tensor's, exactly.
+    None otherwise (the caller re-quantizes)."""
+    start = flat_start(param)  # elements before this shard
+    if start is None:
+        return None
     numel, block = local(param).numel(), quantization.BLOCK_SIZE
     if start % block or (numel % block and start + numel != param.numel()):
         return None
     first = start // block
-    return (codes.reshape(-1)[start:start + numel].reshape(shape),
+    return (codes.reshape(-1)[start:start + numel].reshape(local(param).shape),
             absmax[first:first + quantization.num_blocks(numel)])
 
 

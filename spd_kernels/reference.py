@@ -57,6 +57,7 @@ def adam_q_(
     exp_avg_scale: Optional[Tensor] = None,
     exp_avg_sq_scale: Optional[Tensor] = None,
     formats: Tuple[str, str] = ("fp32", "fp32"),
+    index_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The Adam half of a step: increments ``step``, updates the moments in place
     and returns ``(p, g, q)`` in the compute dtype (p before the step, the
@@ -64,7 +65,8 @@ def adam_q_(
 
     ``formats`` names the moments' formats (``spd_kernels.formats``); compressed ones, with their
     per-block ``exp_avg_scale``/``exp_avg_sq_scale`` where they have them, are updated through
-    fp32 and stored back."""
+    fp32 and stored back; ``index_offset`` is where ``param`` starts in its whole flattened tensor
+    (a shard's start: stochastic rounding's element index)."""
     cdt = compute_dtype(param.dtype)
     lr, beta1, beta2 = hp.lr_value(), hp.beta1, hp.beta2
     step += 1
@@ -92,7 +94,7 @@ def adam_q_(
     denom = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(hp.eps)
     q = p.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
     for k, (fmt, value) in enumerate(zip(fmts, (exp_avg, exp_avg_sq))):
-        fmt.encode_(codes[k], scales[k], value, k, int(t))
+        fmt.encode_(codes[k], scales[k], value, k, int(t), index_offset)
     if any(fmt.coded for fmt in fmts):
         q = q.to(param.dtype).to(cdt)
     return p, g, q
@@ -156,6 +158,7 @@ def adam_spd_step_(
     exp_avg_scale: Optional[Tensor] = None,
     exp_avg_sq_scale: Optional[Tensor] = None,
     formats: Tuple[str, str] = ("fp32", "fp32"),
+    index_offset: int = 0,
 ) -> Tensor:
     """One AdamSPD step of one tensor, in place, with the settings ``hp``. Returns its stats row.
 
@@ -167,7 +170,7 @@ def adam_spd_step_(
     1-d tensor has ``NUM_STATS`` entries (see ``spd_kernels.stats``).
     """
     p, g, q = adam_q_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hp, grad_scale,
-                      exp_avg_scale, exp_avg_sq_scale, formats)
+                      exp_avg_scale, exp_avg_sq_scale, formats, index_offset)
     # The selective projection: its sums use p before the step.
     stats = spd_finalize(spd_sums(p, g, q, anchor), hp)
     spd_project_(param, q, anchor, stats)
@@ -187,11 +190,13 @@ def reference_step(
     exp_avg_scales: Optional[Sequence[Optional[Tensor]]] = None,
     exp_avg_sq_scales: Optional[Sequence[Optional[Tensor]]] = None,
     formats: Tuple[str, str] = ("fp32", "fp32"),
+    index_offsets: Optional[Sequence[int]] = None,
 ) -> Tensor:
     """The reference over a list of tensors: returns stats of shape ``[n, NUM_STATS]``.
 
     ``formats`` names the moments' formats (every tensor's); ``exp_avg_scales``/``exp_avg_sq_scales``
-    hold one per-block scale per tensor for the formats that have them."""
+    hold one per-block scale per tensor for the formats that have them; ``index_offsets`` where each
+    tensor starts in its whole tensor (shards; default 0)."""
     if hp.lr_tensor is not None:
         hp = dataclasses.replace(hp, lr=hp.lr_value())  # read once, not once per tensor
     rows = []
@@ -210,6 +215,7 @@ def reference_step(
                 exp_avg_scales[i] if exp_avg_scales else None,
                 exp_avg_sq_scales[i] if exp_avg_sq_scales else None,
                 formats,
+                index_offsets[i] if index_offsets else 0,
             )
         )
     if not rows:

@@ -115,4 +115,4 @@ def match_format(state: Dict[str, Any], p: Tensor, group: Dict[str, Any]) -> Non
             continue
         codes, scale = formats.state_of(state, want, moment)
         want.encode_(distributed.local(codes), distributed.local_absmax(scale, p) if scale is not None else None,
-                     values, moment, step)
+                     values, moment, step, distributed.flat_start(p) or 0)

@@ -244,8 +244,8 @@ def two_shard_step(start_fn: Callable[[Bucket], Callable[[], Tensor]]) -> Callab
 
     def step(bucket: Bucket) -> Tensor:
         if bucket.coded:
-            # halving a scale list would not give each half its own blocks, and stochastic rounding's
-            # bits follow the local index; sharded compressed states are tested in tests/test_distributed.py
+            # halving a scale list would not give each half its own blocks, nor would the halves know
+            # where they start; sharded compressed states are tested in tests/test_distributed.py
             raise ValueError("two_shard_step: 8-bit and other compressed states are not emulated; blocks and "
                              "rounding bits are local to a shard, so each half would need its own")
         shards = []

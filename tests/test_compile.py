@@ -162,7 +162,7 @@ def test_triton_custom_op_schema_and_fake_impl():
     args = (
         [torch.randn(n, generator=gen) for n in sizes], [torch.randn(n, generator=gen) for n in sizes],
         [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes], [],
-        [torch.randn(n, generator=gen) for n in sizes], [torch.zeros(()) for _ in sizes], [], [],
+        [torch.randn(n, generator=gen) for n in sizes], [torch.zeros(()) for _ in sizes], [], [], [],
         torch.zeros(len(sizes)),
         Hyperparameters(lr=0.01, weight_decay=1.0).packed(), None, None, None,
     )

@@ -128,7 +128,7 @@ def test_op_schema_and_fake_impl():
     state = new_state([5, 20000], torch.float32, torch.float32, True, gen, CPU)
     grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
     args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-            state["anchors"], state["steps"], [], [], None, Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
+            state["anchors"], state["steps"], [], [], None, [], Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_step.default, args,
         test_utils=("test_schema", "test_faketensor"),
@@ -154,7 +154,7 @@ def test_the_op_reads_hyper_in_the_order_python_packs_it():
     with pytest.raises(RuntimeError, match=r"hyper must hold 6 values \(lr, beta1, beta2, eps, weight_decay"):
         torch.ops.spd_kernels.adam_spd_step(
             state["params"], [torch.ones(5)], state["exp_avgs"], state["exp_avg_sqs"], [], state["anchors"],
-            state["steps"], [], [], None, [0.1, 0.9, 0.999], 1.0)
+            state["steps"], [], [], None, [], [0.1, 0.9, 0.999], 1.0)
     for key in ("params", "exp_avgs", "steps"):
         assert all(torch.equal(x, y) for x, y in zip(state[key], before[key]))
 
@@ -207,7 +207,7 @@ def test_split_ops_schema_and_fake_impl():
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_partials.default,
         (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
-         state["anchors"], state["steps"], [], [], None, hyper, 1.0, sums, lr),
+         state["anchors"], state["steps"], [], [], None, [], hyper, 1.0, sums, lr),
         test_utils=("test_schema", "test_faketensor"),
     )
     torch.library.opcheck(
@@ -222,7 +222,7 @@ def test_split_ops_schema_and_fake_impl():
 def test_ops_name_bad_sums_and_lr_tensor():
     state = new_state([5], torch.float32, None, False, torch.Generator().manual_seed(1), CPU)
     grads = [torch.randn(5)]
-    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], [], state["steps"], [], [], None,
+    args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], [], state["steps"], [], [], None, [],
             Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
     with pytest.raises(RuntimeError, match=r"adam_spd_partials: sums must be a contiguous fp64 CPU tensor of shape \[1, 3\]"):
         torch.ops.spd_kernels.adam_spd_partials(*args, torch.zeros((1, 3)))
@@ -302,12 +302,12 @@ def test_8bit_ops_name_bad_inputs():
     base = (state["params"], [torch.randn(300)], state["exp_avgs"], state["exp_avg_sqs"], [], state["anchors"],
             state["steps"])
     with pytest.raises(RuntimeError, match="8-bit moments need qmaps"):
-        torch.ops.spd_kernels.adam_spd_step(*base, state["exp_avg_scales"], state["exp_avg_sq_scales"], None,
+        torch.ops.spd_kernels.adam_spd_step(*base, state["exp_avg_scales"], state["exp_avg_sq_scales"], None, [],
                                             hyper, 1.0)
     with pytest.raises(RuntimeError, match="scales of tensor 0 must be contiguous fp32, one per 256 elements"):
-        torch.ops.spd_kernels.adam_spd_step(*base, [torch.zeros(1)], [torch.zeros(1)], _cpu.qmaps(), hyper, 1.0)
+        torch.ops.spd_kernels.adam_spd_step(*base, [torch.zeros(1)], [torch.zeros(1)], _cpu.qmaps(), [], hyper, 1.0)
     with pytest.raises(RuntimeError, match="one per tensor for a block-scaled moment"):
-        torch.ops.spd_kernels.adam_spd_step(*base, [], [], None, hyper, 1.0)
+        torch.ops.spd_kernels.adam_spd_step(*base, [], [], None, [], hyper, 1.0)
 
 
 @needs_kernel

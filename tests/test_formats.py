@@ -401,3 +401,35 @@ def test_triton_split_step_matches_the_reference(pair):
         return k.adam_spd_triton_partials(bucket)()
 
     run_step_parity(one_shard, [7, 300, 3 * k.BLOCK * k.TILES + 5], CASES[0], TRITON_DEVICE, steps=6, formats=pair)
+
+
+@pytest.mark.parametrize("step_fn", ["reference", "cpu", "triton"])
+def test_a_shard_rounds_as_the_whole_tensor_does(step_fn):
+    # FSDP2 cuts dim 0: each shard's stochastic rounding uses the element's index in the whole tensor
+    # (index_offsets), and its fp8 blocks are the whole tensor's where the cut is on a block bound,
+    # so two shards stepped apart give the whole tensor's codes exactly
+    device = TRITON_DEVICE if step_fn == "triton" else CPU
+    if step_fn not in backends.available(device):
+        pytest.skip(f"{step_fn} does not run here")
+    backend = backends.get(step_fn)
+    gen = torch.Generator().manual_seed(11)
+    pair = ("fp8", "bf16")
+    whole = new_state([8192], torch.float32, torch.bfloat16, False, gen, device, formats=pair)
+    halves = {key: v if v is None or key in ("formats", "steps") else [t for x in v for t in x.chunk(2)]
+              for key, v in clone_state(whole).items()}
+    halves["steps"] = [whole["steps"][0].clone(), whole["steps"][0].clone()]
+    for step in range(3):
+        grad = (torch.randn(8192, generator=gen) * 0.01).to(device)
+        backend.run(bucket_of(whole, [grad], lr=1e-3, weight_decay=0.0))
+        shard = bucket_of(halves, list(grad.chunk(2)), lr=1e-3, weight_decay=0.0)
+        shard.index_offsets = [0, 4096]
+        backend.run(shard)
+        for key in ("exp_avgs", "exp_avg_sqs", "params"):
+            assert torch.equal(torch.cat(halves[key]).view(torch.uint8), whole[key][0].view(torch.uint8)), (step, key)
+        assert torch.equal(torch.cat(halves["exp_avg_scales"]), whole["exp_avg_scales"][0])
+    # without the offsets, the second half rounds with other bits
+    shard.index_offsets = None
+    grad = (torch.randn(8192, generator=gen) * 0.01).to(device)
+    backend.run(bucket_of(whole, [grad], lr=1e-3, weight_decay=0.0))
+    backend.run(bucket_of(halves, list(grad.chunk(2)), lr=1e-3, weight_decay=0.0))
+    assert not torch.equal(halves["exp_avg_sqs"][1], whole["exp_avg_sqs"][0][4096:])

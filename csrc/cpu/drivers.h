@@ -8,10 +8,13 @@ namespace spd_kernels {
 namespace {
 
 // The coded moments of a bucket's tensors: codes, and per-block scales where the format has them.
+// ``offsets``: where each tensor's shard starts in its whole tensor (empty: 0), stochastic rounding's index.
 struct CodedMoments {
   at::TensorList exp_avgs, exp_avg_sqs, m_scales, v_scales;
+  at::IntArrayRef offsets = {};
   MomentView m(int64_t t) const { return view(exp_avgs[t], m_scales, t); }
   MomentView v(int64_t t) const { return view(exp_avg_sqs[t], v_scales, t); }
+  int64_t offset(int64_t t) const { return offsets.empty() ? 0 : offsets[t]; }
   static MomentView view(const at::Tensor& codes, at::TensorList scales, int64_t t) {
     return MomentView{codes.data_ptr(), scales.empty() ? nullptr : scales[t].data_ptr<float>()};
   }
@@ -48,7 +51,8 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
   auto adam = [&](int64_t t, int64_t begin, int64_t end) {
     auto [p, g, m, v, vmax, a] = ptrs(t);
     if constexpr (CODED)
-      return adam_chunk_coded<P, A, HAS_ANCHOR, MF, VF>(p, g, coded.m(t), coded.v(t), a, begin, end, scalars[t], maps);
+      return adam_chunk_coded<P, A, HAS_ANCHOR, MF, VF>(p, g, coded.m(t), coded.v(t), a, begin, end, scalars[t], maps,
+                                                        coded.offset(t));
     else return adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, begin, end, scalars[t]);
   };
 
@@ -121,7 +125,8 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
     const A* a = HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr;
     if constexpr (CODED) {
       partials[k] = adam_chunk_coded<P, A, HAS_ANCHOR, MF, VF>(params[t].data_ptr<P>(), grads[t].data_ptr<P>(),
-                                                               coded.m(t), coded.v(t), a, begin, end, scalars[t], maps);
+                                                               coded.m(t), coded.v(t), a, begin, end, scalars[t], maps,
+                                                               coded.offset(t));
     } else {
       partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
           params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),

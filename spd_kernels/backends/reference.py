@@ -27,7 +27,7 @@ def run(bucket: Bucket) -> Tensor:
     return reference_step(
         bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs,
         bucket.anchors, bucket.steps, bucket.hp, bucket.grad_scale, bucket.exp_avg_scales,
-        bucket.exp_avg_sq_scales, bucket.formats,
+        bucket.exp_avg_sq_scales, bucket.formats, bucket.index_offsets,
     )
 
 
@@ -45,7 +45,7 @@ def start(bucket: Bucket) -> Callable[[], Tensor]:
         p, g, q = adam_q_(
             param, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i],
             bucket.max_exp_avg_sqs[i] if hp.amsgrad else None, bucket.steps[i], hp, bucket.grad_scale,
-            m_absmax[i], v_absmax[i], bucket.formats,
+            m_absmax[i], v_absmax[i], bucket.formats, bucket.index_offsets[i] if bucket.index_offsets else 0,
         )
         bucket.sums[i] = spd_sums(p, g, q, anchors[i])
         qs.append(q)

@@ -17,8 +17,8 @@ from .record import MomentFormat
 from .rounding import to_bf16_stochastic
 
 
-def _encode_(codes, scale, values, moment, step):
-    codes.copy_(values.to(torch.bfloat16) if moment == 0 else to_bf16_stochastic(values, step, moment))
+def _encode_(codes, scale, values, moment, step, offset=0):
+    codes.copy_(values.to(torch.bfloat16) if moment == 0 else to_bf16_stochastic(values, step, moment, offset))
 
 
 FORMAT = MomentFormat(

@@ -19,7 +19,7 @@ def _zeros(p, moment):
                            memory_format=torch.contiguous_format)
 
 
-def _encode_(codes, scale, values, moment, step):
+def _encode_(codes, scale, values, moment, step, offset=0):
     quantization.quantize_(codes, scale, values, signed=moment == 0)
 
 

@@ -11,7 +11,7 @@ import torch
 from .record import MomentFormat
 
 
-def _encode_(codes, scale, values, moment, step):
+def _encode_(codes, scale, values, moment, step, offset=0):
     if values is not codes:
         codes.copy_(values)
 

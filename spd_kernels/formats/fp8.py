@@ -35,7 +35,7 @@ def _decode(codes, scale, moment):
     return unblock(values * scale[:, None], pad, codes.shape)
 
 
-def _encode_(codes, scale, values, moment, step):
+def _encode_(codes, scale, values, moment, step, offset=0):
     blocks, pad = blocks_of(values.float(), BLOCK)
     new_scale = blocks.abs().amax(dim=1) / E4M3_MAX
     inv = torch.where(new_scale > 0, torch.reciprocal(new_scale), torch.zeros_like(new_scale))

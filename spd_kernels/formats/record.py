@@ -52,8 +52,9 @@ class MomentFormat:
     zeros: Callable[[Tensor, int], Tensor]
     #: (codes, scale, moment index) -> fp32 values, codes' shape
     decode: Callable[[Tensor, Optional[Tensor], int], Tensor]
-    #: (codes, scale, fp32 values, moment index, step) -> None: store in place
-    encode_: Callable[[Tensor, Optional[Tensor], Tensor, int, int], None]
+    #: (codes, scale, fp32 values, moment index, step, offset) -> None: store in place; ``offset`` is
+    #: where the codes start in the whole flattened tensor (a shard's start; stochastic rounding's index)
+    encode_: Callable[..., None]
     #: why a moment cannot take this format ('' when it can), e.g. the second moment in fp8
     refuses: Callable[[int], str] = lambda moment: ""
 

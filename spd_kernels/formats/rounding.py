@@ -8,7 +8,8 @@ being rounded away every step.
 
 The bits come from a counter-based hash, not from a generator, so a step is a
 pure function of its inputs: for element ``i`` of a tensor (its index in the
-flattened local tensor) at step ``t`` (the count after this step's increment)
+flattened whole tensor: a shard of an FSDP2 param, sharded on dim 0, adds its
+start, so a sharded run rounds as the single process does) at step ``t`` (the count after this step's increment)
 and moment ``k`` (0: exp_avg, 1: exp_avg_sq)::
 
     key  = lowbias32(4 t + k)                      (uint32 arithmetic, wrapping)
@@ -47,16 +48,17 @@ def lowbias32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def random_bits(numel: int, step: int, moment: int, device=None) -> Tensor:
-    """The 32 random bits of each element of a tensor of ``numel`` elements (int64 in [0, 2^32))."""
+def random_bits(numel: int, step: int, moment: int, device=None, offset: int = 0) -> Tensor:
+    """The 32 random bits of each element of a tensor of ``numel`` elements (int64 in [0, 2^32)) whose
+    first element is element ``offset`` of the whole tensor (a shard's start)."""
     key = lowbias32(torch.tensor(4 * step + moment, dtype=torch.int64, device=device) & _MASK)
-    return lowbias32((torch.arange(numel, dtype=torch.int64, device=device) + key) & _MASK)
+    return lowbias32((torch.arange(offset, offset + numel, dtype=torch.int64, device=device) + key) & _MASK)
 
 
-def to_bf16_stochastic(x: Tensor, step: int, moment: int) -> Tensor:
+def to_bf16_stochastic(x: Tensor, step: int, moment: int, offset: int = 0) -> Tensor:
     """fp32 ``x`` rounded to bf16 stochastically (the bits of ``random_bits``)."""
     bits = x.detach().float().contiguous().view(torch.int32).to(torch.int64) & _MASK
-    noise = random_bits(x.numel(), step, moment, x.device).view(x.shape) & 0xFFFF
+    noise = random_bits(x.numel(), step, moment, x.device, offset).view(x.shape) & 0xFFFF
     upper = ((bits + noise) >> 16) & 0xFFFF
     upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit pattern
     return upper.to(torch.int16).view(torch.bfloat16)

@@ -326,7 +326,7 @@ def _load_moment(ptr, scale_ptr, maps_ptr, offs, mask, FMT: tl.constexpr, K: tl.
 
 
 @triton.jit
-def _store_moment(x, ptr, scale_ptr, table_ptr, offs, mask, tile_start, numel, key,
+def _store_moment(x, ptr, scale_ptr, table_ptr, offs, index, mask, tile_start, numel, key,
                   FMT: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """Store fp32 moment K of one tile (dead lanes 0) in format FMT: bf16 (m nearest even, v
     stochastically from the element's bits), fp8 or 8-bit with one scale per block."""
@@ -339,7 +339,7 @@ def _store_moment(x, ptr, scale_ptr, table_ptr, offs, mask, tile_start, numel, k
             code = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
             code = tl.where(x != x, 0x7FC0, code)  # NaN stays NaN, as torch's cast
         else:
-            code = (bits + (_hash32(offs.to(tl.uint32) + key) & 0xFFFF)) >> 16
+            code = (bits + (_hash32(index + key) & 0xFFFF)) >> 16
         code = code.to(tl.uint16)
     elif FMT == FMT_FP8:
         scale, inv = _block_scales(x, tile_start, BLOCK, 448.0)
@@ -359,7 +359,7 @@ def _store_moment(x, ptr, scale_ptr, table_ptr, offs, mask, tile_start, numel, k
 def _phase1_tile_coded(
     p_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, a_ptr, maps_ptr, table_ptr,
     offs, mask, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2,
-    m_key, v_key, M_FMT: tl.constexpr, V_FMT: tl.constexpr,
+    m_key, v_key, offset, M_FMT: tl.constexpr, V_FMT: tl.constexpr,
     HAS_ANCHOR: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Adam on one tile with compressed moments (formats M_FMT, V_FMT): decode m, v; update in
@@ -379,8 +379,11 @@ def _phase1_tile_coded(
     _store(p_ptr + offs, q, mask, MASKED)
     # the sum terms first: p, g, q and a are then dead while the moments are encoded
     gd, dd, qq = _sum_terms(p, g, q, a_ptr, offs, mask, HAS_ANCHOR, MASKED)
-    _store_moment(m, m_ptr, m_scale_ptr, table_ptr, offs, mask, tile_start, numel, m_key, M_FMT, 0, MASKED, BLOCK)
-    _store_moment(v, v_ptr, v_scale_ptr, table_ptr, offs, mask, tile_start, numel, v_key, V_FMT, 1, MASKED, BLOCK)
+    index = (offs + offset).to(tl.uint32)  # the element's index in the whole tensor: the rounding bits'
+    _store_moment(m, m_ptr, m_scale_ptr, table_ptr, offs, index, mask, tile_start, numel, m_key, M_FMT, 0, MASKED,
+                  BLOCK)
+    _store_moment(v, v_ptr, v_scale_ptr, table_ptr, offs, index, mask, tile_start, numel, v_key, V_FMT, 1, MASKED,
+                  BLOCK)
     return gd, dd, qq
 
 
@@ -409,6 +412,7 @@ def _finalize(sum_gd, sum_dd, sum_qq, weight_decay, max_scale, stats_ptr, counts
 def _phase1_kernel(
     ptrs_ptr,  # int64 [NUM_ROWS, n_tensors]: data_ptrs of p, g, m, v, vmax, a, step per tensor
     numels_ptr,  # int64 [n_tensors]: elements of each tensor
+    offsets_ptr,  # int64 [n_tensors]: where each tensor's shard starts in its whole tensor (rounding bits)
     chunks_ptr,  # int64 [2, n_chunks]: (tensor index, first element) of each program's chunk
     partials_ptr,  # fp32 [n_chunks, 3]: this program's sums g.(p-a), |p-a|^2, |q-a|^2
     stats_ptr,  # fp32 [n_tensors, 5]: written here for single-chunk tensors
@@ -477,6 +481,7 @@ def _phase1_kernel(
     if CODED:  # stochastic rounding's keys: the step count and the moment (rounding.py)
         m_key = _hash32(t.to(tl.uint32) * 4)
         v_key = _hash32(t.to(tl.uint32) * 4 + 1)
+        offset = tl.load(offsets_ptr + tid)
 
     acc_gd = tl.zeros([BLOCK], dtype=tl.float32)
     acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
@@ -489,13 +494,13 @@ def _phase1_kernel(
                 gd, dd, qq = _phase1_tile_coded(
                     p_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, a_ptr, maps_ptr, table_ptr,
                     offs, None, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    step_size, inv_sqrt_bc2, m_key, v_key, M_FMT, V_FMT, HAS_ANCHOR, False, BLOCK,
+                    step_size, inv_sqrt_bc2, m_key, v_key, offset, M_FMT, V_FMT, HAS_ANCHOR, False, BLOCK,
                 )
             else:
                 gd, dd, qq = _phase1_tile_coded(
                     p_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, a_ptr, maps_ptr, table_ptr,
                     offs, offs < numel, tile_start, numel, inv_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    step_size, inv_sqrt_bc2, m_key, v_key, M_FMT, V_FMT, HAS_ANCHOR, True, BLOCK,
+                    step_size, inv_sqrt_bc2, m_key, v_key, offset, M_FMT, V_FMT, HAS_ANCHOR, True, BLOCK,
                 )
         elif tile_start + BLOCK <= numel:
             gd, dd, qq = _phase1_tile(
@@ -735,6 +740,7 @@ class _Plan:
 
         self.ptrs = upload(rows)
         self.numels = upload(numels)
+        self.offsets = upload(bucket.index_offsets or zero)
         self.chunks = upload([[c[0] for c in chunks], [c[1] for c in chunks]])
         self.multi = upload([[m[i] for m in multi] for i in range(3)] if multi else [[], [], []])
         # zeros: a split step that AMP skips still hands finite sums (from here) to the all-reduce
@@ -834,7 +840,7 @@ class _Step:
         if plan.n_chunks == 0:  # every tensor an empty shard
             return
         _phase1_kernel[(plan.n_chunks,)](
-            plan.ptrs, plan.numels, plan.chunks, plan.partials, plan.stats, self.counts, self.lr_buf,
+            plan.ptrs, plan.numels, plan.offsets, plan.chunks, plan.partials, plan.stats, self.counts, self.lr_buf,
             self.grad_scale, self.found_inf, self.qmaps, self.qtable,
             plan.n_tensors, plan.n_chunks, plan.single_max, self.lr_value,
             1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, self.ln_b1, self.ln_b2, hp.eps, hp.weight_decay,

@@ -27,20 +27,22 @@ from ..stats import NUM_STATS
 # The C++ build adds its own self-description (``hyperparameter_names``) as a fragment too.
 _lib = torch.library.Library("spd_kernels", "FRAGMENT")
 
-#: the 8-bit lists and maps of the CPU ops: empty lists and no maps for fp32 moments
+#: the CPU ops' compressed-moment lists: per-block scales (empty for a format without) and the 8-bit maps
+#: (None unless bitsandbytes' format); ``index_offsets`` (step and partials) is where each tensor's shard
+#: starts in its whole tensor (stochastic rounding's element index; empty: all 0)
 _CPU_STATE = "Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, Tensor? qmaps"
 
 SCHEMAS = {
     # one whole step of a bucket of CPU tensors
     "adam_spd_step": (
         "adam_spd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        f"Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, {_CPU_STATE}, float[] hyper, "
-        "float inv_grad_scale, Tensor? lr_tensor=None) -> Tensor"),
+        f"Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, {_CPU_STATE}, int[] index_offsets, "
+        "float[] hyper, float inv_grad_scale, Tensor? lr_tensor=None) -> Tensor"),
     # the split step's first half: Adam, and each tensor's three local sums into sums [n, 3] (fp64)
     "adam_spd_partials": (
         "adam_spd_partials(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        f"Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, {_CPU_STATE}, float[] hyper, "
-        "float inv_grad_scale, Tensor(h!) sums, Tensor? lr_tensor=None) -> ()"),
+        f"Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, {_CPU_STATE}, int[] index_offsets, "
+        "float[] hyper, float inv_grad_scale, Tensor(h!) sums, Tensor? lr_tensor=None) -> ()"),
     # its second half: the stats from the all-reduced sums, then the projection
     "adam_spd_project": (
         "adam_spd_project(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
@@ -51,8 +53,8 @@ SCHEMAS = {
     "adam_spd_triton_step": (
         "adam_spd_triton_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] anchors, Tensor(e!)[] steps, "
-        "Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, Tensor(h!) counts, float[] hyper, "
-        "Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf) -> Tensor"),
+        "Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, int[] index_offsets, Tensor(h!) counts, "
+        "float[] hyper, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf) -> Tensor"),
 }
 
 for _schema in SCHEMAS.values():
@@ -65,13 +67,13 @@ def _stats_like(params):
 
 @torch.library.register_fake("spd_kernels::adam_spd_step", lib=_lib)
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_scales,
-      exp_avg_sq_scales, qmaps, hyper, inv_grad_scale, lr_tensor=None):
+      exp_avg_sq_scales, qmaps, index_offsets, hyper, inv_grad_scale, lr_tensor=None):
     return _stats_like(params)
 
 
 @torch.library.register_fake("spd_kernels::adam_spd_partials", lib=_lib)
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_scales,
-      exp_avg_sq_scales, qmaps, hyper, inv_grad_scale, sums, lr_tensor=None):
+      exp_avg_sq_scales, qmaps, index_offsets, hyper, inv_grad_scale, sums, lr_tensor=None):
     return None
 
 
@@ -83,5 +85,5 @@ def _(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_sc
 
 @torch.library.register_fake("spd_kernels::adam_spd_triton_step", lib=_lib)
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, exp_avg_scales, exp_avg_sq_scales,
-      counts, hyper, lr_tensor, grad_scale, found_inf):
+      index_offsets, counts, hyper, lr_tensor, grad_scale, found_inf):
     return _stats_like(params)

@@ -57,6 +57,7 @@ def _triton_step_kernel(
     steps: List[Tensor],
     exp_avg_scales: List[Tensor],
     exp_avg_sq_scales: List[Tensor],
+    index_offsets: List[int],
     counts: Tensor,
     hyper: List[float],
     lr_tensor: Optional[Tensor],
@@ -73,6 +74,7 @@ def _triton_step_kernel(
         max_exp_avg_sqs=max_exp_avg_sqs or None, anchors=anchors or None, steps=steps,
         exp_avg_scales=exp_avg_scales or None, exp_avg_sq_scales=exp_avg_sq_scales or None,
         formats=formats.of_codes(exp_avgs[0], exp_avg_sqs[0]) if params else ("fp32", "fp32"),
+        index_offsets=list(index_offsets) or None,
         hp=Hyperparameters.from_packed(hyper, amsgrad=bool(max_exp_avg_sqs), lr_tensor=lr_tensor),
         grad_scale=grad_scale, found_inf=found_inf, projections=counts,
     )
@@ -98,6 +100,7 @@ def run_bucket(bucket: Bucket) -> Tensor:
     return adam_spd_triton_step_op(
         bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
         bucket.max_exp_avg_sqs if hp.amsgrad else [], bucket.anchors if bucket.anchors is not None else [],
-        bucket.steps, bucket.exp_avg_scales or [], bucket.exp_avg_sq_scales or [], counts, hp.packed(),
+        bucket.steps, bucket.exp_avg_scales or [], bucket.exp_avg_sq_scales or [], bucket.index_offsets or [],
+        counts, hp.packed(),
         hp.lr_tensor, bucket.grad_scale, bucket.found_inf,
     )
