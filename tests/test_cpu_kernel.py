@@ -136,7 +136,7 @@ def test_op_schema_and_fake_impl():
     # and with 8-bit moments
     state = new_state([5, 20000], torch.float32, torch.float32, False, gen, CPU, eight_bit=True)
     args = (state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [], state["anchors"], state["steps"],
-            state["exp_avg_scales"], state["exp_avg_sq_scales"], _cpu.qmaps(),
+            state["exp_avg_scales"], state["exp_avg_sq_scales"], _cpu.qmaps(), [],
             Hyperparameters(lr=0.01, weight_decay=1.0).packed(), 1.0)
     torch.library.opcheck(
         torch.ops.spd_kernels.adam_spd_step.default, args,
