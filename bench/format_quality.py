@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import warnings
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spd_kernels import AdamSPD  # noqa: E402
+from spd_kernels.bench import machine  # noqa: E402
 from spd_kernels.formats import rounding  # noqa: E402
 
 KW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
@@ -174,12 +174,7 @@ def main(argv=None):
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     results = measure(args.steps, args.seeds)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = machine.cpu_model()
     print(f"drift from fp32 Adam / distance moved, lambda = 0, mean (min-max) over {args.seeds} seeds; "
           f"torch {torch.__version__}, {cpu}\n")
     print("| moments | kind | " + " | ".join(f"{s} steps" for s in args.steps) + " |")

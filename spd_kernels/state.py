@@ -65,8 +65,9 @@ def fragment_anchor(flat: Tensor, partition: zero.Partition, origin: GroupOrigin
 def _new_moment(state: Dict[str, Any], p: Tensor, fmt: MomentFormat, moment: int) -> None:
     """A zero moment in ``fmt``, placed like ``p``: a sharded param's codes like it, its scales split
     evenly over its shards (blocks are local to a shard)."""
-    for key in formats.FORMATS["bnb8"].keys(moment)[1:] + formats.FORMATS["fp8"].keys(moment)[1:]:
-        state.pop(key, None)
+    for other in formats.FORMATS.values():  # the scales of the format the moment was in
+        if other.scale_key(moment):
+            state.pop(other.scale_key(moment), None)
     if not fmt.coded:
         state[MOMENTS[moment]] = fmt.zeros(p, moment)  # zeros_like keeps a DTensor's placement
         return

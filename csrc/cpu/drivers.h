@@ -25,6 +25,18 @@ struct CodedMoments {
 template <typename MF, typename VF>
 constexpr bool coded_v = !(std::is_same<MF, F32Format>::value && std::is_same<VF, F32Format>::value);
 
+// steps += 1 for every tensor; the per-tensor scalars of the new counts.
+std::vector<Scalars> advance_steps(at::TensorList steps, const Hyper& hyper, double inv_grad_scale) {
+  std::vector<Scalars> scalars(steps.size());
+  for (size_t t = 0; t < steps.size(); ++t) {
+    float* step = steps[t].data_ptr<float>();
+    const double count = static_cast<double>(*step) + 1.0;
+    *step = static_cast<float>(count);
+    scalars[t] = make_scalars(count, hyper, inv_grad_scale);
+  }
+  return scalars;
+}
+
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, typename MF, typename VF>
 void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList anchors, at::TensorList steps, const Hyper& hyper,
@@ -34,13 +46,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
   constexpr bool CODED = coded_v<MF, VF>;
   constexpr bool STORE_Q = CODED || std::is_same<P, float>::value;
 
-  std::vector<Scalars> scalars(n);
-  for (int64_t t = 0; t < n; ++t) {
-    float* step = steps[t].data_ptr<float>();
-    const double count = static_cast<double>(*step) + 1.0;
-    *step = static_cast<float>(count);
-    scalars[t] = make_scalars(count, hyper, inv_grad_scale);
-  }
+  const std::vector<Scalars> scalars = advance_steps(steps, hyper, inv_grad_scale);
   auto ptrs = [&](int64_t t) {
     return std::make_tuple(params[t].data_ptr<P>(), grads[t].data_ptr<P>(),
                            CODED ? nullptr : exp_avgs[t].data_ptr<float>(),
@@ -111,13 +117,7 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
   // else q is rebuilt and rounded once in the project op
   constexpr bool CODED = coded_v<MF, VF>;
   constexpr bool STORE_Q = CODED || std::is_same<P, float>::value;
-  std::vector<Scalars> scalars(n);
-  for (int64_t t = 0; t < n; ++t) {
-    float* step = steps[t].data_ptr<float>();
-    const double count = static_cast<double>(*step) + 1.0;
-    *step = static_cast<float>(count);
-    scalars[t] = make_scalars(count, hyper, inv_grad_scale);
-  }
+  const std::vector<Scalars> scalars = advance_steps(steps, hyper, inv_grad_scale);
   const ChunkList work = chunk_list(params, [](int64_t) { return true; });
   std::vector<Sums> partials(work.chunks.size());
   parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {

@@ -37,14 +37,14 @@ inline uint32_t rounding_key(uint32_t step, int moment) { return hash32(4u * ste
 // policies); the others go through an fp32 block buffer (decode, step, encode).
 struct F32Format {
   using Code = float;
-  static constexpr bool DIRECT = true, BLOCKED = false;
+  static constexpr bool DIRECT = true;
   template <int MOMENT>
   using Store = F32Store;
 };
 
 struct BF16Format {
   using Code = uint16_t;
-  static constexpr bool DIRECT = true, BLOCKED = false;
+  static constexpr bool DIRECT = true;
   template <int MOMENT>
   using Store = std::conditional_t<MOMENT == 0, BF16NearestStore, BF16StochasticStore>;
 };
@@ -68,7 +68,7 @@ inline float e4m3_value(uint8_t code) {
 
 struct FP8Format {
   using Code = uint8_t;
-  static constexpr bool DIRECT = false, BLOCKED = true;
+  static constexpr bool DIRECT = false;
   template <int MOMENT>
   using Store = F32Store;  // the step sees the fp32 block buffer
   static void decode(const void* codes, const float* scale, int64_t b0, int64_t len, int, const QMaps*, float* out) {
@@ -129,7 +129,7 @@ struct FP8Format {
 
 struct Bnb8Format {
   using Code = uint8_t;
-  static constexpr bool DIRECT = false, BLOCKED = true;
+  static constexpr bool DIRECT = false;
   template <int MOMENT>
   using Store = F32Store;  // the step sees the fp32 block buffer
   static void decode(const void* codes, const float* absmax, int64_t b0, int64_t len, int moment, const QMaps* maps,
