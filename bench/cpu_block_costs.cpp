@@ -28,7 +28,9 @@ void quantize_without_table_read(const float* __restrict x, int64_t len, float i
 // ns per element of part `part` over the blocks of m (normalized first moments), v (second),
 // repeated `reps` times. Parts: 0 dequantize m, 1 dequantize v, 2 quantize m, 3 quantize v,
 // 4 and 5 the same without the table read, 6 the fp32 Adam update (bf16 anchors, q rounded to
-// fp32 p, the three sums), 7 block absmax of m and v, 8 the whole 8-bit block (adam_chunk8).
+// fp32 p, the three sums), 7 the whole 8-bit block (adam_chunk8: the update also reduces the
+// blocks' absmax), 8 fp8 decode of m, 9 fp8 encode of m (absmax known), 10 the whole step with
+// bf16 m and v, 11 with fp8 m and bf16 v (adam_chunk_coded).
 double block_cost(const at::Tensor& qmaps, const at::Tensor& m, const at::Tensor& v, int64_t part, int64_t reps) {
   using namespace spd_kernels;
   constexpr int64_t B = QBLOCK;
@@ -44,6 +46,18 @@ double block_cost(const at::Tensor& qmaps, const at::Tensor& m, const at::Tensor
     quantize_block(xv + b, B, 1.0f, maps, 1, cv.data() + b);
   }
   const Moments8 mo{cm.data(), cv.data(), am.data(), av.data()};
+  std::vector<uint8_t> m8(n);
+  std::vector<uint16_t> mb(n), vb(n);
+  std::vector<float> m8_scale(n / B);
+  for (int64_t i = 0; i < n; ++i) {  // m and v as bf16 (v from the normalized v, scaled like a step's)
+    mb[i] = static_cast<uint16_t>(float_bits(1e-3f * xm[i]) >> 16);
+    vb[i] = static_cast<uint16_t>(float_bits(1e-6f * xv[i]) >> 16);
+  }
+  for (int64_t b = 0; b < n; b += B) {
+    for (int64_t j = 0; j < B; ++j) out[b + j] = 1e-3f * xm[b + j];
+    FP8Format::finish<0>(MomentView{m8.data(), m8_scale.data()}, b, B, out.data() + b, 1e-3f, nullptr);
+  }
+  const MomentView m8_view{m8.data(), m8_scale.data()}, mb_view{mb.data(), nullptr}, vb_view{vb.data(), nullptr};
   const Scalars s = make_scalars(10.0, Hyper{1e-3, 0.9, 0.999, 1e-8, 1.0, 1e9}, 1.0);
   double sink = 0.0;
   const auto start = std::chrono::steady_clock::now();
@@ -58,11 +72,21 @@ double block_cost(const at::Tensor& qmaps, const at::Tensor& m, const at::Tensor
         case 5: quantize_without_table_read(xv + b, B, 1.0f, maps, 1, cv.data() + b); break;
         case 6:
           sink += adam_chunk<float, c10::BFloat16, false, true, true, true>(
-                      p.data() + b, g.data() + b, mw.data() + b, vw.data() + b, nullptr, a.data() + b, 0, B, s).gd;
+              p.data() + b, g.data() + b, F32Moment{mw.data() + b}, F32Moment{vw.data() + b}, nullptr, a.data() + b, 0,
+              B, s).gd;
           break;
-        case 7: sink += max_abs(xm + b, B) + max_abs(xv + b, B); break;
-        default: sink += adam_chunk8<float, c10::BFloat16, true>(p.data() + b, g.data() + b, mo, a.data() + b, 0, B, s,
-                                                                 maps).gd;
+        case 7:
+          sink += adam_chunk8<float, c10::BFloat16, true>(p.data() + b, g.data() + b, mo, a.data() + b, 0, B, s, maps).gd;
+          break;
+        case 8: FP8Format::moment<0>(m8_view, b, B, out.data() + b, 0, nullptr); break;
+        case 9: FP8Format::finish<0>(m8_view, b, B, mw.data() + b, 1.0f, nullptr); break;
+        case 10:
+          sink += adam_chunk_coded<float, c10::BFloat16, true, BF16Format, BF16Format>(
+                      p.data(), g.data(), mb_view, vb_view, a.data(), b, b + B, s, nullptr).gd;
+          break;
+        default:
+          sink += adam_chunk_coded<float, c10::BFloat16, true, FP8Format, BF16Format>(
+                      p.data(), g.data(), m8_view, vb_view, a.data(), b, b + B, s, nullptr).gd;
       }
     }
   }

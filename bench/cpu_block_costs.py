@@ -1,13 +1,14 @@
-"""What one block of the 8-bit CPU step costs, part by part: ``python bench/cpu_block_costs.py``.
+"""What the CPU step costs per element with compressed moments, part by part: ``python bench/cpu_block_costs.py``.
 
 Compiles ``bench/cpu_block_costs.cpp`` against the kernel's own headers, ``csrc/cpu/`` (about a
-minute), and times each part of ``adam_chunk8`` alone on one thread over 16384 elements
-(64 blocks, in L2), in ns per element: dequantize, quantize (and the same without its
-table read: wrong codes, a lower bound), the fp32 Adam update, the block absmax, and the
-whole block. Compute costs only: the step's memory traffic is not in them. Compare the
-whole block with ``AdamW(fused=True)``'s time per param per core in the bench report
-(vit_b: ms x threads / params). The tool registers no ops: the headers hold the kernel's code,
-``csrc/adam_spd_cpu.cpp`` its op registrations.
+minute), and times each part alone on one thread over 16384 elements (64 blocks, in L2), in ns
+per element. The 8-bit format: dequantize, quantize (and the same without its table read:
+wrong codes, a lower bound), the fp32 Adam update and the whole 8-bit block (whose update also
+reduces the blocks' absmax). The fp8 codec: decode, and encode once the absmax is known; and the
+whole step with bf16 m and v and with fp8 m + bf16 v. Compute costs only: the step's memory
+traffic is not in them. Compare the whole steps with ``AdamW(fused=True)``'s time per param per
+core in the bench report (vit_b: ms x threads / params). The tool registers no ops: the headers
+hold the kernel's code, ``csrc/adam_spd_cpu.cpp`` its op registrations.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ sys.path.insert(0, ROOT)
 from spd_kernels import quantization  # noqa: E402  (pure Python: does not load spd_kernels._C)
 
 PARTS = ["dequantize m", "dequantize v", "quantize m", "quantize v", "quantize m, no table read",
-         "quantize v, no table read", "fp32 Adam update", "absmax m and v", "whole 8-bit block"]
+         "quantize v, no table read", "fp32 Adam update", "whole 8-bit block",
+         "fp8 decode m", "fp8 encode m", "whole step, bf16 m and v", "whole step, fp8 m + bf16 v"]
 
 
 def build():

@@ -16,7 +16,7 @@ def test_block_cost_tool_builds_and_times_every_part(tmp_path):
                           "--reps", "3", "--rounds", "1"], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     costs = dict(re.findall(r"^(.+?)\s+([0-9.]+) ns/element$", out.stdout, flags=re.M))
-    assert len(costs) == 9, out.stdout
+    assert len(costs) == 12, out.stdout
     assert all(float(v) > 0 for v in costs.values()), costs
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_block_costs.py"), "--elements", "100"],
                          capture_output=True, text=True, timeout=120, env=env)

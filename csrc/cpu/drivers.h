@@ -59,7 +59,8 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     if constexpr (CODED)
       return adam_chunk_coded<P, A, HAS_ANCHOR, MF, VF>(p, g, coded.m(t), coded.v(t), a, begin, end, scalars[t], maps,
                                                         coded.offset(t));
-    else return adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, m, v, vmax, a, begin, end, scalars[t]);
+    else return adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(p, g, F32Moment{m}, F32Moment{v}, vmax, a, begin, end,
+                                                               scalars[t]);
   };
 
   // Tensors up to TASK_MAX: one task each does Adam, the sums, the finalize and
@@ -84,7 +85,8 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
   // Larger tensors one at a time, so the projection re-reads q and a from the
   // last-level cache where the tensor fits there: chunks in parallel, each with
-  // its own partial-sum slot; the slots are summed in chunk order.
+  // its own partial-sum slot; the slots are summed in chunk order. Each thread projects its
+  // chunks last to first: its latest ones are still in its L2 and the rest in the L3.
   std::vector<Sums> partials;
   for (const int64_t t : large) {
     const int64_t numel = params[t].numel(), n_chunks = (numel + CHUNK - 1) / CHUNK;
@@ -99,10 +101,13 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     float* row = stats + NUM_STATS * t;
     finalize(sums, s.weight_decay, s.max_scale, row);
     if (STORE_Q && row[STAT_SCALE] == 0.0f) continue;
-    parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
-      project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
-                                                std::min((c + 1) * CHUNK, numel), s, row[STAT_SCALE]);
-    });
+    parallel_items(
+        n_chunks, [](int64_t) { return CHUNK; },
+        [&](int64_t c) {
+          project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
+                                                    std::min((c + 1) * CHUNK, numel), s, row[STAT_SCALE]);
+        },
+        /*backward=*/true);
   }
 }
 
@@ -129,8 +134,8 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
                                                                coded.offset(t));
     } else {
       partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
-          params[t].data_ptr<P>(), grads[t].data_ptr<P>(), exp_avgs[t].data_ptr<float>(),
-          exp_avg_sqs[t].data_ptr<float>(), AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr, a, begin, end,
+          params[t].data_ptr<P>(), grads[t].data_ptr<P>(), F32Moment{exp_avgs[t].data_ptr<float>()},
+          F32Moment{exp_avg_sqs[t].data_ptr<float>()}, AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr, a, begin, end,
           scalars[t]);
     }
   });
@@ -162,6 +167,7 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     finalize(total, scalars[t].weight_decay, scalars[t].max_scale, stats + NUM_STATS * t);
   }
   const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[NUM_STATS * t + STAT_SCALE] != 0.0f; });
+  // last to first, as in run_bucket: the partials op's latest chunks are the likeliest in cache
   parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
     const auto [t, begin, end] = work.chunks[k];
     // q is rebuilt (bf16/fp16, 32-bit moments) from m and v, or vmax under amsgrad
@@ -170,7 +176,7 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), m, v,
                                               HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
                                               scalars[t], stats[NUM_STATS * t + STAT_SCALE]);
-  });
+  }, /*backward=*/true);
 }
 
 }  // namespace

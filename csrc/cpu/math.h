@@ -7,9 +7,6 @@
 namespace spd_kernels {
 namespace {
 
-// How adam_chunk reads and writes a moment element: fp32 in place, or bf16 (nearest even, or
-// stochastic from the element's random bits; formats.h says which moment takes which). Written
-// as plain arithmetic so the loop stays one vectorized pass.
 inline uint32_t hash32(uint32_t x) {  // lowbias32 (spd_kernels/formats/rounding.py)
   x ^= x >> 16;
   x *= 0x7FEB352Du;
@@ -18,12 +15,6 @@ inline uint32_t hash32(uint32_t x) {  // lowbias32 (spd_kernels/formats/rounding
   x ^= x >> 16;
   return x;
 }
-
-struct F32Store {
-  using Code = float;
-  static float load(const float* m, int64_t i) { return m[i]; }
-  static void store(float* m, int64_t i, float x, uint32_t, uint32_t) { m[i] = x; }
-};
 
 inline uint32_t float_bits(float y) {
   uint32_t bits;
@@ -37,55 +28,72 @@ inline float bits_float(uint32_t bits) {
   return y;
 }
 
-struct BF16NearestStore {
-  using Code = uint16_t;
-  static float load(const uint16_t* m, int64_t i) { return bits_float(static_cast<uint32_t>(m[i]) << 16); }
-  static void store(uint16_t* m, int64_t i, float x, uint32_t, uint32_t) {
-    const uint32_t b = float_bits(x);
+// How adam_chunk reads and writes a moment: a small object the loop inlines. load(i) is element
+// i's stored value in fp32; store(i, x, index) keeps the new value x (``index``: the element's
+// index in its whole tensor, for stochastic rounding). ABSMAX: the loop also reduces max |x| over
+// what it stores (a block format's scale, formats.h). Written as plain arithmetic so the loop
+// stays one vectorized pass.
+struct F32Moment {  // fp32 in place
+  static constexpr bool ABSMAX = false;
+  float* x;
+  float load(int64_t i) const { return x[i]; }
+  void store(int64_t i, float y, uint32_t) const { x[i] = y; }
+};
+
+struct BF16NearestMoment {  // bf16, nearest even
+  static constexpr bool ABSMAX = false;
+  uint16_t* x;
+  float load(int64_t i) const { return bits_float(static_cast<uint32_t>(x[i]) << 16); }
+  void store(int64_t i, float y, uint32_t) const {
+    const uint32_t b = float_bits(y);
     const uint16_t rounded = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-    m[i] = x != x ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN, as c10's cast
+    x[i] = y != y ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN, as c10's cast
   }
 };
 
-struct BF16StochasticStore {
-  using Code = uint16_t;
-  static float load(const uint16_t* m, int64_t i) { return bits_float(static_cast<uint32_t>(m[i]) << 16); }
-  // ``index``: the element's index in its tensor; ``key``: the step's and moment's hash
-  static void store(uint16_t* m, int64_t i, float x, uint32_t index, uint32_t key) {
-    m[i] = static_cast<uint16_t>((float_bits(x) + (hash32(index + key) & 0xFFFFu)) >> 16);
+struct BF16StochasticMoment {  // bf16, stochastic from the element's random bits
+  static constexpr bool ABSMAX = false;
+  uint16_t* x;
+  uint32_t key;  // the step's and moment's hash (formats.h's rounding_key)
+  float load(int64_t i) const { return bits_float(static_cast<uint32_t>(x[i]) << 16); }
+  void store(int64_t i, float y, uint32_t index) const {
+    x[i] = static_cast<uint16_t>((float_bits(y) + (hash32(index + key) & 0xFFFFu)) >> 16);
   }
 };
 
 struct Sums {
   double gd = 0.0, dd = 0.0, qq = 0.0;
+  // max |new m|, |new v| of the elements, where the moment's ABSMAX asks (not added up by add)
+  float m_absmax = 0.0f, v_absmax = 0.0f;
   void add(const Sums& o) { gd += o.gd; dd += o.dd; qq += o.qq; }
 };
 
 // Adam on [begin, end): writes m, v (vmax) and, if STORE_Q, q into p; returns the
 // chunk's three sums. One plain loop the compiler vectorizes (omp simd); its
 // reduction order is fixed by the build, never by the thread count.
-// MS, VS: how m and v are stored (F32Store: fp32 in place); ``index0 + i`` is element i's index in
-// its tensor and m_key, v_key the stochastic rounding keys (formats.h), for the stores that use them.
+// MM, VM: how m and v are read and written (the moment objects above; F32Moment: fp32 in place);
+// ``index0 + i`` is element i's index in its whole tensor.
 template <typename P, typename A, bool AMSGRAD, bool HAS_ANCHOR, bool STORE_Q, bool ROUND_Q = false,
-          typename MS = F32Store, typename VS = F32Store>
-__attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* __restrict g,
-                                                      typename MS::Code* __restrict m, typename VS::Code* __restrict v,
+          typename MM = F32Moment, typename VM = F32Moment>
+__attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* __restrict g, MM m, VM v,
                                                       float* __restrict vmax, const A* __restrict a, int64_t begin,
-                                                      int64_t end, const Scalars& s, int64_t index0 = 0,
-                                                      uint32_t m_key = 0, uint32_t v_key = 0) {
+                                                      int64_t end, const Scalars& s, int64_t index0 = 0) {
   double gd = 0.0, dd = 0.0, qq = 0.0;
   const float w1 = s.one_minus_beta1, b2 = s.beta2, w2 = s.one_minus_beta2;
   const float step_size = s.step_size, inv_sqrt_bc2 = s.inv_sqrt_bc2, eps = s.eps;
   const float inv_grad_scale = s.inv_grad_scale;  // AMP: 1/loss scale (1 without a GradScaler)
-#pragma omp simd reduction(+ : gd, dd, qq)
+  float m_absmax = 0.0f, v_absmax = 0.0f;
+#pragma omp simd reduction(+ : gd, dd, qq) reduction(max : m_absmax, v_absmax)
   for (int64_t i = begin; i < end; ++i) {
     const float gi = to_float(g[i]) * inv_grad_scale;
     const float pi = to_float(p[i]);
-    const float m0 = MS::load(m, i);
+    const float m0 = m.load(i);
     const float mi = m0 + w1 * (gi - m0);  // torch's lerp for a weight < 0.5
-    float vi = b2 * VS::load(v, i) + w2 * gi * gi;
-    MS::store(m, i, mi, static_cast<uint32_t>(index0 + i), m_key);
-    VS::store(v, i, vi, static_cast<uint32_t>(index0 + i), v_key);
+    float vi = b2 * v.load(i) + w2 * gi * gi;
+    m.store(i, mi, static_cast<uint32_t>(index0 + i));
+    v.store(i, vi, static_cast<uint32_t>(index0 + i));
+    if constexpr (MM::ABSMAX) m_absmax = std::max(m_absmax, std::fabs(mi));
+    if constexpr (VM::ABSMAX) v_absmax = std::max(v_absmax, std::fabs(vi));
     if constexpr (AMSGRAD) {
       vi = std::max(vmax[i], vi);
       vmax[i] = vi;
@@ -107,6 +115,8 @@ __attribute__((always_inline)) inline Sums adam_chunk(P* __restrict p, const P* 
   out.gd = gd;
   out.dd = dd;
   out.qq = qq;
+  out.m_absmax = m_absmax;
+  out.v_absmax = v_absmax;
   return out;
 }
 

@@ -207,12 +207,5 @@ inline void quantize_block(const float* __restrict x, int64_t len, float inv, co
 #endif
 }
 
-inline float max_abs(const float* __restrict x, int64_t len) {
-  float out = 0.0f;
-#pragma omp simd reduction(max : out)
-  for (int64_t j = 0; j < len; ++j) out = std::max(out, std::fabs(x[j]));
-  return out;
-}
-
 }  // namespace
 }  // namespace spd_kernels
