@@ -85,8 +85,7 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
   // Larger tensors one at a time, so the projection re-reads q and a from the
   // last-level cache where the tensor fits there: chunks in parallel, each with
-  // its own partial-sum slot; the slots are summed in chunk order. Each thread projects its
-  // chunks last to first: its latest ones are still in its L2 and the rest in the L3.
+  // its own partial-sum slot; the slots are summed in chunk order.
   std::vector<Sums> partials;
   for (const int64_t t : large) {
     const int64_t numel = params[t].numel(), n_chunks = (numel + CHUNK - 1) / CHUNK;
@@ -101,13 +100,10 @@ void run_bucket(at::TensorList params, at::TensorList grads, at::TensorList exp_
     float* row = stats + NUM_STATS * t;
     finalize(sums, s.weight_decay, s.max_scale, row);
     if (STORE_Q && row[STAT_SCALE] == 0.0f) continue;
-    parallel_items(
-        n_chunks, [](int64_t) { return CHUNK; },
-        [&](int64_t c) {
-          project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
-                                                    std::min((c + 1) * CHUNK, numel), s, row[STAT_SCALE]);
-        },
-        /*backward=*/true);
+    parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
+      project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(p, m, AMSGRAD ? vmax : v, a, c * CHUNK,
+                                                std::min((c + 1) * CHUNK, numel), s, row[STAT_SCALE]);
+    });
   }
 }
 
@@ -167,7 +163,6 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     finalize(total, scalars[t].weight_decay, scalars[t].max_scale, stats + NUM_STATS * t);
   }
   const ChunkList work = chunk_list(params, [&](int64_t t) { return !STORE_Q || stats[NUM_STATS * t + STAT_SCALE] != 0.0f; });
-  // last to first, as in run_bucket: the partials op's latest chunks are the likeliest in cache
   parallel_items(static_cast<int64_t>(work.chunks.size()), work.size_of(), [&](int64_t k) {
     const auto [t, begin, end] = work.chunks[k];
     // q is rebuilt (bf16/fp16, 32-bit moments) from m and v, or vmax under amsgrad
@@ -176,7 +171,7 @@ void project_bucket(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     project_chunk<P, A, HAS_ANCHOR, !STORE_Q>(params[t].data_ptr<P>(), m, v,
                                               HAS_ANCHOR ? anchors[t].data_ptr<A>() : nullptr, begin, end,
                                               scalars[t], stats[NUM_STATS * t + STAT_SCALE]);
-  }, /*backward=*/true);
+  });
 }
 
 }  // namespace

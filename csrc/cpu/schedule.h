@@ -12,11 +12,9 @@ namespace {
 // and at most one batch per GRAIN elements, so work below 2 * GRAIN never leaves the calling
 // thread. (Batches of GRAIN each, handed out in equal counts, left a thread 8 of a 9-chunk
 // tensor's chunks and the other 1.) Which thread runs an item never changes what it
-// computes: every item writes its own outputs. ``backward``: each batch runs its items last to
-// first, so that a second pass over the same items (the projection after Adam) starts on the
-// data the first pass left in cache: the same n and weights give the same batches.
+// computes: every item writes its own outputs.
 template <typename Weight, typename F>
-void parallel_items(int64_t n, Weight weight, F f, bool backward = false) {
+void parallel_items(int64_t n, Weight weight, F f) {
   std::vector<int64_t> weights(n);
   int64_t total = 0;
   for (int64_t k = 0; k < n; ++k) total += weights[k] = std::max<int64_t>(weight(k), 1);
@@ -32,12 +30,8 @@ void parallel_items(int64_t n, Weight weight, F f, bool backward = false) {
   starts.push_back(n);
   const int64_t batches = static_cast<int64_t>(starts.size()) - 1;
   at::parallel_for(0, batches, 1, [&](int64_t lo, int64_t hi) {  // one batch: no threads woken
-    for (int64_t b = lo; b < hi; ++b) {
-      if (backward)
-        for (int64_t k = starts[b + 1] - 1; k >= starts[b]; --k) f(k);
-      else
-        for (int64_t k = starts[b]; k < starts[b + 1]; ++k) f(k);
-    }
+    for (int64_t b = lo; b < hi; ++b)
+      for (int64_t k = starts[b]; k < starts[b + 1]; ++k) f(k);
   });
 }
 
