@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spd_kernels import backends, verify
+from spd_kernels.bench import lines
 from spd_kernels.stats import STAT_SCALE
 
 
@@ -79,8 +80,12 @@ def test_bench_command_writes_table_json_csv_png(tmp_path):
     for r in data["rows"]:
         if r["set"] == "vit_b" and r["impl"] in ("spd", "spd_bf16a", "spd_8bit", "spd_reference"):
             assert 0 < r["projected_pct"] < 100, r
+            # the projection pass's bytes: p read and written, the anchor read, for that share
+            anchor = lines.LINES[r["impl"]].anchor_bytes
+            assert r["gbs_with_projection"] == pytest.approx(r["gbs"] * (1 + r["projected_pct"] / 100 * (8 + anchor) /
+                                                                         lines.LINES[r["impl"]].step_bytes(True)))
         if r["impl"].startswith("adamw"):
-            assert r["projected_pct"] is None
+            assert r["projected_pct"] is None and r["gbs_with_projection"] is None
     assert {r["set"] for r in data["rows"]} == {"vit_b", "lora"}
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gbs"] > 0

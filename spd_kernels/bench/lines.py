@@ -44,6 +44,11 @@ class Line:
     def step_bytes(self, anchored: bool) -> int:
         return self.step_bytes_anchored - (0 if anchored else self.anchor_bytes)
 
+    def projection_bytes(self, anchored: bool) -> int:
+        """What SPD's projection pass moves per projected fp32 param: p read and written again,
+        and the anchor read again (an anchor-free set projects toward 0: no anchor)."""
+        return 8 + (self.anchor_bytes if anchored else 0)
+
 
 def fast_backend(device: torch.device, moment_formats: Sequence[str] = ("fp32",)) -> str:
     """The backend ``impl='auto'`` runs fp32 params with moments in ``moment_formats`` on here

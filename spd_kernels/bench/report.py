@@ -10,7 +10,8 @@ per line the median ms/step, the ratio to ``torch.optim.AdamW(fused=True)``,
 the effective GB/s at the line's minimal byte count, that rate as % of the
 bandwidth measured in the same run (a device copy on CUDA, an in-place add on
 CPU), the peak extra memory of one step (CUDA only), the optimizer state's
-bytes per param and the share of params SPD projected. Writes the same figures
+bytes per param, the share of params SPD projected and the GB/s counting that
+projection pass too (p and anchor read, p written again). Writes the same figures
 as JSON, CSV and a PNG plot. The lines, and what each moves per param:
 ``spd_kernels.bench.lines``.
 """
@@ -52,6 +53,9 @@ class Row:
     #: steps. ``gbs`` counts one pass (``Line.step_bytes``); a projected tensor that does not stay in
     #: cache is read and written again (p and anchor in, p out: up to 12 B/param more)
     projected_pct: Optional[float] = None
+    #: AdamSPD lines: the GB/s at the step's bytes plus the projection pass's
+    #: (``Line.projection_bytes``) for ``projected_pct`` of the params
+    gbs_with_projection: Optional[float] = None
 
 
 # ------------------------------------------------------------------ the sets
@@ -108,11 +112,14 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
     rows = []
     for impl in impls:
         sec = statistics.median(times[impl])
-        per_param = lines.LINES[impl].step_bytes(anchored)
-        gbs = n * per_param / sec / 1e9
+        line = lines.LINES[impl]
+        gbs = n * line.step_bytes(anchored) / sec / 1e9
+        share = statistics.mean(projected[impl]) if projected[impl] else None
+        with_projection = (None if share is None else
+                           n * (line.step_bytes(anchored) + share * line.projection_bytes(anchored)) / sec / 1e9)
         rows.append(Row(name, impl, len(shapes), n / 1e6, sec * 1e3, sec / fused if fused else float("nan"),
                         gbs, 100 * gbs / bw, peaks[impl], state_bytes_per_param(opts[impl], n),
-                        100 * statistics.mean(projected[impl]) if projected[impl] else None))
+                        None if share is None else 100 * share, with_projection))
     del opts
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -124,14 +131,16 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
 
 def format_table(rows: List[Row]) -> str:
     head = (f"{'set':11s} {'impl':14s} {'tensors':>7s} {'params':>8s} {'ms/step':>9s} {'vs fused':>8s} "
-            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s} {'state B/p':>9s} {'proj %':>6s}")
+            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s} {'state B/p':>9s} {'proj %':>6s} {'GB/s+proj':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r.peak_extra_mb:8.1f}" if r.peak_extra_mb is not None else f"{'-':>8s}"
         state = f"{r.state_bytes_per_param:9.2f}" if r.state_bytes_per_param is not None else f"{'-':>9s}"
         projected = f"{r.projected_pct:6.1f}" if r.projected_pct is not None else f"{'-':>6s}"
+        with_projection = f"{r.gbs_with_projection:9.1f}" if r.gbs_with_projection is not None else f"{'-':>9s}"
         lines.append(f"{r.set:11s} {r.impl:14s} {r.tensors:7d} {r.params_m:7.1f}M {r.ms:9.3f} "
-                     f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak} {state} {projected}")
+                     f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak} {state} {projected} "
+                     f"{with_projection}")
     return "\n".join(lines)
 
 
