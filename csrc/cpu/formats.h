@@ -36,13 +36,13 @@ inline uint32_t rounding_key(uint32_t step, int moment) { return hash32(4u * ste
 
 // How a format meets the step (adam_chunk_coded below):
 //   moment<k>(view, b0, len, buf, key, maps)  the moment object (math.h) for moment k's elements
-//                                        from b0 on (len of them, for a block), reading codes in place or from ``buf``;
+//                                        from b0 on (len of them, for a block): codes read in
+//                                        place, or decoded into ``buf`` first;
 //   finish<k>(view, b0, len, buf, absmax, maps)  a block format's encode of what the step stored
 //                                        in ``buf`` (absmax: its max |x|, reduced by the step);
 //   BLOCKED                              whether the step must go block by block (finish needs
 //                                        the block's absmax before it can encode).
 struct F32Format {
-  using Code = float;
   static constexpr bool BLOCKED = false;
   template <int MOMENT>
   static F32Moment moment(MomentView view, int64_t b0, int64_t, float*, uint32_t, const QMaps*) {
@@ -53,7 +53,6 @@ struct F32Format {
 };
 
 struct BF16Format {  // exp_avg nearest even, exp_avg_sq stochastic (rounding.py)
-  using Code = uint16_t;
   static constexpr bool BLOCKED = false;
   template <int MOMENT>
   static auto moment(MomentView view, int64_t b0, int64_t, float*, uint32_t key, const QMaps*) {
@@ -75,7 +74,7 @@ inline uint8_t e4m3_code(float y) {
   return static_cast<uint8_t>(sign | (mag < 0x3C800000u ? sub : normal));
 }
 
-// The value of e4m3fn code c, branch-free so that the step's loop decodes in place: the
+// The value of e4m3fn code c, branch-free so that the decode loop vectorizes: the
 // magnitude's exponent E and mantissa M moved into fp32's fields with the bias difference added
 // give 2^(E-7) (1 + M/8); for E = 0 that is 2^-7 + M 2^-10, and the subnormal M 2^-9 is twice it
 // less 2^-6, exactly. No fp32 subnormal is formed, so flush-to-zero modes change nothing.
@@ -86,8 +85,8 @@ inline float e4m3_value(uint32_t code) {
   return bits_float(float_bits(magnitude) | ((code & 0x80u) << 24));
 }
 
-// A block's values in an fp32 buffer (read and written there): the 8-bit format, decoded before
-// the step and encoded after it.
+// A block's values in an fp32 buffer (read and written there): the fp8 and 8-bit formats, decoded
+// before the step and encoded after it.
 struct BufferedMoment {
   static constexpr bool ABSMAX = true;
   float* x;
@@ -96,7 +95,6 @@ struct BufferedMoment {
 };
 
 struct FP8Format {
-  using Code = uint8_t;
   static constexpr bool BLOCKED = true;
   template <int MOMENT>
   static BufferedMoment moment(MomentView view, int64_t b0, int64_t len, float* buf, uint32_t, const QMaps*) {
@@ -142,7 +140,6 @@ struct FP8Format {
 };
 
 struct Bnb8Format {  // bitsandbytes' dynamic-map codes and per-block absmax (quantizer.h)
-  using Code = uint8_t;
   static constexpr bool BLOCKED = true;
   template <int MOMENT>
   static BufferedMoment moment(MomentView view, int64_t b0, int64_t len, float* buf, uint32_t, const QMaps* maps) {
