@@ -168,16 +168,19 @@ Sums adam_chunk_coded(P* __restrict p, const P* __restrict g, MomentView m, Mome
   }
   Sums total;
   alignas(64) float mbuf[QBLOCK], vbuf[QBLOCK];
-  for (int64_t b0 = begin; b0 < end; b0 += QBLOCK) {
-    const int64_t len = std::min(QBLOCK, end - b0);
-    const Sums block = adam_chunk<P, A, false, HAS_ANCHOR, true, true>(
+  auto block = [&](int64_t b0, auto len) __attribute__((always_inline)) {
+    const Sums sums = adam_chunk<P, A, false, HAS_ANCHOR, true, true>(
         p + b0, g + b0, MF::template moment<0>(m, b0, len, mbuf, m_key, maps),
         VF::template moment<1>(v, b0, len, vbuf, v_key, maps), nullptr, HAS_ANCHOR ? a + b0 : nullptr, 0, len, s,
         offset + b0);
-    total.add(block);
-    MF::template finish<0>(m, b0, len, mbuf, block.m_absmax, maps);
-    VF::template finish<1>(v, b0, len, vbuf, block.v_absmax, maps);
-  }
+    total.add(sums);
+    MF::template finish<0>(m, b0, len, mbuf, sums.m_absmax, maps);
+    VF::template finish<1>(v, b0, len, vbuf, sums.v_absmax, maps);
+  };
+  // whole blocks with their length a constant, so the loops have no remainders to handle
+  int64_t b0 = begin;
+  for (; b0 + QBLOCK <= end; b0 += QBLOCK) block(b0, std::integral_constant<int64_t, QBLOCK>{});
+  if (b0 < end) block(b0, end - b0);
   return total;
 }
 
