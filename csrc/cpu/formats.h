@@ -20,6 +20,7 @@
 // slower: its 1-byte loads make the compiler unroll 64 wide and spill the sums.)
 #pragma once
 
+#include "bf16_step.h"
 #include "quantizer.h"
 
 namespace spd_kernels {
@@ -161,6 +162,14 @@ template <typename P, typename A, bool HAS_ANCHOR, typename MF, typename VF>
 Sums adam_chunk_coded(P* __restrict p, const P* __restrict g, MomentView m, MomentView v, const A* __restrict a,
                       int64_t begin, int64_t end, const Scalars& s, const QMaps* maps, int64_t offset = 0) {
   const uint32_t m_key = rounding_key(s.step, 0), v_key = rounding_key(s.step, 1);
+#ifdef SPD_KERNELS_BF16_STEP
+  constexpr bool BF16_STEP = std::is_same<P, float>::value && std::is_same<MF, BF16Format>::value &&
+                             std::is_same<VF, BF16Format>::value &&
+                             (!HAS_ANCHOR || std::is_same<A, float>::value || std::is_same<A, c10::BFloat16>::value);
+  if constexpr (BF16_STEP)
+    return adam_chunk_bf16<A, HAS_ANCHOR>(p, g, static_cast<uint16_t*>(m.codes), static_cast<uint16_t*>(v.codes), a,
+                                          begin, end, s, v_key, offset);
+#endif
   if constexpr (!MF::BLOCKED && !VF::BLOCKED) {
     return adam_chunk<P, A, false, HAS_ANCHOR, true, true>(p, g, MF::template moment<0>(m, 0, end, nullptr, m_key, maps),
                                                            VF::template moment<1>(v, 0, end, nullptr, v_key, maps), nullptr,
