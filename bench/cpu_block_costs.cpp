@@ -1,7 +1,7 @@
 // What one 256-element block of the 8-bit CPU step costs, part by part (bench/cpu_block_costs.py).
 // Built from the kernel's own headers (csrc/cpu/), so every part is the code the step runs;
 // one thread, data in L1/L2, so the figures are compute costs, not memory ones.
-#include "cpu/formats.h"
+#include "cpu/coded_step.h"
 
 #include <chrono>
 
@@ -62,6 +62,15 @@ double block_cost(const at::Tensor& qmaps, const at::Tensor& m, const at::Tensor
   double sink = 0.0;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t r = 0; r < reps; ++r) {
+    if (part >= 10) {  // the whole steps as the kernel calls them: one call over a chunk of n elements
+      if (part == 10)
+        sink += adam_chunk_coded<float, c10::BFloat16, true, BF16Format, BF16Format>(p.data(), g.data(), mb_view, vb_view,
+                                                                                    a.data(), 0, n, s, nullptr).gd;
+      else
+        sink += adam_chunk_coded<float, c10::BFloat16, true, FP8Format, BF16Format>(p.data(), g.data(), m8_view, vb_view,
+                                                                                   a.data(), 0, n, s, nullptr).gd;
+      continue;
+    }
     for (int64_t b = 0; b < n; b += B) {
       switch (part) {
         case 0: dequantize_block(cm.data() + b, B, maps, 0, 1.0f, out.data() + b); break;
@@ -79,14 +88,7 @@ double block_cost(const at::Tensor& qmaps, const at::Tensor& m, const at::Tensor
           sink += adam_chunk8<float, c10::BFloat16, true>(p.data() + b, g.data() + b, mo, a.data() + b, 0, B, s, maps).gd;
           break;
         case 8: FP8Format::moment<0>(m8_view, b, B, out.data() + b, 0, nullptr); break;
-        case 9: FP8Format::finish<0>(m8_view, b, B, mw.data() + b, 1.0f, nullptr); break;
-        case 10:
-          sink += adam_chunk_coded<float, c10::BFloat16, true, BF16Format, BF16Format>(
-                      p.data(), g.data(), mb_view, vb_view, a.data(), b, b + B, s, nullptr).gd;
-          break;
-        default:
-          sink += adam_chunk_coded<float, c10::BFloat16, true, FP8Format, BF16Format>(
-                      p.data(), g.data(), m8_view, vb_view, a.data(), b, b + B, s, nullptr).gd;
+        default: FP8Format::finish<0>(m8_view, b, B, mw.data() + b, 1.0f, nullptr);  // part 9
       }
     }
   }

@@ -1,7 +1,7 @@
 // A bucket's whole step and its split halves over the chunk and task schedule.
 #pragma once
 
-#include "formats.h"
+#include "coded_step.h"
 #include "schedule.h"
 
 namespace spd_kernels {
