@@ -16,8 +16,10 @@
 //   m, one 256-block for fp8 m, as adam_chunk_coded's calls of adam_chunk), each run into fp64
 // Layout: p, g fp32; v bf16 bit patterns (uint16); m bf16 patterns, or e4m3 codes and one fp32
 // scale per 256-block; a fp32 or bf16. 32 elements a step (two 16-lane halves, so that one
-// instruction rounds and packs both halves of m), the last step masked (lanes past the end load
-// zeros, which add nothing to the sums).
+// instruction rounds and packs both halves of m), one set of lane sums; only the last step of a
+// run (or of a tensor's last fp8 block) is masked: lanes past the end load zeros, which add
+// nothing to the sums. Whole steps use plain loads: masked loads from memory are slow on Zen 5
+// (the fp8 step with every block masked ran at half speed out of memory, no slower in L2).
 //
 // Why by hand: the compiler's loop spends 3.2 instructions an element. Here m's bf16 rounding is
 // one instruction (vcvtne2ps2bf16) for 32 elements instead of about fifteen (shifts, mask, adds and
@@ -138,7 +140,7 @@ struct Consts {
 template <typename A, bool HAS_ANCHOR>
 __attribute__((always_inline)) inline void update32(const Consts& c, float* __restrict p, const float* __restrict g,
                                                     uint16_t* __restrict v, const A* __restrict a, int64_t i,
-                                                    __mmask32 k, const __m512* m0, uint32_t index, Acc* acc,
+                                                    __mmask32 k, const __m512* m0, uint32_t index, Acc& acc,
                                                     __m512* mi) {
   __m512 gs[2], ps[2], vs[2], as[2], vi[2];
   load32(g + i, k, gs);
@@ -156,9 +158,9 @@ __attribute__((always_inline)) inline void update32(const Consts& c, float* __re
       d = _mm512_sub_ps(pi, as[h]);
       e = _mm512_sub_ps(q, as[h]);
     }
-    acc[h].gd = _mm512_fmadd_ps(gi, d, acc[h].gd);
-    acc[h].dd = _mm512_fmadd_ps(d, d, acc[h].dd);
-    acc[h].qq = _mm512_fmadd_ps(e, e, acc[h].qq);
+    acc.gd = _mm512_fmadd_ps(gi, d, acc.gd);
+    acc.dd = _mm512_fmadd_ps(d, d, acc.dd);
+    acc.qq = _mm512_fmadd_ps(e, e, acc.qq);
     _mm512_mask_storeu_ps(p + i + 16 * h, static_cast<__mmask16>(k >> (16 * h)), q);
   }
   const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index)), c.lanes);
@@ -167,10 +169,10 @@ __attribute__((always_inline)) inline void update32(const Consts& c, float* __re
   _mm512_mask_storeu_epi16(v + i, k, v_words);
 }
 
-inline void add_run(const Acc* acc, Sums& out) {  // a run's fp32 lane sums into the fp64 totals
-  out.gd += _mm512_reduce_add_ps(_mm512_add_ps(acc[0].gd, acc[1].gd));
-  out.dd += _mm512_reduce_add_ps(_mm512_add_ps(acc[0].dd, acc[1].dd));
-  out.qq += _mm512_reduce_add_ps(_mm512_add_ps(acc[0].qq, acc[1].qq));
+inline void add_run(const Acc& acc, Sums& out) {  // a run's fp32 lane sums into the fp64 totals
+  out.gd += _mm512_reduce_add_ps(acc.gd);
+  out.dd += _mm512_reduce_add_ps(acc.dd);
+  out.qq += _mm512_reduce_add_ps(acc.qq);
 }
 
 inline __mmask32 first_n(int64_t n) {  // the mask of the first min(n, 32) lanes
@@ -187,7 +189,7 @@ Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* _
                      int64_t index0) {
   using namespace avx512_steps;
   const Consts c(s, v_key);
-  auto step32 = [&](int64_t i, __mmask32 k, Acc* acc) __attribute__((always_inline)) {
+  auto step32 = [&](int64_t i, __mmask32 k, Acc& acc) __attribute__((always_inline)) {
     __m512 m0[2], mi[2];
     load32(m + i, k, m0);
     update32<A, HAS_ANCHOR>(c, p, g, v, a, i, k, m0, static_cast<uint32_t>(index0 + i), acc, mi);
@@ -196,7 +198,7 @@ Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* _
   Sums out;
   for (int64_t b0 = begin; b0 < end; b0 += SUM_BLOCK) {
     const int64_t b1 = std::min(b0 + SUM_BLOCK, end);
-    Acc acc[2];
+    Acc acc;
     int64_t i = b0;
     for (; i + 32 <= b1; i += 32) step32(i, 0xFFFFFFFFu, acc);
     if (i < b1) step32(i, first_n(b1 - i), acc);  // the last 1 to 31
@@ -221,7 +223,7 @@ Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentV
   auto block = [&](int64_t b0, auto len) __attribute__((always_inline)) {
     const __m512 scale = _mm512_set1_ps(m.scale[b0 / QBLOCK]);
     __m512 absmax = _mm512_setzero_ps();
-    Acc acc[2];
+    Acc acc;
     constexpr bool WHOLE = std::is_same<decltype(len), std::integral_constant<int64_t, QBLOCK>>::value;
     for (int64_t j = 0; j < len; j += 32) {
       const __mmask32 k = WHOLE ? 0xFFFFFFFFu : first_n(len - j);
