@@ -61,10 +61,11 @@ struct BF16StochasticMoment {  // bf16, stochastic from the element's random bit
   }
 };
 
-// The sums go in fp32, per vector lane, over runs of SUM_BLOCK elements (64 terms a lane), and
-// each run's total into the chunk's fp64 sums: fp64 in the loop cost 6 conversions and 6 fp64
-// adds per 16 elements, a fifth of the bf16-moment step. 64 fp32 terms of one sign carry a
-// relative error of at most ~4e-6, well inside the tie band the stats are tested with.
+// The sums go in fp32, per vector lane, over runs of SUM_BLOCK elements (at most 64 terms a
+// lane), and each run's total into the chunk's fp64 sums: fp64 in the loop cost 6 conversions
+// and 6 fp64 adds per 16 elements, about a fifth of the bf16-moment loop's instructions. 64 fp32
+// terms of one sign carry a relative error of at most ~4e-6, well inside the tie band the
+// stats are tested with.
 constexpr int64_t SUM_BLOCK = 1024;
 
 struct Sums {
