@@ -207,8 +207,8 @@ Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* _
   return out;
 }
 
-// The same with fp8 m (e4m3 codes ``m``, one scale per 256-block in ``m_scale``; [begin, end)
-// starts on a block bound): block by block, m decoded in registers, the new m kept in an L1
+// The same with fp8 m (``m``: e4m3 codes and one fp32 scale per 256-block; [begin, end) starts
+// on a block bound): block by block, m decoded in registers, the new m kept in an L1
 // buffer with its max |m|, then the block encoded by FP8Format::finish.
 template <typename A, bool HAS_ANCHOR>
 Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentView m, uint16_t* __restrict v,
@@ -219,12 +219,12 @@ Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentV
   const uint8_t* codes = static_cast<const uint8_t*>(m.codes);
   alignas(64) float buf[QBLOCK];
   Sums out;
-  // one block; a whole one with its length a constant, so that its loads and stores are unmasked
+  // one block (for_each_block: a whole one's loads and stores unmasked)
   auto block = [&](int64_t b0, auto len) __attribute__((always_inline)) {
     const __m512 scale = _mm512_set1_ps(m.scale[b0 / QBLOCK]);
     __m512 absmax = _mm512_setzero_ps();
     Acc acc;
-    constexpr bool WHOLE = std::is_same<decltype(len), std::integral_constant<int64_t, QBLOCK>>::value;
+    constexpr bool WHOLE = std::is_same<decltype(len), WholeBlock>::value;
     for (int64_t j = 0; j < len; j += 32) {
       const __mmask32 k = WHOLE ? 0xFFFFFFFFu : first_n(len - j);
       __m512 m0[2], mi[2];
@@ -238,9 +238,7 @@ Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentV
     add_run(acc, out);
     FP8Format::finish<0>(m, b0, len, buf, _mm512_reduce_max_ps(absmax), nullptr);
   };
-  int64_t b0 = begin;
-  for (; b0 + QBLOCK <= end; b0 += QBLOCK) block(b0, std::integral_constant<int64_t, QBLOCK>{});
-  if (b0 < end) block(b0, end - b0);
+  for_each_block(begin, end, block);
   return out;
 }
 

@@ -51,10 +51,7 @@ Sums adam_chunk_coded(P* __restrict p, const P* __restrict g, MomentView m, Mome
     MF::template finish<0>(m, b0, len, mbuf, sums.m_absmax, maps);
     VF::template finish<1>(v, b0, len, vbuf, sums.v_absmax, maps);
   };
-  // whole blocks with their length a constant, so the loops have no remainders to handle
-  int64_t b0 = begin;
-  for (; b0 + QBLOCK <= end; b0 += QBLOCK) block(b0, std::integral_constant<int64_t, QBLOCK>{});
-  if (b0 < end) block(b0, end - b0);
+  for_each_block(begin, end, block);
   return total;
 }
 

@@ -10,6 +10,19 @@ namespace {
 constexpr int64_t QBLOCK = 256;  // elements per absmax block (quantization.BLOCK_SIZE)
 static_assert(CHUNK % QBLOCK == 0, "chunks must start on block bounds");
 
+// A whole block's length as a type: the loops of a block called with it have a constant length
+// (no remainder; plain loads, where a masked load from memory is slow).
+using WholeBlock = std::integral_constant<int64_t, QBLOCK>;
+
+// f(b0, len) for the blocks of [begin, end) (begin on a block bound): len is WholeBlock for the
+// whole ones, the int64_t count for a last partial one.
+template <typename F>
+__attribute__((always_inline)) inline void for_each_block(int64_t begin, int64_t end, F f) {
+  int64_t b0 = begin;
+  for (; b0 + QBLOCK <= end; b0 += QBLOCK) f(b0, WholeBlock{});
+  if (b0 < end) f(b0, end - b0);
+}
+
 // Nearest code in O(1), one table read. A float's sign, exponent and top 7 mantissa bits (the
 // upper 16 bits of its magnitude, its "key") pick a bucket of values narrower than the gap
 // between two midpoints of either map, so at most one midpoint lies in a bucket (build_qmaps
