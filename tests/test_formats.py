@@ -149,6 +149,25 @@ def _check_cpu_codes_on_ties(pair):
 
 
 @needs_cpu_kernel
+def test_cpu_fp8_codes_equal_the_reference_on_random_bit_patterns():
+    # Every binade of e4m3 and below it (its subnormals, values that round to 0): fp32 bit patterns
+    # drawn uniformly with |x| <= 448, each block's max 448 so that its scale is 1 and the code is
+    # the cast of x itself (beta1 = 0: exp_avg is the grad).
+    gen = torch.Generator().manual_seed(10)
+    n = 1 << 18
+    bits = torch.randint(0, 0x43E00001, (n,), generator=gen, dtype=torch.int64)  # 0x43E00000 is 448.0
+    g = bits.to(torch.int32).view(torch.float32) * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    g[::256] = 448.0
+    state = new_state([n], torch.float32, None, False, gen, CPU, formats=("fp8", "bf16"))
+    want = clone_state(state)
+    hp = dict(lr=1e-3, beta1=0.0, beta2=0.0, weight_decay=0.0)
+    reference_step(**want, grads=[g], hp=Hyperparameters(**hp))
+    _cpu.adam_spd_cpu_step(bucket_of(state, [g], **hp))
+    assert torch.equal(want["exp_avgs"][0].view(torch.uint8), g.to(FP8).view(torch.uint8))  # the rule is the cast
+    assert torch.equal(state["exp_avgs"][0].view(torch.uint8), want["exp_avgs"][0].view(torch.uint8))
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("special", ["subnormal", "nan"])
 def test_cpu_bf16_codes_equal_the_reference_on_subnormal_and_nan_moments(special):
     # The AVX-512 BF16 rounding of exp_avg flushes fp32 subnormals, where the reference's cast keeps
@@ -200,6 +219,55 @@ def test_cpu_split_step_equals_the_whole_step(pair):
         for key, value in state.items():
             if value is not None and key != "formats":
                 assert all(torch.equal(x, y) for x, y in zip(value, twin[key])), (step, key)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("pair", [("fp8", "bf16"), ("bf16", "bf16")])
+@pytest.mark.parametrize("anchor", [None, BF16, torch.float32], ids=["no_anchor", "bf16_anchor", "fp32_anchor"])
+def test_cpu_step_with_a_grad_scale_unscales_like_the_reference(pair, anchor):
+    # The CPU steps skip the multiply by 1 / grad_scale when there is no scale: grads scaled by a
+    # power of two with that grad_scale must give the unscaled step's bits, and a scale of 1000
+    # the reference's step (the codes to within CODE_TIES).
+    from spd_kernels.testing import check_step
+
+    gen = torch.Generator().manual_seed(8)
+    state = new_state([300, 4096, 20_001], torch.float32, anchor, False, gen, CPU, formats=pair)
+    twin, ref = clone_state(state), clone_state(state)
+    hp = dict(lr=0.02, weight_decay=1.5)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in state["params"]]
+        plain = _cpu.adam_spd_cpu_step(bucket_of(state, grads, **hp))
+        scaled = bucket_of(twin, [g * 1024.0 for g in grads], **hp)
+        scaled.grad_scale = torch.tensor(1024.0)
+        assert torch.equal(plain, _cpu.adam_spd_cpu_step(scaled)), step
+        for key, value in state.items():
+            if value is not None and key != "formats":
+                assert all(torch.equal(x, y) for x, y in zip(value, twin[key])), (step, key)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen) * 1000.0 for p in ref["params"]]
+        want = clone_state(ref)
+        want_stats = reference_step(**want, grads=grads, hp=Hyperparameters(**hp), grad_scale=torch.tensor(1000.0))
+        bucket = bucket_of(ref, grads, **hp)
+        bucket.grad_scale = torch.tensor(1000.0)
+        got_stats = _cpu.adam_spd_cpu_step(bucket)
+        check_step(ref, got_stats, want, want_stats, [g / 1000.0 for g in grads], lam=1.5)
+
+
+@needs_cpu_kernel
+def test_cpu_fp8_codes_of_nan_moments_are_nan():
+    # A NaN grad makes a NaN exp_avg; its e4m3 code must be the NaN code (0x7F with its sign), as
+    # torch's cast gives it, not a finite value. (Its block's scale is not pinned: a NaN in the
+    # block's max is order-dependent on both sides.)
+    gen = torch.Generator().manual_seed(9)
+    state = new_state([4096], torch.float32, None, False, gen, CPU, formats=("fp8", "bf16"))
+    g = torch.randn(4096, generator=gen)
+    where = torch.zeros(4096, dtype=torch.bool)
+    where[torch.randint(0, 4096, (40,), generator=gen)] = True
+    g[where] = float("nan")
+    _cpu.adam_spd_cpu_step(bucket_of(state, [g], lr=1e-3, beta1=0.0, beta2=0.0, weight_decay=0.0))
+    codes = state["exp_avgs"][0].view(torch.uint8)
+    assert bool(((codes[where] & 0x7F) == 0x7F).all()), codes[where].unique()
+    assert torch.equal(state["exp_avgs"][0].float()[where].isnan(), torch.ones(int(where.sum()), dtype=torch.bool))
 
 
 @needs_cpu_kernel

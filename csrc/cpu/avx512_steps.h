@@ -24,10 +24,18 @@
 // Why by hand: the compiler's loop spends 3.2 instructions an element. Here m's bf16 rounding is
 // one instruction (vcvtne2ps2bf16) for 32 elements instead of about fifteen (shifts, mask, adds and
 // the NaN test and blend per half), a bf16 load is one load and a word permute per half, and the
-// fp8 decode happens in registers. The hardware rounding flushes subnormals to zero where the
-// reference's cast keeps them, so a step whose m holds one takes the bit arithmetic instead (one
-// test per 32 elements; a subnormal m is rare: a grad below 2^-126). A NaN stays a NaN either way
-// (its code is not fixed: torch's own cast gives 0xFFFF or 0x7FC0 depending on its code path).
+// fp8 codes are decoded in registers (formats.h's fp8_simd, through fp16). The hardware rounding
+// flushes subnormals to zero where the reference's cast keeps them, so a step whose m holds one
+// takes the bit arithmetic instead (one test per 32 elements; a subnormal m is rare: a grad below
+// 2^-126). A NaN stays a NaN either way (its code is not fixed: torch's own cast gives 0xFFFF or
+// 0x7FC0 depending on its code path).
+//
+// Where the time goes (in L2, one thread, bench/cpu_block_costs.py): the steps are bound by the
+// vector ALUs' throughput, not by the divider (a sqrt and a divide per element take about a third
+// of the time); the bf16 v's hash is about a quarter of the update, fp8 m's encode a third of
+// its step. Shifts, multiplies, permutes and widening moves issue two a cycle on Zen 5, the
+// fp16/bf16 conversions about one, adds and logic four: the code prefers the latter. Interleaving
+// a block's encode with the next block's update (to overlap the two) measured no faster.
 #pragma once
 
 #include "formats.h"
@@ -88,33 +96,35 @@ inline __m512i nearest32(__m512 lo, __m512 hi) {
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // a vector cast: the same 512 bits
 }
 
-inline __m512i hash32(__m512i x) {  // math.h's hash32, 16 lanes
+// The low 16 bits of math.h's hash32 (lowbias32), 16 lanes; its last xor-shift and the mask are
+// one vpternlogd
+inline __m512i hash32_low16(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  constexpr int A_XOR_B_AND_C = 0x28;
+  return _mm512_ternarylogic_epi32(x, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0xFFFF), A_XOR_B_AND_C);
 }
 
-// BF16StochasticMoment::store's rule: bits + (random & 0xFFFF), whose high word is the code
-inline __m512i stochastic_bits(__m512 y, __m512i index, __m512i key) {
-  const __m512i r = _mm512_and_si512(hash32(_mm512_add_epi32(index, key)), _mm512_set1_epi32(0xFFFF));
-  return _mm512_add_epi32(_mm512_castps_si512(y), r);
+// BF16StochasticMoment::store's rule: bits + (random & 0xFFFF), whose high word is the code;
+// ``counter``: index + key of each lane
+inline __m512i stochastic_bits(__m512 y, __m512i counter) {
+  return _mm512_add_epi32(_mm512_castps_si512(y), hash32_low16(counter));
 }
 
-// formats.h's e4m3_value(code) * scale for 32 codes, two halves
-inline void decode_fp8_32(const uint8_t* codes, __mmask32 k, __m512 scale, __m512* out) {
-  const __m256i bytes = _mm256_maskz_loadu_epi8(k, codes);
-  const __m512i low7 = _mm512_set1_epi32(0x7F), bias = _mm512_set1_epi32(120 << 23), eight = _mm512_set1_epi32(8);
-  const __m512 two = _mm512_set1_ps(2.0f), min_normal = _mm512_set1_ps(0x1p-6f);
-  for (int h = 0; h < 2; ++h) {
-    const __m512i c = _mm512_cvtepu8_epi32(h ? _mm256_extracti128_si256(bytes, 1) : _mm256_castsi256_si128(bytes));
-    const __m512i magnitude_code = _mm512_and_si512(c, low7);
-    __m512 x = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(magnitude_code, 20), bias));
-    x = _mm512_mask_fmsub_ps(x, _mm512_cmplt_epu32_mask(magnitude_code, eight), two, min_normal);  // subnormal
-    const __m512i sign = _mm512_slli_epi32(_mm512_andnot_si512(low7, c), 24);
-    out[h] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), sign)), scale);
-  }
+constexpr int MAX_ABS = 0x0B;  // vrangeps: the larger magnitude, sign cleared
+
+// How far ahead the steps prefetch p, g, v, a and fp8 m's codes, in elements (4 KB of p). With
+// the hardware prefetchers alone the streams fell behind the compute: vit_b out of memory ran
+// 5-20% slower without (docs/results/cpu.md).
+constexpr int64_t PREFETCH = 1024;
+
+// The cache line of x + PREFETCH into L1 (an address, not a pointer: past an array's end it is
+// never read, and a prefetch does not fault)
+template <typename T>
+inline void prefetch_ahead(const T* x) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x) + PREFETCH * sizeof(T)), _MM_HINT_T0);
 }
 
 // Sixteen lanes' running sums
@@ -125,30 +135,34 @@ struct Acc {
 // The settings as vectors
 struct Consts {
   __m512 w1, b2, w2, step_size, inv_sqrt_bc2, eps, inv_grad_scale;
-  __m512i key, lanes, sixteen;
+  __m512i lanes, sixteen;
+  uint32_t key;
   explicit Consts(const Scalars& s, uint32_t v_key)
       : w1(_mm512_set1_ps(s.one_minus_beta1)), b2(_mm512_set1_ps(s.beta2)), w2(_mm512_set1_ps(s.one_minus_beta2)),
         step_size(_mm512_set1_ps(s.step_size)), inv_sqrt_bc2(_mm512_set1_ps(s.inv_sqrt_bc2)),
         eps(_mm512_set1_ps(s.eps)), inv_grad_scale(_mm512_set1_ps(s.inv_grad_scale)),
-        key(_mm512_set1_epi32(static_cast<int>(v_key))),
-        lanes(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)), sixteen(_mm512_set1_epi32(16)) {}
+        lanes(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)), sixteen(_mm512_set1_epi32(16)),
+        key(v_key) {}
 };
 
 // The step of the 32 elements from i (mask k) given their old m (two halves): p, v and the sums
 // done here, the new m returned in mi for the caller's format to store. ``index``: element i's
 // index in its whole tensor.
-template <typename A, bool HAS_ANCHOR>
+template <typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
 __attribute__((always_inline)) inline void update32(const Consts& c, float* __restrict p, const float* __restrict g,
                                                     uint16_t* __restrict v, const A* __restrict a, int64_t i,
                                                     __mmask32 k, const __m512* m0, uint32_t index, Acc& acc,
                                                     __m512* mi) {
   __m512 gs[2], ps[2], vs[2], as[2], vi[2];
+  prefetch_ahead(g + i), prefetch_ahead(g + i + 16), prefetch_ahead(p + i), prefetch_ahead(p + i + 16);
+  prefetch_ahead(v + i);
+  if constexpr (HAS_ANCHOR) prefetch_ahead(a + i);
   load32(g + i, k, gs);
   load32(p + i, k, ps);
   load32(v + i, k, vs);
   if constexpr (HAS_ANCHOR) load32(a + i, k, as);
   for (int h = 0; h < 2; ++h) {
-    const __m512 gi = _mm512_mul_ps(gs[h], c.inv_grad_scale), pi = ps[h];
+    const __m512 gi = GRADS_SCALED ? _mm512_mul_ps(gs[h], c.inv_grad_scale) : gs[h], pi = ps[h];
     mi[h] = _mm512_fmadd_ps(c.w1, _mm512_sub_ps(gi, m0[h]), m0[h]);
     vi[h] = _mm512_fmadd_ps(vs[h], c.b2, _mm512_mul_ps(_mm512_mul_ps(c.w2, gi), gi));
     const __m512 denom = _mm512_fmadd_ps(_mm512_sqrt_ps(vi[h]), c.inv_sqrt_bc2, c.eps);
@@ -163,9 +177,9 @@ __attribute__((always_inline)) inline void update32(const Consts& c, float* __re
     acc.qq = _mm512_fmadd_ps(e, e, acc.qq);
     _mm512_mask_storeu_ps(p + i + 16 * h, static_cast<__mmask16>(k >> (16 * h)), q);
   }
-  const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index)), c.lanes);
-  const __m512i v_words = pack_high_words(stochastic_bits(vi[0], first, c.key),
-                                          stochastic_bits(vi[1], _mm512_add_epi32(first, c.sixteen), c.key));
+  const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index + c.key)), c.lanes);
+  const __m512i v_words =
+      pack_high_words(stochastic_bits(vi[0], first), stochastic_bits(vi[1], _mm512_add_epi32(first, c.sixteen)));
   _mm512_mask_storeu_epi16(v + i, k, v_words);
 }
 
@@ -183,7 +197,7 @@ inline __mmask32 first_n(int64_t n) {  // the mask of the first min(n, 32) lanes
 
 // adam_chunk's work for fp32 params with bf16 m and v (the layout above), on [begin, end) of
 // the arrays; ``index0 + i`` is element i's index in its whole tensor (the rounding bits').
-template <typename A, bool HAS_ANCHOR>
+template <typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
 Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* __restrict m, uint16_t* __restrict v,
                      const A* __restrict a, int64_t begin, int64_t end, const Scalars& s, uint32_t v_key,
                      int64_t index0) {
@@ -192,7 +206,7 @@ Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* _
   auto step32 = [&](int64_t i, __mmask32 k, Acc& acc) __attribute__((always_inline)) {
     __m512 m0[2], mi[2];
     load32(m + i, k, m0);
-    update32<A, HAS_ANCHOR>(c, p, g, v, a, i, k, m0, static_cast<uint32_t>(index0 + i), acc, mi);
+    update32<A, HAS_ANCHOR, GRADS_SCALED>(c, p, g, v, a, i, k, m0, static_cast<uint32_t>(index0 + i), acc, mi);
     _mm512_mask_storeu_epi16(m + i, k, nearest32(mi[0], mi[1]));
   };
   Sums out;
@@ -208,9 +222,9 @@ Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* _
 }
 
 // The same with fp8 m (``m``: e4m3 codes and one fp32 scale per 256-block; [begin, end) starts
-// on a block bound): block by block, m decoded in registers, the new m kept in an L1
-// buffer with its max |m|, then the block encoded by FP8Format::finish.
-template <typename A, bool HAS_ANCHOR>
+// on a block bound): block by block, m decoded in registers, the new m kept in an L1 buffer with
+// its max |m|, then the block encoded (FP8Format::finish).
+template <typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
 Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentView m, uint16_t* __restrict v,
                          const A* __restrict a, int64_t begin, int64_t end, const Scalars& s, uint32_t v_key,
                          int64_t index0) {
@@ -221,18 +235,21 @@ Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentV
   Sums out;
   // one block (for_each_block: a whole one's loads and stores unmasked)
   auto block = [&](int64_t b0, auto len) __attribute__((always_inline)) {
-    const __m512 scale = _mm512_set1_ps(m.scale[b0 / QBLOCK]);
+    const __m512 scale_256 = _mm512_set1_ps(m.scale[b0 / QBLOCK] * 256.0f);
     __m512 absmax = _mm512_setzero_ps();
     Acc acc;
     constexpr bool WHOLE = std::is_same<decltype(len), WholeBlock>::value;
     for (int64_t j = 0; j < len; j += 32) {
       const __mmask32 k = WHOLE ? 0xFFFFFFFFu : first_n(len - j);
       __m512 m0[2], mi[2];
-      decode_fp8_32(codes + b0 + j, k, scale, m0);
-      update32<A, HAS_ANCHOR>(c, p, g, v, a, b0 + j, k, m0, static_cast<uint32_t>(index0 + b0 + j), acc, mi);
+      prefetch_ahead(codes + b0 + j);  // (update32 prefetches the other streams)
+      fp8_simd::decode32(WHOLE ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b0 + j))
+                               : _mm256_maskz_loadu_epi8(k, codes + b0 + j),
+                         scale_256, m0);
+      update32<A, HAS_ANCHOR, GRADS_SCALED>(c, p, g, v, a, b0 + j, k, m0, static_cast<uint32_t>(index0 + b0 + j), acc, mi);
       for (int h = 0; h < 2; ++h) {  // masked-off lanes hold 0: they leave the max alone
         _mm512_store_ps(buf + j + 16 * h, mi[h]);
-        absmax = _mm512_max_ps(absmax, _mm512_abs_ps(mi[h]));
+        absmax = _mm512_range_ps(absmax, mi[h], MAX_ABS);
       }
     }
     add_run(acc, out);

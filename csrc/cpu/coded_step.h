@@ -28,12 +28,19 @@ Sums adam_chunk_coded(P* __restrict p, const P* __restrict g, MomentView m, Mome
   // fp32 params, bf16 v, bf16 or fp8 m: the steps written out in AVX-512 (avx512_steps.h)
   constexpr bool BY_HAND = std::is_same<P, float>::value && std::is_same<VF, BF16Format>::value &&
                            (!HAS_ANCHOR || std::is_same<A, float>::value || std::is_same<A, c10::BFloat16>::value);
-  if constexpr (BY_HAND && std::is_same<MF, BF16Format>::value)
-    return adam_chunk_bf16<A, HAS_ANCHOR>(p, g, static_cast<uint16_t*>(m.codes), static_cast<uint16_t*>(v.codes), a,
-                                          begin, end, s, v_key, offset);
-  if constexpr (BY_HAND && std::is_same<MF, FP8Format>::value)
-    return adam_chunk_fp8_bf16<A, HAS_ANCHOR>(p, g, m, static_cast<uint16_t*>(v.codes), a, begin, end, s, v_key,
-                                              offset);
+  // without a grad scale the multiply by 1 / grad_scale is skipped (by 1: the same bits)
+  if constexpr (BY_HAND && std::is_same<MF, BF16Format>::value) {
+    uint16_t *mc = static_cast<uint16_t*>(m.codes), *vc = static_cast<uint16_t*>(v.codes);
+    return s.inv_grad_scale == 1.0f
+               ? adam_chunk_bf16<A, HAS_ANCHOR, false>(p, g, mc, vc, a, begin, end, s, v_key, offset)
+               : adam_chunk_bf16<A, HAS_ANCHOR, true>(p, g, mc, vc, a, begin, end, s, v_key, offset);
+  }
+  if constexpr (BY_HAND && std::is_same<MF, FP8Format>::value) {
+    uint16_t* vc = static_cast<uint16_t*>(v.codes);
+    return s.inv_grad_scale == 1.0f
+               ? adam_chunk_fp8_bf16<A, HAS_ANCHOR, false>(p, g, m, vc, a, begin, end, s, v_key, offset)
+               : adam_chunk_fp8_bf16<A, HAS_ANCHOR, true>(p, g, m, vc, a, begin, end, s, v_key, offset);
+  }
 #endif
   if constexpr (!MF::BLOCKED && !VF::BLOCKED) {
     return adam_chunk<P, A, false, HAS_ANCHOR, true, true>(p, g, MF::template moment<0>(m, 0, end, nullptr, m_key, maps),
