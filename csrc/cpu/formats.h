@@ -163,15 +163,15 @@ struct FP8Format {
     for (int64_t i = j; i < len; ++i) buf[i] = e4m3_value(c[i]) * s;
     return BufferedMoment{buf};
   }
-  // A block's scale = absmax / 448 into view.scale; returns 1 / scale (0 for an all-zero block).
-  static float set_scale(MomentView view, int64_t b0, float absmax) {
+  // The block at b0: scale = absmax / 448 into view.scale, codes e4m3(clamp(x / scale, -448, 448)),
+  // nearest even; an all-zero block gets scale 0 and codes 0.
+  template <int MOMENT>
+  static void finish(MomentView view, int64_t b0, int64_t len, const float* in, float absmax, const QMaps*) {
     const float s = absmax / 448.0f;
     view.scale[b0 / QBLOCK] = s;
-    return s > 0.0f ? 1.0f / s : 0.0f;
-  }
-  // Codes [j, len) of the block at b0: e4m3(clamp(x * inv, -448, 448)), nearest even.
-  static void encode(MomentView view, int64_t b0, int64_t j, int64_t len, const float* in, float inv) {
+    const float inv = s > 0.0f ? 1.0f / s : 0.0f;
     uint8_t* c = static_cast<uint8_t*>(view.codes) + b0;
+    int64_t j = 0;
 #ifdef SPD_KERNELS_FP8_SIMD
     if (fp8_simd::ok(inv)) {
       const __m512 inv_256 = _mm512_set1_ps(inv * 0x1p-8f);
@@ -181,10 +181,6 @@ struct FP8Format {
     }
 #endif
     for (; j < len; ++j) c[j] = e4m3_code(std::min(std::max(in[j] * inv, -448.0f), 448.0f));
-  }
-  template <int MOMENT>
-  static void finish(MomentView view, int64_t b0, int64_t len, const float* in, float absmax, const QMaps*) {
-    encode(view, b0, 0, len, in, set_scale(view, b0, absmax));
   }
 };
 
