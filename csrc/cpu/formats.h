@@ -163,7 +163,7 @@ struct FP8Format {
     for (int64_t i = j; i < len; ++i) buf[i] = e4m3_value(c[i]) * s;
     return BufferedMoment{buf};
   }
-  // The block at b0: scale = absmax / 448 into view.scale, codes e4m3(clamp(x / scale, -448, 448)),
+  // The block at b0: scale = absmax / 448 into view.scale, codes e4m3(clamp(x * (1 / scale), -448, 448)),
   // nearest even; an all-zero block gets scale 0 and codes 0.
   template <int MOMENT>
   static void finish(MomentView view, int64_t b0, int64_t len, const float* in, float absmax, const QMaps*) {
