@@ -7,8 +7,9 @@ wrong codes, a lower bound), the fp32 Adam update and the whole 8-bit block (who
 reduces the blocks' absmax). The fp8 codec: decode, and encode once the absmax is known; and the
 whole step with bf16 m and v and with fp8 m + bf16 v. Compute costs only: the step's memory
 traffic is not in them. Compare the whole steps with ``AdamW(fused=True)``'s time per param per
-core in the bench report (vit_b: ms x threads / params). The tool registers no ops: the headers
-hold the kernel's code, ``csrc/adam_spd_cpu.cpp`` its op registrations.
+core in the bench report (vit_b: ms x threads / params). ``--against CHECKOUT`` times another
+checkout's headers in the same rounds (an A/B of a kernel change). The tool registers no ops: the
+headers hold the kernel's code, ``csrc/adam_spd_cpu.cpp`` its op registrations.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ PARTS = ["dequantize m", "dequantize v", "quantize m", "quantize v", "quantize m
          "fp8 decode m", "fp8 encode m", "whole step, bf16 m and v", "whole step, fp8 m + bf16 v"]
 
 
-def build():
-    with open(os.path.join(ROOT, "bench", "cpu_block_costs.cpp")) as f:
+def build(root: str = ROOT, name: str = "spd_block_costs"):
+    """The timing harness of checkout ``root`` (its bench/cpu_block_costs.cpp and csrc/ headers)."""
+    with open(os.path.join(root, "bench", "cpu_block_costs.cpp")) as f:
         source = f.read()
     return load_inline(
-        "spd_block_costs", cpp_sources=[source], functions=["block_cost"],
-        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        name, cpp_sources=[source], functions=["block_cost"],
+        extra_include_paths=[os.path.join(root, "csrc")],
         extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"])
 
 
@@ -53,19 +55,35 @@ def main(argv=None) -> None:
     parser.add_argument("--elements", type=int, default=16384, help="elements per part, a multiple of 256")
     parser.add_argument("--reps", type=int, default=2000, help="passes over them per timing")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is printed")
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="another checkout of this project (an older commit, say): its harness and headers "
+                             "are timed too, part by part in the same rounds (the two in turn, the first of "
+                             "the pair alternating), and each part's ratio printed. On a shared machine the "
+                             "speed moves between runs by more than a change's effect; within one process "
+                             "and one round the two see the same machine")
     args = parser.parse_args(argv)
     n, reps, rounds = args.elements, args.reps, args.rounds
     if n <= 0 or n % quantization.BLOCK_SIZE:
         parser.error(f"--elements must be a positive multiple of {quantization.BLOCK_SIZE}, got {n}")
-    module = build()
+    if args.against and not os.path.isfile(os.path.join(args.against, "bench", "cpu_block_costs.cpp")):
+        parser.error(f"--against must be a checkout of this project (with bench/cpu_block_costs.cpp), got {args.against!r}")
+    modules = {"this": build()}
+    if args.against:
+        modules["against"] = build(os.path.abspath(args.against), "spd_block_costs_against")
     qmaps = torch.stack([quantization.dynamic_map(True), quantization.dynamic_map(False)]).contiguous()
     m, v = moments(n)
-    times = {part: [] for part in range(len(PARTS))}
-    for _ in range(rounds):  # interleaved rounds, medians
-        for part in times:
-            times[part].append(module.block_cost(qmaps, m, v, part, reps))
+    times = {(side, part): [] for side in modules for part in range(len(PARTS))}
+    for r in range(rounds):  # interleaved rounds, medians
+        for part in range(len(PARTS)):
+            for side in (list(modules) if r % 2 == 0 else list(modules)[::-1]):
+                times[(side, part)].append(modules[side].block_cost(qmaps, m, v, part, reps))
     for part, name in enumerate(PARTS):
-        print(f"{name:28s} {statistics.median(times[part]):6.3f} ns/element")
+        this = statistics.median(times[("this", part)])
+        if not args.against:
+            print(f"{name:28s} {this:6.3f} ns/element")
+            continue
+        that = statistics.median(times[("against", part)])
+        print(f"{name:28s} {this:6.3f} ns/element, against {that:6.3f}: {this / that:5.3f}x")
 
 
 if __name__ == "__main__":

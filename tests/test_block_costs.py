@@ -7,11 +7,18 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_block_cost_tool_builds_and_times_every_part(tmp_path):
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))  # a fresh build, not a cached one
+@pytest.fixture(scope="module")
+def extensions_dir(tmp_path_factory):  # a fresh build, not a cached one; shared by the tests here
+    return str(tmp_path_factory.mktemp("torch_extensions"))
+
+
+def test_block_cost_tool_builds_and_times_every_part(extensions_dir):
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=extensions_dir)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_block_costs.py"), "--elements", "1024",
                           "--reps", "3", "--rounds", "1"], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -21,3 +28,20 @@ def test_block_cost_tool_builds_and_times_every_part(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_block_costs.py"), "--elements", "100"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "--elements must be a positive multiple of 256, got 100" in bad.stderr
+
+
+def test_block_cost_tool_times_another_checkout_in_the_same_rounds(extensions_dir, tmp_path):
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=extensions_dir)
+    tool = os.path.join(ROOT, "bench", "cpu_block_costs.py")
+    out = subprocess.run([sys.executable, tool, "--elements", "1024", "--reps", "3", "--rounds", "2",
+                          "--against", ROOT], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^(.+?)\s+([0-9.]+) ns/element, against\s+([0-9.]+): ([0-9.]+)x$", out.stdout, flags=re.M)
+    assert len(rows) == 12, out.stdout
+    for name, this, that, ratio in rows:
+        assert float(this) > 0 and float(that) > 0, name
+        want = float(this) / float(that)  # of the printed (rounded) times: their rounding's error allowed
+        assert abs(float(ratio) - want) <= 0.0005 + want * 0.0005 * (1 / float(this) + 1 / float(that)), (name, ratio)
+    bad = subprocess.run([sys.executable, tool, "--against", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert bad.returncode == 2 and "--against must be a checkout of this project" in bad.stderr, bad.stderr

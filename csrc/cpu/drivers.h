@@ -115,9 +115,7 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList steps, const Hyper& hyper, double inv_grad_scale, const CodedMoments& coded,
                      const QMaps* maps, double* sums) {
   const int64_t n = static_cast<int64_t>(params.size());
-  // else q is rebuilt and rounded once in the project op
   constexpr bool CODED = coded_v<MF, VF>;
-  constexpr bool STORE_Q = CODED || std::is_same<P, float>::value;
   const std::vector<Scalars> scalars = advance_steps(steps, hyper, inv_grad_scale);
   const ChunkList work = chunk_list(params, [](int64_t) { return true; });
   std::vector<Sums> partials(work.chunks.size());
@@ -128,7 +126,8 @@ void partials_bucket(at::TensorList params, at::TensorList grads, at::TensorList
       partials[k] = adam_chunk_coded<P, A, HAS_ANCHOR, MF, VF>(params[t].data_ptr<P>(), grads[t].data_ptr<P>(),
                                                                coded.m(t), coded.v(t), a, begin, end, scalars[t], maps,
                                                                coded.offset(t));
-    } else {
+    } else {  // a coded step always stores q; else a low-precision q is rebuilt and rounded once in the project op
+      constexpr bool STORE_Q = std::is_same<P, float>::value;
       partials[k] = adam_chunk<P, A, AMSGRAD, HAS_ANCHOR, STORE_Q>(
           params[t].data_ptr<P>(), grads[t].data_ptr<P>(), F32Moment{exp_avgs[t].data_ptr<float>()},
           F32Moment{exp_avg_sqs[t].data_ptr<float>()}, AMSGRAD ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr, a, begin, end,
