@@ -68,6 +68,12 @@ def _e4m3_stochastic(y, u):
     return torch.copysign((torch.floor(a / ulp + u) * ulp).clamp(max=448.0), y)
 
 
+def _bits32(numel, step, moment):
+    """32 random bits an element (the candidate's 24-bit uniform needs more than the kernels' 16)."""
+    key = rounding.lowbias32(torch.tensor(4 * step + moment, dtype=torch.int64))
+    return rounding.lowbias32((torch.arange(numel, dtype=torch.int64) + key) & 0xFFFFFFFF)
+
+
 def store_fp8(x, stochastic, step, moment):
     flat = x.reshape(-1)
     pad = (-flat.numel()) % 256
@@ -75,7 +81,7 @@ def store_fp8(x, stochastic, step, moment):
     scale = blocks.abs().amax(1, keepdim=True) / 448.0
     y = torch.where(scale > 0, blocks / scale, torch.zeros_like(blocks))
     if stochastic:
-        u = (rounding.random_bits(blocks.numel(), step, moment).view(blocks.shape) >> 8).float() * 2.0**-24
+        u = (_bits32(blocks.numel(), step, moment).view(blocks.shape) >> 8).float() * 2.0**-24
         y = _e4m3_stochastic(y, u)
     y = y.to(FP8).float()
     if moment == 1:  # a positive second moment never becomes 0 (the 8-bit format's rule)

@@ -63,9 +63,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def assert_matches_single_process(sharded, single, min_fired=4, state_tol=STATE_TOL, stats_tol=STATS_TOL):
-    assert sharded.keys() - {"comms"} >= single.keys() - {"fired"}
+    assert sharded.keys() - {"comms"} >= single.keys() - {"fired", "first"}
     for key, want in single.items():
-        if key == "fired":
+        if key in ("fired", "first"):
             continue
         got = sharded[key]
         assert got.shape == want.shape, key
@@ -128,18 +128,49 @@ def four_ranks(tmp_path_factory):
 
 EIGHT_BIT_TENSORS = {"4.weight", "4.bias", "6.weight"}  # of the 8-bit model, at MIN_8BIT_SIZE
 
+#: after the first steps, grads that differ in their last bits (see distributed_scenarios) can move a
+#: rounded code one step on one side: at most this fraction of a tensor's codes may differ (one bf16 v
+#: code of 32768 did on the 4.weight of the fp8 m + bf16 v run) ...
+MAX_FLIPPED_CODES = 1e-3
+#: ... and the rest then carries it: one bf16 step of v is 2^-8 of v, so that element's update moves
+#: by ~0.2% for each step the code lives (6.2e-6 on that 4.weight over the last three steps)
+FLIPPED_TOL = 1e-4
+
+
+def assert_compressed_run_matches_single_process(sharded, single):
+    """Bitwise while the grads are (the codes, scales and values of every state: blocks local to
+    the shard, rounding bits by the element's index in the whole tensor), then within a few
+    flipped codes."""
+    assert len(sharded["first"]) == len(single["first"]) == sc.EXACT_STEPS
+    for got, want in zip(sharded["first"], single["first"]):
+        assert any(key.startswith("grad/") for key in want)
+        for key, value in want.items():
+            if key.startswith(("grad/", "exp_avg", "step/")):
+                assert torch.equal(got[key], value), key  # the grads: the premise; the states: exact
+            else:
+                tol = STATS_TOL if key.startswith("stats/") else STATE_TOL
+                assert relative_error(got[key], value) <= tol, (key, relative_error(got[key], value))
+    coded = {key for key, want in single.items()
+             if key.startswith(("exp_avg/", "exp_avg_sq/")) and want.dtype in (torch.uint8, torch.bfloat16)}
+    assert coded
+    for key in coded:
+        flipped = int((sharded[key] != single[key]).sum())
+        assert flipped <= MAX_FLIPPED_CODES * single[key].numel(), (key, flipped, single[key].numel())
+    rest = {key: want for key, want in single.items() if key not in coded}
+    assert_matches_single_process(sharded, rest, min_fired=2, state_tol=FLIPPED_TOL, stats_tol=FLIPPED_TOL)
+
 
 @pytest.mark.parametrize("impl", FSDP_IMPLS)
 def test_fsdp2_with_8bit_states_equals_single_process(two_ranks, impl):
     # blocks are local to a shard; the 8-bit model's shards end on block bounds (one is empty),
-    # so codes, absmax and params must match the single-process run's
+    # so codes and absmax must match the single-process run's while the grads do
     for rank in two_ranks:
         sharded, single = rank[f"fsdp8:{impl}"], rank[f"single8:{impl}"]
         assert {k.split("/", 1)[1] for k in single if k.startswith("exp_avg_value/")} == EIGHT_BIT_TENSORS
         for name in EIGHT_BIT_TENSORS:
             assert single[f"exp_avg/{name}"].dtype == sharded[f"exp_avg/{name}"].dtype == torch.uint8
             assert single[f"exp_avg_sq/{name}"].any()  # the codes moved: not a test on zeros
-        assert_matches_single_process(sharded, single, min_fired=2)
+        assert_compressed_run_matches_single_process(sharded, single)
 
 
 def test_dcp_checkpoint_with_8bit_states_resumes_bitwise(two_ranks):
@@ -156,7 +187,7 @@ def test_dcp_checkpoint_with_8bit_states_resumes_bitwise(two_ranks):
 def test_fsdp2_with_fp8_and_bf16_moments_equals_single_process(two_ranks):
     # fp8 blocks are local to a shard, and the shards end on block bounds (as for 8-bit); stochastic
     # rounding's bits follow the element's index in the whole tensor (each shard adds its start), so
-    # the sharded run rounds as the single process does: codes, scales and params match
+    # the sharded run rounds as the single process does: codes and scales match while the grads do
     for rank in two_ranks:
         sharded, single = rank[f"fsdpfp8:{AUTO}"], rank[f"singlefp8:{AUTO}"]
         # fp8 m on the large tensors, bf16 v on every tensor
@@ -166,7 +197,7 @@ def test_fsdp2_with_fp8_and_bf16_moments_equals_single_process(two_ranks):
         for name in EIGHT_BIT_TENSORS:
             assert single[f"exp_avg/{name}"].dtype == torch.uint8  # fp8 codes, gathered as bytes
             assert single[f"exp_avg_sq/{name}"].dtype == torch.bfloat16 and single[f"exp_avg_sq/{name}"].any()
-        assert_matches_single_process(sharded, single, min_fired=2)
+        assert_compressed_run_matches_single_process(sharded, single)
 
 
 def test_dcp_checkpoint_with_fp8_and_bf16_moments_resumes_bitwise(two_ranks):

@@ -38,10 +38,12 @@ def test_random_bits_are_the_hash_of_step_moment_and_index():
     gen = torch.Generator().manual_seed(0)
     xs = torch.randint(0, 2**32, (1000,), generator=gen, dtype=torch.int64)
     assert rounding.lowbias32(xs).tolist() == [_lowbias32(int(x)) for x in xs]
-    for step, moment in ((1, 0), (7, 1), (123456, 1)):
+    for step, moment, offset in ((1, 0, 0), (7, 1, 0), (123456, 1, 0), (7, 1, 2**32 - 151), (3, 1, 77)):
         key = _lowbias32(4 * step + moment)
-        want = [_lowbias32(i + key) for i in range(300)]
-        assert rounding.random_bits(300, step, moment).tolist() == want
+        # one hash for elements 2j and 2j + 1: its low 16 bits the even one's, its high 16 the odd one's
+        # (the index taken mod 2^32, as the kernels' uint32 does: the second offset crosses it)
+        want = [(_lowbias32(i % 2**32 // 2 + key) >> (16 * (i % 2))) & 0xFFFF for i in range(offset, offset + 300)]
+        assert rounding.random_bits(300, step, moment, offset=offset).tolist() == want
     assert not torch.equal(rounding.random_bits(300, 5, 1), rounding.random_bits(300, 6, 1))
 
 
@@ -521,32 +523,37 @@ def test_triton_split_step_matches_the_reference(pair):
 
 
 @pytest.mark.parametrize("step_fn", ["reference", "cpu", "triton"])
-def test_a_shard_rounds_as_the_whole_tensor_does(step_fn):
+@pytest.mark.parametrize("pair, cut", [(("fp8", "bf16"), 4096), (("bf16", "bf16"), 4095), (("fp32", "bf16"), 4095)])
+def test_a_shard_rounds_as_the_whole_tensor_does(step_fn, pair, cut):
     # FSDP2 cuts dim 0: each shard's stochastic rounding uses the element's index in the whole tensor
     # (index_offsets), and its fp8 blocks are the whole tensor's where the cut is on a block bound,
-    # so two shards stepped apart give the whole tensor's codes exactly
+    # so two shards stepped apart give the whole tensor's codes exactly. An odd cut starts the
+    # second shard inside a pair of elements that share a hash (the CPU kernel's second path).
     device = TRITON_DEVICE if step_fn == "triton" else CPU
     if step_fn not in backends.available(device):
         pytest.skip(f"{step_fn} does not run here")
     backend = backends.get(step_fn)
     gen = torch.Generator().manual_seed(11)
-    pair = ("fp8", "bf16")
-    whole = new_state([8192], torch.float32, torch.bfloat16, False, gen, device, formats=pair)
-    halves = {key: v if v is None or key in ("formats", "steps") else [t for x in v for t in x.chunk(2)]
+    n = 8192
+    whole = new_state([n], torch.float32, torch.bfloat16, False, gen, device, formats=pair)
+    def split(x):
+        return list(x.split([cut * x.numel() // n, (n - cut) * x.numel() // n]))
+    halves = {key: v if v is None or key in ("formats", "steps") else [t for x in v for t in split(x)]
               for key, v in clone_state(whole).items()}
     halves["steps"] = [whole["steps"][0].clone(), whole["steps"][0].clone()]
     for step in range(3):
-        grad = (torch.randn(8192, generator=gen) * 0.01).to(device)
+        grad = (torch.randn(n, generator=gen) * 0.01).to(device)
         backend.run(bucket_of(whole, [grad], lr=1e-3, weight_decay=0.0))
-        shard = bucket_of(halves, list(grad.chunk(2)), lr=1e-3, weight_decay=0.0)
-        shard.index_offsets = [0, 4096]
+        shard = bucket_of(halves, split(grad), lr=1e-3, weight_decay=0.0)
+        shard.index_offsets = [0, cut]
         backend.run(shard)
         for key in ("exp_avgs", "exp_avg_sqs", "params"):
             assert torch.equal(torch.cat(halves[key]).view(torch.uint8), whole[key][0].view(torch.uint8)), (step, key)
-        assert torch.equal(torch.cat(halves["exp_avg_scales"]), whole["exp_avg_scales"][0])
+        if pair[0] == "fp8":
+            assert torch.equal(torch.cat(halves["exp_avg_scales"]), whole["exp_avg_scales"][0])
     # without the offsets, the second half rounds with other bits
     shard.index_offsets = None
-    grad = (torch.randn(8192, generator=gen) * 0.01).to(device)
+    grad = (torch.randn(n, generator=gen) * 0.01).to(device)
     backend.run(bucket_of(whole, [grad], lr=1e-3, weight_decay=0.0))
-    backend.run(bucket_of(halves, list(grad.chunk(2)), lr=1e-3, weight_decay=0.0))
-    assert not torch.equal(halves["exp_avg_sqs"][1], whole["exp_avg_sqs"][0][4096:])
+    backend.run(bucket_of(halves, split(grad), lr=1e-3, weight_decay=0.0))
+    assert not torch.equal(halves["exp_avg_sqs"][1], whole["exp_avg_sqs"][0][cut:])

@@ -9,8 +9,8 @@
 //                                               the block's fp32 buffer with its max |m'| for
 //                                               FP8Format::finish (fp8)
 //   v' = fma(v, beta2, (w2 g) g)                exp_avg_sq, stored stochastically: the fp32
-//                                               pattern plus the low 16 bits of
-//                                               lowbias32(index + key), the upper 16 kept
+//                                               pattern plus the element's 16 random bits
+//                                               (math.h's rounding_bits), the upper 16 kept
 //   q  = p - (step_size m') / fma(sqrt(v'), 1 / sqrt(bc2), eps)      into p
 //   sums g (p - a), (p - a)^2, (q - a)^2: fp32 per lane over a run (SUM_BLOCK elements for bf16
 //   m, one 256-block for fp8 m, as adam_chunk_coded's calls of adam_chunk), each run into fp64
@@ -31,11 +31,14 @@
 // 0x7FC0 depending on its code path).
 //
 // Where the time goes (in L2, one thread, bench/cpu_block_costs.py): the steps are bound by the
-// vector ALUs' throughput, not by the divider (a sqrt and a divide per element take about a third
-// of the time); the bf16 v's hash is about a quarter of the update, fp8 m's encode a third of
-// its step. Shifts, multiplies, permutes and widening moves issue two a cycle on Zen 5, the
-// fp16/bf16 conversions about one, adds and logic four: the code prefers the latter. Interleaving
-// a block's encode with the next block's update (to overlap the two) measured no faster.
+// vector ALUs' throughput more than by the divider (a sqrt and a divide per element take about a
+// third of the time on a Zen 5, 17-19% on an Intel Xeon, where the steps with both replaced by a
+// multiply ran 1.20-1.23x faster; an exact step needs both); fp8 m's encode is a third of its step.
+// A hash per element made a quarter of the update; one per two elements (rounding.py's bits) halves
+// its multiplies and took 5-7% off both steps on the Xeon (docs/results/cpu.md). Shifts,
+// multiplies, permutes and widening moves issue two a cycle on Zen 5, the fp16/bf16 conversions
+// about one, adds and logic four: the code prefers the latter. Interleaving a block's encode with
+// the next block's update (to overlap the two) measured no faster.
 #pragma once
 
 #include "formats.h"
@@ -96,21 +99,29 @@ inline __m512i nearest32(__m512 lo, __m512 hi) {
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // a vector cast: the same 512 bits
 }
 
-// The low 16 bits of math.h's hash32 (lowbias32), 16 lanes; its last xor-shift and the mask are
-// one vpternlogd
-inline __m512i hash32_low16(__m512i x) {
+// math.h's hash32 (lowbias32), 16 lanes
+inline __m512i hash32(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
-  constexpr int A_XOR_B_AND_C = 0x28;
-  return _mm512_ternarylogic_epi32(x, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0xFFFF), A_XOR_B_AND_C);
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-// BF16StochasticMoment::store's rule: bits + (random & 0xFFFF), whose high word is the code;
-// ``counter``: index + key of each lane
-inline __m512i stochastic_bits(__m512 y, __m512i counter) {
-  return _mm512_add_epi32(_mm512_castps_si512(y), hash32_low16(counter));
+// math.h's rounding_bits of the 32 elements from ``index`` on, as two 16-lane halves. The hashes
+// of the 16 pairs from index / 2 on are, read as 32 words, the elements' bits in order when index
+// is even (a pair's low half is its even element's); an odd index (a shard starting at an odd
+// element) starts one word later, so it takes a second hash and a word shift.
+inline void rounding_bits32(uint32_t index, uint32_t key, __m512i lanes, __m512i* out) {
+  const __m512i pairs = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>((index >> 1) + key)), lanes);
+  __m512i words = hash32(pairs);
+  if (__builtin_expect(index & 1u, 0)) {
+    const __m512i from_1 = _mm512_set_epi16(32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15,
+                                            14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1);
+    words = _mm512_permutex2var_epi16(words, from_1, hash32(_mm512_add_epi32(pairs, _mm512_set1_epi32(16))));
+  }
+  out[0] = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(words));
+  out[1] = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1));
 }
 
 constexpr int MAX_ABS = 0x0B;  // vrangeps: the larger magnitude, sign cleared
@@ -135,14 +146,13 @@ struct Acc {
 // The settings as vectors
 struct Consts {
   __m512 w1, b2, w2, step_size, inv_sqrt_bc2, eps, inv_grad_scale;
-  __m512i lanes, sixteen;
+  __m512i lanes;
   uint32_t key;
   explicit Consts(const Scalars& s, uint32_t v_key)
       : w1(_mm512_set1_ps(s.one_minus_beta1)), b2(_mm512_set1_ps(s.beta2)), w2(_mm512_set1_ps(s.one_minus_beta2)),
         step_size(_mm512_set1_ps(s.step_size)), inv_sqrt_bc2(_mm512_set1_ps(s.inv_sqrt_bc2)),
         eps(_mm512_set1_ps(s.eps)), inv_grad_scale(_mm512_set1_ps(s.inv_grad_scale)),
-        lanes(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)), sixteen(_mm512_set1_epi32(16)),
-        key(v_key) {}
+        lanes(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)), key(v_key) {}
 };
 
 // The step of the 32 elements from i (mask k) given their old m (two halves): p, v and the sums
@@ -177,9 +187,10 @@ __attribute__((always_inline)) inline void update32(const Consts& c, float* __re
     acc.qq = _mm512_fmadd_ps(e, e, acc.qq);
     _mm512_mask_storeu_ps(p + i + 16 * h, static_cast<__mmask16>(k >> (16 * h)), q);
   }
-  const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index + c.key)), c.lanes);
-  const __m512i v_words =
-      pack_high_words(stochastic_bits(vi[0], first), stochastic_bits(vi[1], _mm512_add_epi32(first, c.sixteen)));
+  __m512i bits[2];  // BF16StochasticMoment::store's rule: the pattern plus the bits, the high word kept
+  rounding_bits32(index, c.key, c.lanes, bits);
+  const __m512i v_words = pack_high_words(_mm512_add_epi32(_mm512_castps_si512(vi[0]), bits[0]),
+                                          _mm512_add_epi32(_mm512_castps_si512(vi[1]), bits[1]));
   _mm512_mask_storeu_epi16(v + i, k, v_words);
 }
 

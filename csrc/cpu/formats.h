@@ -6,8 +6,9 @@
 //   BF16  bf16, read and written inside the fp32 step's loop (math.h's moment objects); exp_avg
 //         rounded to nearest even, exp_avg_sq stochastically: add the low 16 bits of the
 //         element's random bits to the fp32 pattern, keep the upper 16
-//         (spd_kernels/formats/rounding.py: bits = lowbias32(i + lowbias32(4 t + k)) for element
-//         i of the whole tensor (a shard adds its start, ``offset``), step count t, moment k).
+//         (spd_kernels/formats/rounding.py: h = lowbias32(i / 2 + lowbias32(4 t + k)) for element
+//         i of the whole tensor (a shard adds its start, ``offset``), step count t, moment k; the
+//         bits are h's low half for an even i, its high half for an odd one).
 //   FP8   e4m3fn codes and one fp32 scale = absmax / 448 per block: code = e4m3(clamp(x *
 //         (1 / scale), -448, 448)), nearest even; value = float(code) * scale. Both by bit
 //         arithmetic, or through fp16's hardware conversions with AVX-512 (no table, no gather).

@@ -16,6 +16,12 @@ inline uint32_t hash32(uint32_t x) {  // lowbias32 (spd_kernels/formats/rounding
   return x;
 }
 
+// Element ``index``'s 16 random bits (rounding.py): one hash for two neighbours, the low half
+// for the even one, the high half for the odd one.
+inline uint32_t rounding_bits(uint32_t index, uint32_t key) {
+  return (hash32((index >> 1) + key) >> (16 * (index & 1u))) & 0xFFFFu;
+}
+
 inline uint32_t float_bits(float y) {
   uint32_t bits;
   std::memcpy(&bits, &y, sizeof bits);
@@ -57,7 +63,7 @@ struct BF16StochasticMoment {  // bf16, stochastic from the element's random bit
   uint32_t key;  // the step's and moment's hash (formats.h's rounding_key)
   float load(int64_t i) const { return bits_float(static_cast<uint32_t>(x[i]) << 16); }
   void store(int64_t i, float y, uint32_t index) const {
-    x[i] = static_cast<uint16_t>((float_bits(y) + (hash32(index + key) & 0xFFFFu)) >> 16);
+    x[i] = static_cast<uint16_t>((float_bits(y) + rounding_bits(index, key)) >> 16);
   }
 };
 

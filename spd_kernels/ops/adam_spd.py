@@ -339,7 +339,9 @@ def _store_moment(x, ptr, scale_ptr, table_ptr, offs, index, mask, tile_start, n
             code = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
             code = tl.where(x != x, 0x7FC0, code)  # NaN stays NaN, as torch's cast
         else:
-            code = (bits + (_hash32(index + key) & 0xFFFF)) >> 16
+            # rounding.py's bits: a hash for two neighbours, its low half the even one's
+            pair = _hash32((index >> 1) + key)
+            code = (bits + tl.where((index & 1) == 0, pair & 0xFFFF, pair >> 16)) >> 16
         code = code.to(tl.uint16)
     elif FMT == FMT_FP8:
         scale, inv = _block_scales(x, tile_start, BLOCK, 448.0)
