@@ -41,10 +41,13 @@
 //   adam_spd_project:  from the all-reduced sums, the stats rows and
 //
 // The parts: cpu/common.h (layout, sizes, scalars), cpu/schedule.h (batches, chunk lists),
-// cpu/math.h (the fp32 chunk step), cpu/quantizer.h (the 8-bit maps), cpu/formats.h (the moment formats), cpu/drivers.h (a bucket's
-// step and split halves); this file checks the inputs, dispatches dtypes and registers the ops.
+// cpu/math.h (the fp32 chunk step), cpu/quantizer.h (the 8-bit maps), cpu/formats.h (the moment
+// formats), cpu/coded_step.h and cpu/avx512_steps.h (the chunk step over coded moments),
+// cpu/drivers.h (a bucket's step and split halves), cpu/format_pair.h (one pair's kernels, the
+// storage types dispatched), instantiated one file a pair in pairs/ (cpu/bucket_call.h, what the
+// files share, says why); this file checks the inputs, picks the pair and registers the ops.
 
-#include "cpu/drivers.h"
+#include "cpu/bucket_call.h"
 
 #include <Python.h>
 #include <torch/library.h>
@@ -73,61 +76,59 @@ struct Formats {
   Format m = Format::F32, v = Format::F32;
 };
 
-Formats check_inputs(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-                     at::TensorList steps, const CodedMoments& coded, const std::optional<at::Tensor>& qmaps,
-                     bool with_grads) {
-  const size_t n = params.size();
-  TORCH_CHECK((!with_grads || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  steps.size() == n,
+Formats check_inputs(const char* op, const BucketCall& c, bool with_grads) {
+  const size_t n = c.params.size();
+  TORCH_CHECK((!with_grads || c.grads.size() == n) && c.exp_avgs.size() == n && c.exp_avg_sqs.size() == n &&
+                  c.steps.size() == n,
               op, ": params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
   Formats f;
   if (n == 0) return f;
-  f.m = format_of(op, "exp_avgs", exp_avgs[0].scalar_type());
-  f.v = format_of(op, "exp_avg_sqs", exp_avg_sqs[0].scalar_type());
+  f.m = format_of(op, "exp_avgs", c.exp_avgs[0].scalar_type());
+  f.v = format_of(op, "exp_avg_sqs", c.exp_avg_sqs[0].scalar_type());
   TORCH_CHECK((f.m == Format::BNB8) == (f.v == Format::BNB8), op,
               ": bitsandbytes' 8-bit format (uint8 codes) is for both moments or neither");
   TORCH_CHECK(f.v != Format::FP8, op, ": fp8 second moments are not supported (spd_kernels/formats/fp8.py says why)");
   const bool compressed = f.m != Format::F32 || f.v != Format::F32;
-  TORCH_CHECK(!compressed || max_exp_avg_sqs.empty(), op, ": amsgrad with compressed moments is not supported");
-  TORCH_CHECK(coded.m_scales.size() == (blocked(f.m) ? n : 0) && coded.v_scales.size() == (blocked(f.v) ? n : 0),
+  TORCH_CHECK(!compressed || c.max_exp_avg_sqs.empty(), op, ": amsgrad with compressed moments is not supported");
+  TORCH_CHECK(c.exp_avg_scales.size() == (blocked(f.m) ? n : 0) && c.exp_avg_sq_scales.size() == (blocked(f.v) ? n : 0),
               op, ": exp_avg_scales / exp_avg_sq_scales: one per tensor for a block-scaled moment (fp8, 8-bit), "
               "else empty");
   if (f.m == Format::BNB8)
-    TORCH_CHECK(qmaps.has_value() && qmaps->device().is_cpu() && qmaps->scalar_type() == at::kFloat &&
-                    qmaps->is_contiguous() && qmaps->numel() == 512,
+    TORCH_CHECK(c.qmaps != nullptr && c.qmaps->device().is_cpu() && c.qmaps->scalar_type() == at::kFloat &&
+                    c.qmaps->is_contiguous() && c.qmaps->numel() == 512,
                 op, ": 8-bit moments need qmaps, a contiguous fp32 CPU tensor of shape [2, 256]");
-  TORCH_CHECK(coded.offsets.empty() || coded.offsets.size() == n, op,
+  TORCH_CHECK(c.index_offsets.empty() || c.index_offsets.size() == n, op,
               ": index_offsets: one per tensor (where its shard starts in the whole tensor), or empty");
-  TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n, op, ": max_exp_avg_sqs length");
-  TORCH_CHECK(anchors.empty() || anchors.size() == n, op, ": anchors length");
+  TORCH_CHECK(c.max_exp_avg_sqs.empty() || c.max_exp_avg_sqs.size() == n, op, ": max_exp_avg_sqs length");
+  TORCH_CHECK(c.anchors.empty() || c.anchors.size() == n, op, ": anchors length");
   for (size_t i = 0; i < n; ++i) {
-    const auto& p = params[i];
+    const auto& p = c.params[i];
     TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), op, ": param ", i, " must be a contiguous CPU tensor");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": param ", i, " dtype differs in the bucket");
+    TORCH_CHECK(p.scalar_type() == c.params[0].scalar_type(), op, ": param ", i, " dtype differs in the bucket");
     if (with_grads)
-      TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].scalar_type() == p.scalar_type() &&
-                      grads[i].is_contiguous(),
+      TORCH_CHECK(c.grads[i].sizes() == p.sizes() && c.grads[i].scalar_type() == p.scalar_type() &&
+                      c.grads[i].is_contiguous(),
                   op, ": grad ", i, " must be contiguous, with its param's shape and dtype");
-    for (const auto* t : {&exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(t->scalar_type() == (t == &exp_avgs[i] ? exp_avgs[0] : exp_avg_sqs[0]).scalar_type() &&
+    for (const auto* t : {&c.exp_avgs[i], &c.exp_avg_sqs[i]})
+      TORCH_CHECK(t->scalar_type() == (t == &c.exp_avgs[i] ? c.exp_avgs[0] : c.exp_avg_sqs[0]).scalar_type() &&
                       t->is_contiguous() && t->numel() == p.numel(),
                   op, ": moments of tensor ", i, " must be contiguous, of its param's size, one format per bucket");
-    for (const auto* scales : {&coded.m_scales, &coded.v_scales})
+    for (const auto* scales : {&c.exp_avg_scales, &c.exp_avg_sq_scales})
       if (!scales->empty()) {
         const auto& t = (*scales)[i];
-        TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == (p.numel() + QBLOCK - 1) / QBLOCK,
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                        t.numel() == (p.numel() + QBLOCK - 1) / QBLOCK,
                     op, ": scales of tensor ", i, " must be contiguous fp32, one per 256 elements");
       }
-    if (!max_exp_avg_sqs.empty())
-      TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == at::kFloat && max_exp_avg_sqs[i].is_contiguous() &&
-                      max_exp_avg_sqs[i].numel() == p.numel(),
+    if (!c.max_exp_avg_sqs.empty())
+      TORCH_CHECK(c.max_exp_avg_sqs[i].scalar_type() == at::kFloat && c.max_exp_avg_sqs[i].is_contiguous() &&
+                      c.max_exp_avg_sqs[i].numel() == p.numel(),
                   op, ": max_exp_avg_sq ", i, " must be contiguous fp32 of its param's size");
-    if (!anchors.empty())
-      TORCH_CHECK(anchors[i].is_contiguous() && anchors[i].numel() == p.numel() &&
-                      anchors[i].scalar_type() == anchors[0].scalar_type(),
+    if (!c.anchors.empty())
+      TORCH_CHECK(c.anchors[i].is_contiguous() && c.anchors[i].numel() == p.numel() &&
+                      c.anchors[i].scalar_type() == c.anchors[0].scalar_type(),
                   op, ": anchor ", i, " must be contiguous, of its param's size, one dtype per bucket");
-    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1 && steps[i].device().is_cpu(), op,
+    TORCH_CHECK(c.steps[i].scalar_type() == at::kFloat && c.steps[i].numel() == 1 && c.steps[i].device().is_cpu(), op,
                 ": step ", i, " must be a one-element fp32 CPU tensor");
   }
   return f;
@@ -155,89 +156,40 @@ void check_sums(const char* op, const at::Tensor& sums, int64_t n) {
               op, ": sums must be a contiguous fp64 CPU tensor of shape [", n, ", 3]");
 }
 
-template <typename T>
-struct Type {
-  using type = T;
+// The moment-format pairs the kernel is built for, one row each (their kernels: pairs/).
+struct Pair {
+  Format m, v;
+  void (*run)(const BucketCall&);
+};
+constexpr Pair PAIRS[] = {
+    {Format::F32, Format::F32, &run_f32_f32},   {Format::BNB8, Format::BNB8, &run_bnb8_bnb8},
+    {Format::BF16, Format::BF16, &run_bf16_bf16}, {Format::FP8, Format::BF16, &run_fp8_bf16},
+    {Format::F32, Format::BF16, &run_f32_bf16},  {Format::BF16, Format::F32, &run_bf16_f32},
+    {Format::FP8, Format::F32, &run_fp8_f32},
 };
 
-// The storage types the kernel is instantiated for, one row each: f(Type<T>) for ``dtype``.
-template <typename F>
-void with_storage_type(at::ScalarType dtype, const char* op, const char* what, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(Type<float>{});
-    case at::kBFloat16: return f(Type<c10::BFloat16>{});
-    case at::kHalf: return f(Type<c10::Half>{});
-    default: TORCH_CHECK(false, op, ": ", what, " must be fp32, bf16 or fp16, got ", dtype);
-  }
-}
-
-// The moment-format pairs the kernel is instantiated for, one row each: f(MF{}, VF{}).
-template <typename F>
-void with_formats(const char* op, Formats formats, F&& f) {
-  using M = Format;
-  const auto is = [&](M m, M v) { return formats.m == m && formats.v == v; };
-  if (is(M::F32, M::F32)) return f(F32Format{}, F32Format{});
-  if (is(M::BNB8, M::BNB8)) return f(Bnb8Format{}, Bnb8Format{});
-  if (is(M::BF16, M::BF16)) return f(BF16Format{}, BF16Format{});
-  if (is(M::FP8, M::BF16)) return f(FP8Format{}, BF16Format{});
-  if (is(M::F32, M::BF16)) return f(F32Format{}, BF16Format{});
-  if (is(M::BF16, M::F32)) return f(BF16Format{}, F32Format{});
-  if (is(M::FP8, M::F32)) return f(FP8Format{}, F32Format{});
+void run_pair(const char* op, Formats formats, const BucketCall& call) {
+  for (const Pair& pair : PAIRS)
+    if (pair.m == formats.m && pair.v == formats.v) return pair.run(call);
   TORCH_CHECK(false, op, ": this pair of moment formats is not instantiated");
 }
-
-// Calls f(Type<P>, Type<A>, AMSGRAD, HAS_ANCHOR, MF, VF) with the storage types, switches and moment
-// formats of a bucket as compile-time values: one instantiation per combination (amsgrad: fp32 only).
-template <typename F>
-void dispatch(const char* op, at::TensorList params, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
-              Formats formats, F&& f) {
-  const bool amsgrad = !max_exp_avg_sqs.empty(), anchored = !anchors.empty();
-  auto switches = [&](auto p_type, auto a_type) {
-    with_formats(op, formats, [&](auto mf, auto vf) {
-      constexpr bool fp32 = !coded_v<decltype(mf), decltype(vf)>;
-      if constexpr (fp32) {
-        if (amsgrad && anchored) return f(p_type, a_type, std::true_type{}, std::true_type{}, mf, vf);
-        if (amsgrad) return f(p_type, a_type, std::true_type{}, std::false_type{}, mf, vf);
-      }
-      if (anchored) return f(p_type, a_type, std::false_type{}, std::true_type{}, mf, vf);
-      return f(p_type, a_type, std::false_type{}, std::false_type{}, mf, vf);
-    });
-  };
-  // anchor-free buckets take the fp32 case: their anchor type is never used
-  const auto a = anchors.empty() ? at::kFloat : anchors[0].scalar_type();
-  with_storage_type(params[0].scalar_type(), op, "params", [&](auto p_type) {
-    with_storage_type(a, op, "anchors", [&](auto a_type) { switches(p_type, a_type); });
-  });
-}
-
-#define SPD_TYPES(p_type, a_type, ams, anc, mf, vf) \
-  using P = typename decltype(p_type)::type;         \
-  using A = typename decltype(a_type)::type;         \
-  constexpr bool AMS = decltype(ams)::value;         \
-  constexpr bool ANC = decltype(anc)::value;         \
-  using MF = decltype(mf);                           \
-  using VF = decltype(vf)
 
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList anchors,
                          at::TensorList steps, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                          const std::optional<at::Tensor>& qmaps, at::IntArrayRef index_offsets,
                          at::ArrayRef<double> hyper, double inv_grad_scale, const std::optional<at::Tensor>& lr_tensor) {
-  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, index_offsets};
-  const Formats formats = check_inputs("adam_spd_step", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded, qmaps,
-               true);
+  const char* op = "adam_spd_step";
+  BucketCall call{BucketCall::Op::STEP, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
+                  exp_avg_scales, exp_avg_sq_scales, qmaps ? &*qmaps : nullptr, index_offsets, {}, inv_grad_scale,
+                  nullptr, nullptr};
+  const Formats formats = check_inputs(op, call, true);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
-  float* out = stats.data_ptr<float>();
-  const Hyper h = read_hyper("adam_spd_step", hyper, lr_tensor);
-  const QMaps* maps = formats.m == Format::BNB8 ? &make_qmaps(*qmaps) : nullptr;
-  dispatch("adam_spd_step", params, max_exp_avg_sqs, anchors, formats,
-           [&](auto p_type, auto a_type, auto ams, auto anc, auto mf, auto vf) {
-    SPD_TYPES(p_type, a_type, ams, anc, mf, vf);
-    run_bucket<P, A, AMS, ANC, MF, VF>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
-                                    inv_grad_scale, coded, maps, out);
-  });
+  call.hyper = read_hyper(op, hyper, lr_tensor);
+  call.stats = stats.data_ptr<float>();
+  run_pair(op, formats, call);
   return stats;
 }
 
@@ -247,21 +199,17 @@ void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& qmaps, at::IntArrayRef index_offsets,
                        at::ArrayRef<double> hyper, double inv_grad_scale, const at::Tensor& sums,
                        const std::optional<at::Tensor>& lr_tensor) {
-  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, index_offsets};
-  const Formats formats = check_inputs("adam_spd_partials", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded,
-               qmaps, true);
+  const char* op = "adam_spd_partials";
+  BucketCall call{BucketCall::Op::PARTIALS, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
+                  exp_avg_scales, exp_avg_sq_scales, qmaps ? &*qmaps : nullptr, index_offsets, {}, inv_grad_scale,
+                  nullptr, nullptr};
+  const Formats formats = check_inputs(op, call, true);
   const int64_t n = static_cast<int64_t>(params.size());
-  check_sums("adam_spd_partials", sums, n);
+  check_sums(op, sums, n);
   if (n == 0) return;
-  double* out = sums.data_ptr<double>();
-  const Hyper h = read_hyper("adam_spd_partials", hyper, lr_tensor);
-  const QMaps* maps = formats.m == Format::BNB8 ? &make_qmaps(*qmaps) : nullptr;
-  dispatch("adam_spd_partials", params, max_exp_avg_sqs, anchors, formats,
-           [&](auto p_type, auto a_type, auto ams, auto anc, auto mf, auto vf) {
-    SPD_TYPES(p_type, a_type, ams, anc, mf, vf);
-    partials_bucket<P, A, AMS, ANC, MF, VF>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, h,
-                                         inv_grad_scale, coded, maps, out);
-  });
+  call.hyper = read_hyper(op, hyper, lr_tensor);
+  call.sums = sums.data_ptr<double>();
+  run_pair(op, formats, call);
 }
 
 at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -269,25 +217,20 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
                             at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                             const std::optional<at::Tensor>& qmaps, const at::Tensor& sums,
                             at::ArrayRef<double> hyper, const std::optional<at::Tensor>& lr_tensor) {
-  const CodedMoments coded{exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales};
-  const Formats formats = check_inputs("adam_spd_project", params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, coded, qmaps,
-               false);
+  const char* op = "adam_spd_project";
+  BucketCall call{BucketCall::Op::PROJECT, params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
+                  exp_avg_scales, exp_avg_sq_scales, qmaps ? &*qmaps : nullptr, {}, {}, 1.0, nullptr, nullptr};
+  const Formats formats = check_inputs(op, call, false);
   const int64_t n = static_cast<int64_t>(params.size());
-  check_sums("adam_spd_project", sums, n);
+  check_sums(op, sums, n);
   at::Tensor stats = at::empty({n, NUM_STATS}, at::TensorOptions().dtype(at::kFloat));
   if (n == 0) return stats;
-  const double* in = sums.data_ptr<double>();
-  float* out = stats.data_ptr<float>();
-  const Hyper h = read_hyper("adam_spd_project", hyper, lr_tensor);
-  dispatch("adam_spd_project", params, max_exp_avg_sqs, anchors, formats,
-           [&](auto p_type, auto a_type, auto ams, auto anc, auto mf, auto vf) {
-    SPD_TYPES(p_type, a_type, ams, anc, mf, vf);
-    project_bucket<P, A, AMS, ANC, MF, VF>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps, in, h, out);
-  });
+  call.hyper = read_hyper(op, hyper, lr_tensor);
+  call.sums = sums.data_ptr<double>();
+  call.stats = stats.data_ptr<float>();
+  run_pair(op, formats, call);
   return stats;
 }
-
-#undef SPD_TYPES
 
 }  // namespace
 

@@ -21,7 +21,15 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
 namespace spd_kernels {
+
+// The step's settings as the ops received them (``hyper``, lr already resolved from lr_tensor).
+// Outside the unnamed namespace: the ops' entry hands it to every format pair's file (bucket_call.h).
+struct Hyper {
+  double lr, beta1, beta2, eps, weight_decay, max_scale;
+};
+
 namespace {
 
 // The stats row layout of spd_kernels/stats.py: one fp32 row per tensor.
@@ -40,6 +48,9 @@ constexpr int64_t CHUNK = 16384;  // 64 KB of fp32 per array: five arrays stay i
 // at 1,000 tensors of 64K). As one task each they spread over the threads, and a task's
 // ~2.6 MB (five arrays) stays in the last-level cache between Adam and the projection.
 constexpr int64_t TASK_MAX = 8 * CHUNK;
+// Elements per scale of a block-scaled moment (fp8, 8-bit; quantization.BLOCK_SIZE, the formats' ``block``).
+constexpr int64_t QBLOCK = 256;
+static_assert(CHUNK % QBLOCK == 0, "chunks must start on block bounds");
 // Elements a thread must have before a second one is woken. Waking the OpenMP team costs
 // microseconds on a quiet machine but a scheduler slice (milliseconds) when other processes
 // load the cores, so a small bucket (an MLP, biases, LoRA factors) runs on the calling thread.
@@ -55,13 +66,8 @@ struct Scalars {
   uint32_t step;  // the step count after this step's increment (stochastic rounding's key)
 };
 
-// The step's settings as the ops received them (``hyper``, lr already resolved from lr_tensor).
-struct Hyper {
-  double lr, beta1, beta2, eps, weight_decay, max_scale;
-};
-
 // Per-tensor scalars for step count ``count`` (already incremented); bias corrections in double.
-Scalars make_scalars(double count, const Hyper& h, double inv_grad_scale) {
+inline Scalars make_scalars(double count, const Hyper& h, double inv_grad_scale) {
   const double bc1 = 1.0 - std::pow(h.beta1, count), bc2 = 1.0 - std::pow(h.beta2, count);
   return Scalars{static_cast<float>(1.0 - h.beta1), static_cast<float>(h.beta2), static_cast<float>(1.0 - h.beta2),
                  static_cast<float>(h.eps), static_cast<float>(h.lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2)),

@@ -7,8 +7,6 @@
 namespace spd_kernels {
 namespace {
 
-constexpr int64_t QBLOCK = 256;  // elements per absmax block (quantization.BLOCK_SIZE)
-static_assert(CHUNK % QBLOCK == 0, "chunks must start on block bounds");
 
 // A whole block's length as a type: the loops of a block called with it have a constant length
 // (no remainder; plain loads, where a masked load from memory is slow).
