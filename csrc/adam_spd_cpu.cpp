@@ -45,7 +45,7 @@
 // formats), cpu/coded_step.h and cpu/avx512_steps.h (the chunk step over coded moments),
 // cpu/drivers.h (a bucket's step and split halves), cpu/format_pair.h (one pair's kernels, the
 // storage types dispatched), instantiated one file a pair in pairs/ (cpu/bucket_call.h, what the
-// files share, says why); this file checks the inputs, picks the pair and registers the ops.
+// files share, says why); this file checks the inputs, finds the pair's kernels and registers the ops.
 
 #include "cpu/bucket_call.h"
 
@@ -55,25 +55,23 @@
 namespace spd_kernels {
 namespace {
 
-// A moment format, from its codes' dtype (spd_kernels/formats/: the dtypes name the formats).
-enum class Format { F32, BF16, FP8, BNB8 };
-
-Format format_of(const char* op, const char* what, at::ScalarType dtype) {
+// A moment's format, from its codes' dtype.
+MomentFormat format_of(const char* op, const char* what, at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return Format::F32;
-    case at::kBFloat16: return Format::BF16;
-    case at::kFloat8_e4m3fn: return Format::FP8;
-    case at::kByte: return Format::BNB8;
+    case at::kFloat: return MomentFormat::F32;
+    case at::kBFloat16: return MomentFormat::BF16;
+    case at::kFloat8_e4m3fn: return MomentFormat::FP8;
+    case at::kByte: return MomentFormat::BNB8;
     default:
       TORCH_CHECK(false, op, ": ", what, " must be fp32, bf16, float8_e4m3fn (block-scaled) or uint8 "
                   "(bitsandbytes' 8-bit) codes, got ", dtype);
   }
 }
 
-bool blocked(Format f) { return f == Format::FP8 || f == Format::BNB8; }
+bool blocked(MomentFormat f) { return f == MomentFormat::FP8 || f == MomentFormat::BNB8; }
 
 struct Formats {
-  Format m = Format::F32, v = Format::F32;
+  MomentFormat m = MomentFormat::F32, v = MomentFormat::F32;
 };
 
 Formats check_inputs(const char* op, const BucketCall& c, bool with_grads) {
@@ -85,15 +83,15 @@ Formats check_inputs(const char* op, const BucketCall& c, bool with_grads) {
   if (n == 0) return f;
   f.m = format_of(op, "exp_avgs", c.exp_avgs[0].scalar_type());
   f.v = format_of(op, "exp_avg_sqs", c.exp_avg_sqs[0].scalar_type());
-  TORCH_CHECK((f.m == Format::BNB8) == (f.v == Format::BNB8), op,
+  TORCH_CHECK((f.m == MomentFormat::BNB8) == (f.v == MomentFormat::BNB8), op,
               ": bitsandbytes' 8-bit format (uint8 codes) is for both moments or neither");
-  TORCH_CHECK(f.v != Format::FP8, op, ": fp8 second moments are not supported (spd_kernels/formats/fp8.py says why)");
-  const bool compressed = f.m != Format::F32 || f.v != Format::F32;
+  TORCH_CHECK(f.v != MomentFormat::FP8, op, ": fp8 second moments are not supported (spd_kernels/formats/fp8.py says why)");
+  const bool compressed = f.m != MomentFormat::F32 || f.v != MomentFormat::F32;
   TORCH_CHECK(!compressed || c.max_exp_avg_sqs.empty(), op, ": amsgrad with compressed moments is not supported");
   TORCH_CHECK(c.exp_avg_scales.size() == (blocked(f.m) ? n : 0) && c.exp_avg_sq_scales.size() == (blocked(f.v) ? n : 0),
               op, ": exp_avg_scales / exp_avg_sq_scales: one per tensor for a block-scaled moment (fp8, 8-bit), "
               "else empty");
-  if (f.m == Format::BNB8)
+  if (f.m == MomentFormat::BNB8)
     TORCH_CHECK(c.qmaps != nullptr && c.qmaps->device().is_cpu() && c.qmaps->scalar_type() == at::kFloat &&
                     c.qmaps->is_contiguous() && c.qmaps->numel() == 512,
                 op, ": 8-bit moments need qmaps, a contiguous fp32 CPU tensor of shape [2, 256]");
@@ -156,22 +154,11 @@ void check_sums(const char* op, const at::Tensor& sums, int64_t n) {
               op, ": sums must be a contiguous fp64 CPU tensor of shape [", n, ", 3]");
 }
 
-// The moment-format pairs the kernel is built for, one row each (their kernels: pairs/).
-struct Pair {
-  Format m, v;
-  void (*run)(const BucketCall&);
-};
-constexpr Pair PAIRS[] = {
-    {Format::F32, Format::F32, &run_f32_f32},   {Format::BNB8, Format::BNB8, &run_bnb8_bnb8},
-    {Format::BF16, Format::BF16, &run_bf16_bf16}, {Format::FP8, Format::BF16, &run_fp8_bf16},
-    {Format::F32, Format::BF16, &run_f32_bf16},  {Format::BF16, Format::F32, &run_bf16_f32},
-    {Format::FP8, Format::F32, &run_fp8_f32},
-};
-
+// The kernels of the bucket's moment-format pair (registered by the files of pairs/).
 void run_pair(const char* op, Formats formats, const BucketCall& call) {
-  for (const Pair& pair : PAIRS)
-    if (pair.m == formats.m && pair.v == formats.v) return pair.run(call);
-  TORCH_CHECK(false, op, ": this pair of moment formats is not instantiated");
+  const PairKernels kernels = pair_kernels(formats.m, formats.v);
+  TORCH_CHECK(kernels != nullptr, op, ": this pair of moment formats is not built (csrc/pairs/)");
+  kernels(call);
 }
 
 at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

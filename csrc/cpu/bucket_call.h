@@ -1,5 +1,6 @@
 // One op's call on one bucket, as the ops' entry (csrc/adam_spd_cpu.cpp) hands it to the kernels
-// of the bucket's moment-format pair (csrc/pairs/, one file a pair).
+// of the bucket's moment-format pair (csrc/pairs/, one file a pair, each registering its kernels
+// here as the library loads: a new pair is one new file).
 //
 // Why a file a pair: the kernel is instantiated for every storage type, anchor type, switch and
 // pair (several hundred functions), and in one file the build took over five minutes on one
@@ -25,14 +26,23 @@ struct BucketCall {
   double* sums;   // out (PARTIALS) or in (PROJECT): [n, 3]
 };
 
-// The pairs the kernel is built for, moments (m, v): fp32 (32-bit), bf16, fp8 (e4m3 blocks),
-// bnb8 (bitsandbytes' blockwise 8-bit, both moments). The inputs are checked by the caller.
-void run_f32_f32(const BucketCall& call);
-void run_bnb8_bnb8(const BucketCall& call);
-void run_bf16_bf16(const BucketCall& call);
-void run_fp8_bf16(const BucketCall& call);
-void run_f32_bf16(const BucketCall& call);
-void run_bf16_f32(const BucketCall& call);
-void run_fp8_f32(const BucketCall& call);
+// A moment's format, named by its codes' dtype (spd_kernels/formats/): fp32 (32-bit), bf16, fp8
+// (e4m3 in 256-element blocks), bnb8 (bitsandbytes' blockwise 8-bit, both moments or neither).
+enum class MomentFormat { F32, BF16, FP8, BNB8, COUNT };
+
+// A pair's kernels, for inputs the caller has checked.
+using PairKernels = void (*)(const BucketCall&);
+
+// The kernels registered for moments (m, v); null where no file of pairs/ builds that pair.
+// Inline: one table in the library, whatever file registers or reads it, filled before any op runs.
+inline PairKernels& pair_kernels(MomentFormat m, MomentFormat v) {
+  static PairKernels table[static_cast<int>(MomentFormat::COUNT)][static_cast<int>(MomentFormat::COUNT)] = {};
+  return table[static_cast<int>(m)][static_cast<int>(v)];
+}
+
+inline bool register_pair(MomentFormat m, MomentFormat v, PairKernels kernels) {
+  pair_kernels(m, v) = kernels;
+  return true;
+}
 
 }  // namespace spd_kernels
