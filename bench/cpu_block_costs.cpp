@@ -22,6 +22,22 @@ void quantize_without_table_read(const float* __restrict x, int64_t len, float i
 #endif
 }
 
+// The update's sqrt and divide alone, as avx512_steps.h's update32 issues them (one of each per
+// 16 lanes): out = (step_size m) / fma(sqrt(v), 1 / sqrt(bc2), eps). They run on the divider,
+// which no other instruction of the step uses: its time here is a floor under the whole step's.
+void divider_alone(const float* __restrict m, const float* __restrict v, int64_t n, const Scalars& s,
+                   float* __restrict out) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 step_size = _mm512_set1_ps(s.step_size), c = _mm512_set1_ps(s.inv_sqrt_bc2), eps = _mm512_set1_ps(s.eps);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 denom = _mm512_fmadd_ps(_mm512_sqrt_ps(_mm512_loadu_ps(v + i)), c, eps);
+    _mm512_storeu_ps(out + i, _mm512_div_ps(_mm512_mul_ps(step_size, _mm512_loadu_ps(m + i)), denom));
+  }
+#endif
+  for (; i < n; ++i) out[i] = s.step_size * m[i] / (std::sqrt(v[i]) * s.inv_sqrt_bc2 + s.eps);
+}
+
 }  // namespace
 }  // namespace spd_kernels
 
@@ -30,7 +46,7 @@ void quantize_without_table_read(const float* __restrict x, int64_t len, float i
 // 4 and 5 the same without the table read, 6 the fp32 Adam update (bf16 anchors, q rounded to
 // fp32 p, the three sums), 7 the whole 8-bit block (adam_chunk8: the update also reduces the
 // blocks' absmax), 8 fp8 decode of m, 9 fp8 encode of m (absmax known), 10 the whole step with
-// bf16 m and v, 11 with fp8 m and bf16 v (adam_chunk_coded).
+// bf16 m and v, 11 with fp8 m and bf16 v (adam_chunk_coded), 12 the update's sqrt and divide alone.
 double block_cost(const at::Tensor& qmaps, const at::Tensor& m, const at::Tensor& v, int64_t part, int64_t reps) {
   using namespace spd_kernels;
   constexpr int64_t B = QBLOCK;
@@ -62,6 +78,11 @@ double block_cost(const at::Tensor& qmaps, const at::Tensor& m, const at::Tensor
   double sink = 0.0;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t r = 0; r < reps; ++r) {
+    if (part == 12) {  // over the whole n at once, as the steps' loops run
+      divider_alone(mw.data(), vw.data(), n, s, out.data());
+      sink += out[r % n];
+      continue;
+    }
     if (part >= 10) {  // the whole steps as the kernel calls them: one call over a chunk of n elements
       if (part == 10)
         sink += adam_chunk_coded<float, c10::BFloat16, true, BF16Format, BF16Format>(p.data(), g.data(), mb_view, vb_view,

@@ -5,15 +5,17 @@ seconds), and times each part alone on one thread over 16384 elements (64 blocks
 per element. The 8-bit format: dequantize, quantize (and the same without its table read:
 wrong codes, a lower bound), the fp32 Adam update and the whole 8-bit block (whose update also
 reduces the blocks' absmax). The fp8 codec: decode, and encode once the absmax is known; and the
-whole step with bf16 m and v and with fp8 m + bf16 v. Compute costs only: the step's memory
-traffic is not in them. Compare the whole steps with ``AdamW(fused=True)``'s time per param per
+whole step with bf16 m and v and with fp8 m + bf16 v; and the update's sqrt and divide alone,
+which run on the divider no other instruction of the step uses (a floor under both steps). Compute
+costs only: the step's memory traffic is not in them. Compare the whole steps with ``AdamW(fused=True)``'s time per param per
 core in the bench report (vit_b: ms x threads / params). ``--against CHECKOUT`` times another
-checkout's headers in the same rounds (an A/B of a kernel change). The tool registers no ops: the
+checkout's headers in the same rounds (an A/B of a kernel change), the parts both harnesses have. The tool registers no ops: the
 headers hold the kernel's code, ``csrc/adam_spd_cpu.cpp`` its op registrations.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import statistics
 import sys
@@ -28,7 +30,8 @@ from spd_kernels import quantization  # noqa: E402  (pure Python: does not load 
 
 PARTS = ["dequantize m", "dequantize v", "quantize m", "quantize v", "quantize m, no table read",
          "quantize v, no table read", "fp32 Adam update", "whole 8-bit block",
-         "fp8 decode m", "fp8 encode m", "whole step, bf16 m and v", "whole step, fp8 m + bf16 v"]
+         "fp8 decode m", "fp8 encode m", "whole step, bf16 m and v", "whole step, fp8 m + bf16 v",
+         "sqrt and divide alone"]
 
 
 # Registers the harness's ``block_cost`` as an op in library ``name``. The harness is built without
@@ -50,6 +53,16 @@ def build(root: str = ROOT, name: str = "spd_block_costs"):
         no_implicit_headers=True, extra_include_paths=[os.path.join(root, "csrc")],
         extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"])
     return getattr(torch.ops, name).block_cost
+
+
+def parts_of(root: str):
+    """The part names of checkout ``root``'s harness (its PARTS list): an older one may have fewer."""
+    with open(os.path.join(root, "bench", "cpu_block_costs.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PARTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{root}: bench/cpu_block_costs.py has no PARTS list")
 
 
 def moments(n: int, seed: int = 0):
@@ -79,19 +92,24 @@ def main(argv=None) -> None:
     if args.against and not os.path.isfile(os.path.join(args.against, "bench", "cpu_block_costs.cpp")):
         parser.error(f"--against must be a checkout of this project (with bench/cpu_block_costs.cpp), got {args.against!r}")
     modules = {"this": build()}
+    parts = {"this": range(len(PARTS))}
     if args.against:
-        modules["against"] = build(os.path.abspath(args.against), "spd_block_costs_against")
+        root = os.path.abspath(args.against)
+        modules["against"] = build(root, "spd_block_costs_against")
+        theirs = parts_of(root)  # the parts of that harness's numbering, by name
+        parts["against"] = [k for k, name in enumerate(PARTS) if k < len(theirs) and theirs[k] == name]
     qmaps = torch.stack([quantization.dynamic_map(True), quantization.dynamic_map(False)]).contiguous()
     m, v = moments(n)
-    times = {(side, part): [] for side in modules for part in range(len(PARTS))}
+    times = {(side, part): [] for side in modules for part in parts[side]}
     for r in range(rounds):  # interleaved rounds, medians
         for part in range(len(PARTS)):
             for side in (list(modules) if r % 2 == 0 else list(modules)[::-1]):
-                times[(side, part)].append(modules[side](qmaps, m, v, part, reps))
+                if part in parts[side]:
+                    times[(side, part)].append(modules[side](qmaps, m, v, part, reps))
     for part, name in enumerate(PARTS):
         this = statistics.median(times[("this", part)])
-        if not args.against:
-            print(f"{name:28s} {this:6.3f} ns/element")
+        if not args.against or part not in parts["against"]:
+            print(f"{name:28s} {this:6.3f} ns/element" + (", not in that checkout" if args.against else ""))
             continue
         that = statistics.median(times[("against", part)])
         print(f"{name:28s} {this:6.3f} ns/element, against {that:6.3f}: {this / that:5.3f}x")

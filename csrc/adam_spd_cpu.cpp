@@ -167,7 +167,7 @@ at::Tensor adam_spd_step(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::Tensor>& qmaps, at::IntArrayRef index_offsets,
                          at::ArrayRef<double> hyper, double inv_grad_scale, const std::optional<at::Tensor>& lr_tensor) {
   const char* op = "adam_spd_step";
-  BucketCall call{BucketCall::Op::STEP, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
+  BucketCall call{BucketCall::Op::STEP, op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
                   exp_avg_scales, exp_avg_sq_scales, qmaps ? &*qmaps : nullptr, index_offsets, {}, inv_grad_scale,
                   nullptr, nullptr};
   const Formats formats = check_inputs(op, call, true);
@@ -187,7 +187,7 @@ void adam_spd_partials(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::ArrayRef<double> hyper, double inv_grad_scale, const at::Tensor& sums,
                        const std::optional<at::Tensor>& lr_tensor) {
   const char* op = "adam_spd_partials";
-  BucketCall call{BucketCall::Op::PARTIALS, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
+  BucketCall call{BucketCall::Op::PARTIALS, op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
                   exp_avg_scales, exp_avg_sq_scales, qmaps ? &*qmaps : nullptr, index_offsets, {}, inv_grad_scale,
                   nullptr, nullptr};
   const Formats formats = check_inputs(op, call, true);
@@ -205,7 +205,7 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
                             const std::optional<at::Tensor>& qmaps, const at::Tensor& sums,
                             at::ArrayRef<double> hyper, const std::optional<at::Tensor>& lr_tensor) {
   const char* op = "adam_spd_project";
-  BucketCall call{BucketCall::Op::PROJECT, params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
+  BucketCall call{BucketCall::Op::PROJECT, op, params, {}, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps,
                   exp_avg_scales, exp_avg_sq_scales, qmaps ? &*qmaps : nullptr, {}, {}, 1.0, nullptr, nullptr};
   const Formats formats = check_inputs(op, call, false);
   const int64_t n = static_cast<int64_t>(params.size());

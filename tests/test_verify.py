@@ -86,6 +86,16 @@ def test_bench_command_writes_table_json_csv_png(tmp_path):
                                                                          lines.LINES[r["impl"]].step_bytes(True)))
         if r["impl"].startswith("adamw"):
             assert r["projected_pct"] is None and r["gbs_with_projection"] is None
+        # the byte floor: the line's bytes, its projection share included, over AdamW fused's
+        anchored = r["set"] == "vit_b"
+        line, fused = lines.LINES[r["impl"]], lines.LINES["adamw_fused"].step_bytes(anchored)
+        if r["impl"].startswith("spd") and r["projected_pct"] is None:  # projections not counted: no floor
+            assert r["bytes_vs_adamw_fused"] is None, r
+            continue
+        share = (r["projected_pct"] or 0.0) / 100
+        want = (line.step_bytes(anchored) + share * line.projection_bytes(anchored)) / fused
+        assert r["bytes_vs_adamw_fused"] == pytest.approx(want), r
+    assert next(r for r in data["rows"] if r["impl"] == "adamw_fused")["bytes_vs_adamw_fused"] == 1.0
     assert {r["set"] for r in data["rows"]} == {"vit_b", "lora"}
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gbs"] > 0

@@ -30,10 +30,14 @@
 // 2^-126). A NaN stays a NaN either way (its code is not fixed: torch's own cast gives 0xFFFF or
 // 0x7FC0 depending on its code path).
 //
-// Where the time goes (in L2, one thread, bench/cpu_block_costs.py): the steps are bound by the
-// vector ALUs' throughput more than by the divider (a sqrt and a divide per element take about a
-// third of the time on a Zen 5, 17-19% on an Intel Xeon, where the steps with both replaced by a
-// multiply ran 1.20-1.23x faster; an exact step needs both); fp8 m's encode is a third of its step.
+// Where the time goes (in L2, one thread, bench/cpu_block_costs.py): on a Zen 5 the steps are
+// bound by the vector ALUs' throughput (a sqrt and a divide per element take about a third of the
+// time). On this project's Intel Xeon (AVX-512 FP16, AMX) they are bound by the divider and the
+// ALUs nearly alike: the sqrt and divide alone take 0.61-0.65 ns an element there, 60-68% of the
+// bf16 step's time in the same runs, and with both replaced by a multiply the bf16 step ran
+// 1.25-1.40x faster, the fp8 one 1.17-1.28x (two A/Bs, docs/results/cpu.md). An exact step needs
+// both (the reference's rounding), and halves of 256 bits take the divider as long. fp8 m's
+// encode is a fifth to a third of its step.
 // A hash per element made a quarter of the update; one per two elements (rounding.py's bits) halves
 // its multiplies and took 5-7% off both steps on the Xeon (docs/results/cpu.md). Shifts,
 // multiplies, permutes and widening moves issue two a cycle on Zen 5, the fp16/bf16 conversions

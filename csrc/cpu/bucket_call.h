@@ -16,6 +16,7 @@ namespace spd_kernels {
 struct BucketCall {
   enum class Op { STEP, PARTIALS, PROJECT };
   Op op;
+  const char* name;  // the op's name, for its errors
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, steps;
   at::TensorList exp_avg_scales, exp_avg_sq_scales;  // one per tensor for a block-scaled moment, else empty
   const at::Tensor* qmaps;       // bitsandbytes' 8-bit maps, [2, 256] fp32; else null

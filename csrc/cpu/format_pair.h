@@ -25,19 +25,11 @@ void with_storage_type(at::ScalarType dtype, const char* op, const char* what, F
   }
 }
 
-const char* op_name(BucketCall::Op op) {
-  switch (op) {
-    case BucketCall::Op::STEP: return "adam_spd_step";
-    case BucketCall::Op::PARTIALS: return "adam_spd_partials";
-    default: return "adam_spd_project";
-  }
-}
-
 // Calls f(Type<P>, Type<A>, AMSGRAD, HAS_ANCHOR) with the storage types and switches of the
 // bucket as compile-time values: one instantiation per combination (amsgrad: 32-bit moments only).
 template <typename MF, typename VF, typename F>
 void dispatch(const BucketCall& call, F&& f) {
-  const char* op = op_name(call.op);
+  const char* op = call.name;
   const bool amsgrad = !call.max_exp_avg_sqs.empty(), anchored = !call.anchors.empty();
   auto switches = [&](auto p_type, auto a_type) {
     if constexpr (!coded_v<MF, VF>) {

@@ -11,7 +11,9 @@ the effective GB/s at the line's minimal byte count, that rate as % of the
 bandwidth measured in the same run (a device copy on CUDA, an in-place add on
 CPU), the peak extra memory of one step (CUDA only), the optimizer state's
 bytes per param, the share of params SPD projected and the GB/s counting that
-projection pass too (p and anchor read, p written again). Writes the same figures
+projection pass too (p and anchor read, p written again), and the line's bytes
+(that pass included) over AdamW fused's: the ratio a step moving its bytes at
+AdamW fused's own rate would have, the floor of a memory-bound step. Writes the same figures
 as JSON, CSV and a PNG plot. The lines, and what each moves per param:
 ``spd_kernels.bench.lines``.
 """
@@ -56,6 +58,11 @@ class Row:
     #: AdamSPD lines: the GB/s at the step's bytes plus the projection pass's
     #: (``Line.projection_bytes``) for ``projected_pct`` of the params
     gbs_with_projection: Optional[float] = None
+    #: the line's bytes per param (its projection share included) over AdamW fused's: its ratio
+    #: to AdamW fused were it to move its bytes at AdamW fused's GB/s, the floor a memory-bound
+    #: step meets (None without an AdamW fused line in the run, or for an SPD line whose
+    #: projections go uncounted: the compiled and kernels-only ones)
+    bytes_vs_adamw_fused: Optional[float] = None
 
 
 # ------------------------------------------------------------------ the sets
@@ -109,17 +116,20 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
                 projected[impl].append(share)
             progress()
     fused = statistics.median(times["adamw_fused"]) if times.get("adamw_fused") else None
+    fused_bytes = lines.LINES["adamw_fused"].step_bytes(anchored)
     rows = []
     for impl in impls:
         sec = statistics.median(times[impl])
         line = lines.LINES[impl]
         gbs = n * line.step_bytes(anchored) / sec / 1e9
         share = statistics.mean(projected[impl]) if projected[impl] else None
-        with_projection = (None if share is None else
-                           n * (line.step_bytes(anchored) + share * line.projection_bytes(anchored)) / sec / 1e9)
+        moved = line.step_bytes(anchored) + (0.0 if share is None else share * line.projection_bytes(anchored))
+        uncounted = share is None and impl.startswith("spd")  # an SPD step whose projections the line does not count
+        with_projection = None if share is None else n * moved / sec / 1e9
         rows.append(Row(name, impl, len(shapes), n / 1e6, sec * 1e3, sec / fused if fused else float("nan"),
                         gbs, 100 * gbs / bw, peaks[impl], state_bytes_per_param(opts[impl], n),
-                        None if share is None else 100 * share, with_projection))
+                        None if share is None else 100 * share, with_projection,
+                        moved / fused_bytes if fused and not uncounted else None))
     del opts
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -131,16 +141,18 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
 
 def format_table(rows: List[Row]) -> str:
     head = (f"{'set':11s} {'impl':14s} {'tensors':>7s} {'params':>8s} {'ms/step':>9s} {'vs fused':>8s} "
-            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s} {'state B/p':>9s} {'proj %':>6s} {'GB/s+proj':>9s}")
+            f"{'GB/s':>7s} {'% bw':>6s} {'peak MB':>8s} {'state B/p':>9s} {'proj %':>6s} {'GB/s+proj':>9s} "
+            f"{'B vs fused':>10s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r.peak_extra_mb:8.1f}" if r.peak_extra_mb is not None else f"{'-':>8s}"
         state = f"{r.state_bytes_per_param:9.2f}" if r.state_bytes_per_param is not None else f"{'-':>9s}"
         projected = f"{r.projected_pct:6.1f}" if r.projected_pct is not None else f"{'-':>6s}"
         with_projection = f"{r.gbs_with_projection:9.1f}" if r.gbs_with_projection is not None else f"{'-':>9s}"
+        floor = f"{r.bytes_vs_adamw_fused:10.2f}" if r.bytes_vs_adamw_fused is not None else f"{'-':>10s}"
         lines.append(f"{r.set:11s} {r.impl:14s} {r.tensors:7d} {r.params_m:7.1f}M {r.ms:9.3f} "
                      f"{r.vs_adamw_fused:8.2f} {r.gbs:7.1f} {r.pct_bandwidth:6.1f} {peak} {state} {projected} "
-                     f"{with_projection}")
+                     f"{with_projection} {floor}")
     return "\n".join(lines)
 
 
