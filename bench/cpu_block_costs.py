@@ -1,16 +1,17 @@
 """What the CPU step costs per element with compressed moments, part by part: ``python bench/cpu_block_costs.py``.
 
 Compiles ``bench/cpu_block_costs.cpp`` against the kernel's own headers, ``csrc/cpu/`` (about 15
-seconds), and times each part alone on one thread over 16384 elements (64 blocks, in L2), in ns
-per element. The 8-bit format: dequantize, quantize (and the same without its table read:
-wrong codes, a lower bound), the fp32 Adam update and the whole 8-bit block (whose update also
-reduces the blocks' absmax). The fp8 codec: decode, and encode once the absmax is known; and the
-whole step with bf16 m and v and with fp8 m + bf16 v; and the update's sqrt and divide alone,
-which run on the divider no other instruction of the step uses (a floor under both steps). Compute
-costs only: the step's memory traffic is not in them. Compare the whole steps with ``AdamW(fused=True)``'s time per param per
-core in the bench report (vit_b: ms x threads / params). ``--against CHECKOUT`` times another
-checkout's headers in the same rounds (an A/B of a kernel change), the parts both harnesses have. The tool registers no ops: the
-headers hold the kernel's code, ``csrc/adam_spd_cpu.cpp`` its op registrations.
+seconds), and times each part alone on one thread over 16384 elements (64 blocks, in L2), in ns per
+element. The 8-bit format: dequantize, quantize (and the same without its table read: wrong codes, a
+lower bound), the fp32 Adam update and the whole 8-bit block (whose update also reduces the blocks'
+absmax). The fp8 codec: decode, and encode once the absmax is known; and the whole step with bf16 m
+and v and with fp8 m + bf16 v; and the update's sqrt and divide alone, which run on the divider no
+other instruction of the step uses (a floor under both steps). Compute costs only: the step's memory
+traffic is not in them. Compare the whole steps with ``AdamW(fused=True)``'s time per param per core
+in the bench report (vit_b: ms x threads / params). ``--against CHECKOUT`` times another checkout's
+headers in the same rounds (an A/B of a kernel change), the parts both harnesses have. The tool
+registers no ops: the headers hold the kernel's code, ``csrc/adam_spd_cpu.cpp`` its op
+registrations.
 """
 from __future__ import annotations
 

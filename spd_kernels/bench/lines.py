@@ -44,6 +44,11 @@ class Line:
     def step_bytes(self, anchored: bool) -> int:
         return self.step_bytes_anchored - (0 if anchored else self.anchor_bytes)
 
+    @property
+    def projects(self) -> bool:
+        """Whether it is an SPD step, which may run the projection pass: the lines that read an anchor."""
+        return self.anchor_bytes > 0
+
     def projection_bytes(self, anchored: bool) -> int:
         """What SPD's projection pass moves per projected fp32 param: p read and written again,
         and the anchor read again (an anchor-free set projects toward 0: no anchor)."""

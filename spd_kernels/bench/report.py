@@ -124,7 +124,7 @@ def bench_set(name, shapes, impls, device, rounds, warmup, bw, progress, fresh_g
         gbs = n * line.step_bytes(anchored) / sec / 1e9
         share = statistics.mean(projected[impl]) if projected[impl] else None
         moved = line.step_bytes(anchored) + (0.0 if share is None else share * line.projection_bytes(anchored))
-        uncounted = share is None and impl.startswith("spd")  # an SPD step whose projections the line does not count
+        uncounted = share is None and line.projects  # an SPD step whose projections the line does not count
         with_projection = None if share is None else n * moved / sec / 1e9
         rows.append(Row(name, impl, len(shapes), n / 1e6, sec * 1e3, sec / fused if fused else float("nan"),
                         gbs, 100 * gbs / bw, peaks[impl], state_bytes_per_param(opts[impl], n),
