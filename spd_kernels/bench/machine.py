@@ -26,14 +26,21 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or "unknown CPU"
-    facts = [f"CPU family {fields['cpu family']}, model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
-    flags = set(fields.get("flags", "").split())
-    if "avx512f" in flags:
-        parts = [label for flag, label in _AVX512_PARTS if flag in flags]
-        facts.append("AVX-512" + (" " + "/".join(parts) if parts else "") + (", AMX" if "amx_tile" in flags else ""))
-    elif "avx2" in flags:
-        facts.append("AVX2")
+    facts = []
+    if "cpu family" in fields and "model" in fields:
+        facts.append(f"CPU family {fields['cpu family']}, model {fields['model']}")
+    extensions = _vector_extensions(set(fields.get("flags", "").split()))
+    if extensions:
+        facts.append(extensions)
     return f"{name} ({'; '.join(facts)})" if facts else name
+
+
+def _vector_extensions(flags: set) -> str:
+    """The label of cpuinfo's vector flags: AVX-512 with its BF16/FP16 parts and AMX, or AVX2, or none."""
+    if "avx512f" not in flags:
+        return "AVX2" if "avx2" in flags else ""
+    parts = "/".join(label for flag, label in _AVX512_PARTS if flag in flags)
+    return "AVX-512" + (f" {parts}" if parts else "") + (", AMX" if "amx_tile" in flags else "")
 
 
 def cpu_cores() -> int:
