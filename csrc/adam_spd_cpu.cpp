@@ -48,6 +48,7 @@
 // files share, says why); this file checks the inputs, finds the pair's kernels and registers the ops.
 
 #include "cpu/bucket_call.h"
+#include "cpu/prefetch_level.h"
 
 #include <Python.h>
 #include <torch/library.h>
@@ -148,6 +149,14 @@ Hyper read_hyper(const char* op, at::ArrayRef<double> hyper, const std::optional
 
 std::vector<std::string> hyperparameter_names() { return std::vector<std::string>(HP_NAMES, HP_NAMES + NUM_HP); }
 
+// prefetch_level.h's getter and setter (spd_kernels/_cpu.py): 1 into L1, 2 into L2
+int64_t get_prefetch_level() { return prefetch_level.load(); }
+int64_t set_prefetch_level(int64_t level) {  // returns the level it replaced
+  TORCH_CHECK(level == static_cast<int>(PrefetchInto::L1) || level == static_cast<int>(PrefetchInto::L2),
+              "set_prefetch_level: level must be 1 (into L1) or 2 (into L2), got ", level);
+  return prefetch_level.exchange(static_cast<int>(level));
+}
+
 void check_sums(const char* op, const at::Tensor& sums, int64_t n) {
   TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
                   sums.dim() == 2 && sums.size(0) == n && sums.size(1) == 3,
@@ -222,8 +231,13 @@ at::Tensor adam_spd_project(at::TensorList params, at::TensorList exp_avgs, at::
 }  // namespace
 
 // The ops' schemas and fake impls are defined once, in spd_kernels/ops/contract.py; this build
-// registers their CPU kernels, and describes itself (the order it reads ``hyper`` in).
-TORCH_LIBRARY_FRAGMENT(spd_kernels, m) { m.def("hyperparameter_names() -> str[]", &hyperparameter_names); }
+// registers their CPU kernels, describes itself (the order it reads ``hyper`` in) and takes the
+// cache its AVX-512 steps prefetch into.
+TORCH_LIBRARY_FRAGMENT(spd_kernels, m) {
+  m.def("hyperparameter_names() -> str[]", &hyperparameter_names);
+  m.def("prefetch_level() -> int", &get_prefetch_level);
+  m.def("set_prefetch_level(int level) -> int", &set_prefetch_level);
+}
 
 TORCH_LIBRARY_IMPL(spd_kernels, CPU, m) {
   m.impl("adam_spd_step", &adam_spd_step);

@@ -8,6 +8,8 @@ spd_kernels`` still works: ``load_error()`` says why, and the backend registry
 reports the CPU backend unavailable (``impl='auto'`` warns once and uses the
 reference).
 
+Loading also sets which cache the AVX-512 steps prefetch into (``spd_kernels.cpu_prefetch``).
+
 The ops take the step's float settings as one list, ``hyper``, in
 ``spd_kernels.hyperparameters.PACKED`` order (the C++ ``HP_*`` slots).
 """
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .bucket import Bucket
-from . import quantization
+from . import cpu_prefetch, quantization
 from .hyperparameters import PACKED
 
 
@@ -38,6 +40,10 @@ def load_error() -> str:
     names = tuple(torch.ops.spd_kernels.hyperparameter_names())
     if names != PACKED:
         return f"spd_kernels._C reads hyper as {names}, this spd_kernels packs {PACKED} (an older build?)"
+    if not hasattr(torch.ops.spd_kernels, "set_prefetch_level"):
+        return "spd_kernels._C is an older build (no set_prefetch_level op)"
+    # the cache the AVX-512 steps prefetch into (a bad SPD_KERNELS_CPU_PREFETCH raises here, loudly)
+    torch.ops.spd_kernels.set_prefetch_level(cpu_prefetch.LEVELS[cpu_prefetch.configured_level()])
     return ""
 
 

@@ -46,6 +46,7 @@
 #pragma once
 
 #include "formats.h"
+#include "prefetch_level.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__BMI2__)
 #define SPD_KERNELS_AVX512_STEPS 1
@@ -135,11 +136,12 @@ constexpr int MAX_ABS = 0x0B;  // vrangeps: the larger magnitude, sign cleared
 // 5-20% slower without (docs/results/cpu.md).
 constexpr int64_t PREFETCH = 1024;
 
-// The cache line of x + PREFETCH into L1 (an address, not a pointer: past an array's end it is
-// never read, and a prefetch does not fault)
-template <typename T>
+// The cache line of x + PREFETCH into L1 or L2 (prefetch_level.h); an address, not a pointer:
+// past an array's end it is never read, and a prefetch does not fault.
+template <PrefetchInto INTO, typename T>
 inline void prefetch_ahead(const T* x) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x) + PREFETCH * sizeof(T)), _MM_HINT_T0);
+  constexpr int LOCALITY = INTO == PrefetchInto::L1 ? 3 : 2;  // prefetcht0 : prefetcht1
+  __builtin_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x) + PREFETCH * sizeof(T)), 0, LOCALITY);
 }
 
 // Sixteen lanes' running sums
@@ -162,15 +164,15 @@ struct Consts {
 // The step of the 32 elements from i (mask k) given their old m (two halves): p, v and the sums
 // done here, the new m returned in mi for the caller's format to store. ``index``: element i's
 // index in its whole tensor.
-template <typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
+template <PrefetchInto INTO, typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
 __attribute__((always_inline)) inline void update32(const Consts& c, float* __restrict p, const float* __restrict g,
                                                     uint16_t* __restrict v, const A* __restrict a, int64_t i,
                                                     __mmask32 k, const __m512* m0, uint32_t index, Acc& acc,
                                                     __m512* mi) {
   __m512 gs[2], ps[2], vs[2], as[2], vi[2];
-  prefetch_ahead(g + i), prefetch_ahead(g + i + 16), prefetch_ahead(p + i), prefetch_ahead(p + i + 16);
-  prefetch_ahead(v + i);
-  if constexpr (HAS_ANCHOR) prefetch_ahead(a + i);
+  prefetch_ahead<INTO>(g + i), prefetch_ahead<INTO>(g + i + 16), prefetch_ahead<INTO>(p + i);
+  prefetch_ahead<INTO>(p + i + 16), prefetch_ahead<INTO>(v + i);
+  if constexpr (HAS_ANCHOR) prefetch_ahead<INTO>(a + i);
   load32(g + i, k, gs);
   load32(p + i, k, ps);
   load32(v + i, k, vs);
@@ -198,7 +200,9 @@ __attribute__((always_inline)) inline void update32(const Consts& c, float* __re
   _mm512_mask_storeu_epi16(v + i, k, v_words);
 }
 
-inline void add_run(const Acc& acc, Sums& out) {  // a run's fp32 lane sums into the fp64 totals
+// A run's fp32 lane sums into the fp64 totals. Forced inline: with both prefetch levels compiled
+// GCC called it out of line, and the bf16 and fp8 steps ran 2-4% slower in L2 (docs/results/cpu.md).
+__attribute__((always_inline)) inline void add_run(const Acc& acc, Sums& out) {
   out.gd += _mm512_reduce_add_ps(acc.gd);
   out.dd += _mm512_reduce_add_ps(acc.dd);
   out.qq += _mm512_reduce_add_ps(acc.qq);
@@ -212,7 +216,7 @@ inline __mmask32 first_n(int64_t n) {  // the mask of the first min(n, 32) lanes
 
 // adam_chunk's work for fp32 params with bf16 m and v (the layout above), on [begin, end) of
 // the arrays; ``index0 + i`` is element i's index in its whole tensor (the rounding bits').
-template <typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
+template <PrefetchInto INTO, typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
 Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* __restrict m, uint16_t* __restrict v,
                      const A* __restrict a, int64_t begin, int64_t end, const Scalars& s, uint32_t v_key,
                      int64_t index0) {
@@ -221,7 +225,7 @@ Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* _
   auto step32 = [&](int64_t i, __mmask32 k, Acc& acc) __attribute__((always_inline)) {
     __m512 m0[2], mi[2];
     load32(m + i, k, m0);
-    update32<A, HAS_ANCHOR, GRADS_SCALED>(c, p, g, v, a, i, k, m0, static_cast<uint32_t>(index0 + i), acc, mi);
+    update32<INTO, A, HAS_ANCHOR, GRADS_SCALED>(c, p, g, v, a, i, k, m0, static_cast<uint32_t>(index0 + i), acc, mi);
     _mm512_mask_storeu_epi16(m + i, k, nearest32(mi[0], mi[1]));
   };
   Sums out;
@@ -239,7 +243,7 @@ Sums adam_chunk_bf16(float* __restrict p, const float* __restrict g, uint16_t* _
 // The same with fp8 m (``m``: e4m3 codes and one fp32 scale per 256-block; [begin, end) starts
 // on a block bound): block by block, m decoded in registers, the new m kept in an L1 buffer with
 // its max |m|, then the block encoded (FP8Format::finish).
-template <typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
+template <PrefetchInto INTO, typename A, bool HAS_ANCHOR, bool GRADS_SCALED>
 Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentView m, uint16_t* __restrict v,
                          const A* __restrict a, int64_t begin, int64_t end, const Scalars& s, uint32_t v_key,
                          int64_t index0) {
@@ -257,11 +261,12 @@ Sums adam_chunk_fp8_bf16(float* __restrict p, const float* __restrict g, MomentV
     for (int64_t j = 0; j < len; j += 32) {
       const __mmask32 k = WHOLE ? 0xFFFFFFFFu : first_n(len - j);
       __m512 m0[2], mi[2];
-      prefetch_ahead(codes + b0 + j);  // (update32 prefetches the other streams)
+      prefetch_ahead<INTO>(codes + b0 + j);  // (update32 prefetches the other streams)
       fp8_simd::decode32(WHOLE ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b0 + j))
                                : _mm256_maskz_loadu_epi8(k, codes + b0 + j),
                          scale_256, m0);
-      update32<A, HAS_ANCHOR, GRADS_SCALED>(c, p, g, v, a, b0 + j, k, m0, static_cast<uint32_t>(index0 + b0 + j), acc, mi);
+      update32<INTO, A, HAS_ANCHOR, GRADS_SCALED>(c, p, g, v, a, b0 + j, k, m0, static_cast<uint32_t>(index0 + b0 + j),
+                                                  acc, mi);
       for (int h = 0; h < 2; ++h) {  // masked-off lanes hold 0: they leave the max alone
         _mm512_store_ps(buf + j + 16 * h, mi[h]);
         absmax = _mm512_range_ps(absmax, mi[h], MAX_ABS);

@@ -16,6 +16,19 @@
 namespace spd_kernels {
 namespace {
 
+#ifdef SPD_KERNELS_AVX512_STEPS
+// run(into, grads_scaled) with the AVX-512 steps' two runtime choices (the prefetch_level now, and
+// whether grads are scaled) as compile-time constants
+template <typename Run>
+Sums dispatch_step(bool grads_scaled, Run run) {
+  const bool into_l2 = prefetch_level.load(std::memory_order_relaxed) == static_cast<int>(PrefetchInto::L2);
+  using L1 = std::integral_constant<PrefetchInto, PrefetchInto::L1>;
+  using L2 = std::integral_constant<PrefetchInto, PrefetchInto::L2>;
+  if (into_l2) return grads_scaled ? run(L2{}, std::true_type{}) : run(L2{}, std::false_type{});
+  return grads_scaled ? run(L1{}, std::true_type{}) : run(L1{}, std::false_type{});
+}
+#endif
+
 // Adam on [begin, end) (begin on a block bound) with moments in formats MF and VF: one pass over
 // the chunk for fp32 and bf16 moments; block by block where a moment is BLOCKED (the step, q kept
 // in the param's dtype into p, the sums, the block's absmax; then that block's encode, in L1).
@@ -31,15 +44,19 @@ Sums adam_chunk_coded(P* __restrict p, const P* __restrict g, MomentView m, Mome
   // without a grad scale the multiply by 1 / grad_scale is skipped (by 1: the same bits)
   if constexpr (BY_HAND && std::is_same<MF, BF16Format>::value) {
     uint16_t *mc = static_cast<uint16_t*>(m.codes), *vc = static_cast<uint16_t*>(v.codes);
-    return s.inv_grad_scale == 1.0f
-               ? adam_chunk_bf16<A, HAS_ANCHOR, false>(p, g, mc, vc, a, begin, end, s, v_key, offset)
-               : adam_chunk_bf16<A, HAS_ANCHOR, true>(p, g, mc, vc, a, begin, end, s, v_key, offset);
+    auto run = [&](auto into, auto grads_scaled) {
+      return adam_chunk_bf16<decltype(into)::value, A, HAS_ANCHOR, decltype(grads_scaled)::value>(
+          p, g, mc, vc, a, begin, end, s, v_key, offset);
+    };
+    return dispatch_step(s.inv_grad_scale != 1.0f, run);
   }
   if constexpr (BY_HAND && std::is_same<MF, FP8Format>::value) {
     uint16_t* vc = static_cast<uint16_t*>(v.codes);
-    return s.inv_grad_scale == 1.0f
-               ? adam_chunk_fp8_bf16<A, HAS_ANCHOR, false>(p, g, m, vc, a, begin, end, s, v_key, offset)
-               : adam_chunk_fp8_bf16<A, HAS_ANCHOR, true>(p, g, m, vc, a, begin, end, s, v_key, offset);
+    auto run = [&](auto into, auto grads_scaled) {
+      return adam_chunk_fp8_bf16<decltype(into)::value, A, HAS_ANCHOR, decltype(grads_scaled)::value>(
+          p, g, m, vc, a, begin, end, s, v_key, offset);
+    };
+    return dispatch_step(s.inv_grad_scale != 1.0f, run);
   }
 #endif
   if constexpr (!MF::BLOCKED && !VF::BLOCKED) {

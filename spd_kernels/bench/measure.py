@@ -74,7 +74,14 @@ def free_memory(device: torch.device) -> int:
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({cpu_cores()} cores, {torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({cpu_cores()} cores, {torch.get_num_threads()} threads{_prefetch_note()})"
+
+
+def _prefetch_note() -> str:
+    """Which cache the CPU kernel's AVX-512 steps prefetch into, when it is loaded: their speed turns on it."""
+    from .. import _cpu, cpu_prefetch
+
+    return "" if _cpu.load_error() else f"; kernel prefetch into {cpu_prefetch.prefetch().upper()}"
 
 
 def params_of(line) -> List[torch.Tensor]:
