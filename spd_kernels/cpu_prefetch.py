@@ -4,8 +4,9 @@ The steps with a bf16 second moment (csrc/cpu/avx512_steps.h) prefetch each stre
 ahead. Which cache is faster to fill depends on the core, and the results never do (the tests hold
 both levels to the same bits):
 
-- on a Zen 4 (AMD CPU family 25 with AVX-512), into L2 took about 10% off the bf16 and the
-  fp8 m + bf16 v steps on vit_b (12 alternating runs, docs/results/cpu.md);
+- on a Zen 4 (AMD CPU family 25 with AVX-512), into L2 took 5-6% off the bf16 and the
+  fp8 m + bf16 v steps on vit_b against L1 in the same build, and was faster in 15 of 17
+  alternating pairs for each (docs/results/cpu.md);
 - a Zen 5 and an Intel Xeon were measured into L1 only, which is the default there.
 
 ``SPD_KERNELS_CPU_PREFETCH=l1`` or ``=l2`` overrides the default when the kernel loads (for an A/B
@@ -52,15 +53,17 @@ def _ops():
     return torch.ops.spd_kernels
 
 
+def _name(level: int) -> str:
+    return next(name for name, value in LEVELS.items() if value == int(level))
+
+
 def prefetch() -> str:
     """The level the CPU kernel's steps prefetch into now."""
-    level = int(_ops().prefetch_level())
-    return next(name for name, value in LEVELS.items() if value == level)
+    return _name(_ops().prefetch_level())
 
 
 def set_prefetch(level: str) -> str:
     """Make the CPU kernel's steps prefetch into ``level`` ('l1' or 'l2'); returns the level it replaced."""
     if not isinstance(level, str) or level.lower() not in LEVELS:
         raise ValueError(f"set_prefetch: level must be 'l1' (prefetch into L1) or 'l2' (into L2), got {level!r}")
-    previous = int(_ops().set_prefetch_level(LEVELS[level.lower()]))
-    return next(name for name, value in LEVELS.items() if value == previous)
+    return _name(_ops().set_prefetch_level(LEVELS[level.lower()]))
