@@ -1,9 +1,9 @@
 """What one large tensor's step costs on the CPU out of cache, pass by pass: ``python bench/cpu_pass_costs.py``.
 
 The bench report times whole parameter sets, where the projection pass's share is a guess from the
-bytes it moves. Here one tensor (default 3072 x 768: vit_b's MLP weights, its largest) steps on this
-process's threads, cold at every step (128 MB, four times a 32 MB last-level cache, is written before
-each), and each SPD line steps twice over:
+bytes it moves and the floor a guess from AdamW's speed. Here one tensor (default 3072 x 768: vit_b's
+MLP weights, its largest) steps on this process's threads, cold at every step (128 MB, four times a
+32 MB last-level cache, is written before each), and each SPD line steps twice over:
 - with grads ``g = -(p - a)``: c = -sum(g (p - a)) > 0, so SPD never projects: Adam and the sums
   alone (the first pass);
 - with grads that fire the projection at every step: one element sits about 1 from its anchor with grad
@@ -14,10 +14,19 @@ each), and each SPD line steps twice over:
 
 The difference is the projection pass alone, which re-reads q and the anchor and writes p again
 (``Line.projection_bytes``) right after the first pass wrote them: where the tensor fits the
-last-level cache it reads them there, not from memory. Lines interleave round by round; each figure
-is the median over rounds of a round's median step. GB/s counts ``Line.step_bytes`` for the first
-pass and ``Line.projection_bytes`` for the second, per param. A step that should have projected and
-did not (or the reverse) stops the run with an error.
+last-level cache it reads them there, not from memory.
+
+Two more timings per line, in the same rounds, say what the first pass's time is made of:
+- **fixed**: the same line stepping a 64 x 64 tensor, cold alike: what a step costs apart from its
+  elements (Python, dispatch, and the caches those run from, emptied by the flush). The first
+  pass's "net" time is the step's less this.
+- **floor**: ``bench/cpu_stream_floor.cpp``, a pass over the line's arrays in its layout and the
+  kernel's thread split with one multiply-add or so a value: what memory gives that layout with
+  the compute taken away (built at start, about 15 s).
+
+Lines interleave round by round; each figure is the median over rounds of a round's median step.
+GB/s counts ``Line.step_bytes`` for the first pass and ``Line.projection_bytes`` for the second, per
+param. A step that should have projected and did not (or the reverse) stops the run with an error.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import sys
 import time
 
 import torch
+from torch.utils.cpp_extension import load_inline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,6 +48,7 @@ from spd_kernels.bench.measure import device_name  # noqa: E402
 from spd_kernels.stats import STAT_SCALE  # noqa: E402
 
 SPD_LINES = ["spd_bf16a", "spd_bf16", "spd_fp8"]
+FIXED_SHAPE = (64, 64)  # the tensor a line's fixed cost is timed on: MIN_ELEMENTS, the least the tool takes
 FAR_GRAD = 1e6  # the grad of element 0, about 1 from its anchor: it makes c < 0
 PROJECTION_LAMBDA = 1e-3  # the SPD lines' lambda here (theirs is 1): see Tensor1
 MIN_ELEMENTS = 4096  # n lr^2 > 2 lr with room (lr = 1e-3, the lines' own)
@@ -92,6 +103,69 @@ class Tensor1:
                                f"(scale {scale}): the grads no longer hold c and r where this tool needs them")
 
 
+# Each line's arrays as the floor pass takes them (m, v, anchor): 'f32', 'bf16' (patterns as int16),
+# 'u8' (fp8 m's codes) or None. Their bytes are the line's step_bytes (checked at start).
+LAYOUTS = {
+    "adamw_fused": ("f32", "f32", None),
+    "spd_bf16a": ("f32", "f32", "bf16"),
+    "spd_bf16": ("bf16", "bf16", "bf16"),
+    "spd_fp8": ("u8", "bf16", "bf16"),
+}
+_DTYPES = {"f32": (torch.float32, 4), "bf16": (torch.int16, 2), "u8": (torch.uint8, 1)}
+
+# The floor pass registered as an op (built without torch/extension.h, as bench/cpu_block_costs.py's)
+REGISTRATION = """
+#include <torch/library.h>
+TORCH_LIBRARY(spd_stream_floor, m) { m.def("stream_pass", &stream_pass); }
+"""
+
+
+def build_floor():
+    """``stream_pass(p, g, m, v, a)``: bench/cpu_stream_floor.cpp over the kernel's own headers."""
+    with open(os.path.join(ROOT, "bench", "cpu_stream_floor.cpp")) as f:
+        source = f.read()
+    load_inline("spd_stream_floor", cpp_sources=[source, REGISTRATION], is_python_module=False,
+                no_implicit_headers=True, extra_include_paths=[os.path.join(ROOT, "csrc")],
+                extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"])
+    return torch.ops.spd_stream_floor.stream_pass
+
+
+def layout_bytes(name: str) -> int:
+    """Bytes a param the floor pass moves for line ``name``: p and g read, p written, m and v read and
+    written, the anchor read."""
+    m, v, a = LAYOUTS[name]
+    return 12 + 2 * _DTYPES[m][1] + 2 * _DTYPES[v][1] + (_DTYPES[a][1] if a else 0)
+
+
+class Floor:
+    """The floor pass over fresh arrays in line ``name``'s layout."""
+
+    def __init__(self, stream_pass, name: str, rows: int, cols: int):
+        n = rows * cols
+        gen = torch.Generator().manual_seed(1)
+
+        def array(kind):
+            dtype = _DTYPES[kind][0]
+            if kind == "u8":
+                return torch.randint(0, 8, (n,), dtype=dtype, generator=gen)
+            x = torch.rand(n, generator=gen)
+            return x if kind == "f32" else x.to(torch.bfloat16).view(torch.int16)
+
+        m, v, a = LAYOUTS[name]
+        self.stream_pass, self.steps = stream_pass, 0
+        self.arrays = (torch.rand(n, generator=gen), 1e-3 * torch.rand(n, generator=gen), array(m), array(v),
+                       array(a) if a else None)
+
+    def set_grad(self) -> None:
+        pass
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.stream_pass(*self.arrays)
+        self.steps += 1
+        return time.perf_counter() - t0
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=3072)
@@ -100,11 +174,17 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per line and round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per line before the rounds")
     args = ap.parse_args(argv)
+    for name in LAYOUTS:  # the floor moves what the line's byte count says
+        assert layout_bytes(name) == LINES[name].step_bytes(True), name
 
-    cases = {("adamw_fused", False): Tensor1("adamw_fused", args.rows, args.cols, False, 0)}
-    for name in SPD_LINES:
-        for fire in (False, True):
-            cases[(name, fire)] = Tensor1(name, args.rows, args.cols, fire, 0)
+    stream_pass = build_floor()
+    names = ["adamw_fused", *SPD_LINES]
+    cases = {}
+    for name in names:
+        for fire in ((False, True) if name in SPD_LINES else (False,)):
+            cases[(name, "fire" if fire else "step")] = Tensor1(name, args.rows, args.cols, fire, 0)
+        cases[(name, "fixed")] = Tensor1(name, *FIXED_SHAPE, False, 0)
+        cases[(name, "floor")] = Floor(stream_pass, name, args.rows, args.cols)
     flush = torch.empty(32 << 20)  # 128 MB of fp32: four times a 32 MB last-level cache
     times = {key: [] for key in cases}
 
@@ -127,21 +207,31 @@ def main(argv=None) -> None:
 
     n = args.rows * args.cols
     ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+    net = {name: ms[(name, "step")] - ms[(name, "fixed")] for name in names}
+
+    def gbs(bytes_per_param: int, milliseconds: float) -> str:
+        return f"{bytes_per_param * n / milliseconds / 1e6:6.1f}" if milliseconds > 0 else f"{'-':>6s}"
+
     print(f"{device_name(torch.device('cpu'))}, torch {torch.__version__}")
     print(f"one {args.rows} x {args.cols} fp32 tensor, cold; {args.rounds} rounds of {args.steps} steps; "
-          f"bf16 anchors")
-    fused = ms[("adamw_fused", False)]
-    print(f"{'line':12s} {'no proj ms':>10s} {'GB/s':>6s} {'vs fused':>8s} {'proj ms':>8s} {'vs fused':>8s} "
-          f"{'pass 2 ms':>9s} {'GB/s':>6s}")
-    print(f"{'adamw_fused':12s} {fused:10.3f} {LINES['adamw_fused'].step_bytes(True) * n / fused / 1e6:6.1f} "
-          f"{1.0:8.2f}")
+          f"bf16 anchors; fixed: a {FIXED_SHAPE[0]} x {FIXED_SHAPE[1]} tensor's step")
+    print("first pass (no projection):")
+    print(f"{'line':12s} {'B':>3s} {'step ms':>8s} {'fixed':>6s} {'net ms':>7s} {'GB/s':>6s} {'vs fused':>8s} "
+          f"{'floor ms':>8s} {'GB/s':>6s} {'vs fused':>8s} {'net/floor':>9s}")
+    fused_net, fused_floor = net["adamw_fused"], ms[("adamw_fused", "floor")]
+    for name in names:
+        b, floor = LINES[name].step_bytes(True), ms[(name, "floor")]
+        print(f"{name:12s} {b:3d} {ms[(name, 'step')]:8.3f} {ms[(name, 'fixed')]:6.3f} {net[name]:7.3f} "
+              f"{gbs(b, net[name])} {net[name] / fused_net:8.2f} {floor:8.3f} {gbs(b, floor)} "
+              f"{floor / fused_floor:8.2f} {net[name] / floor:9.2f}")
+    print("with the projection at every step:")
+    print(f"{'line':12s} {'B':>3s} {'step ms':>8s} {'vs fused':>8s} {'pass 2 ms':>9s} {'GB/s':>6s}")
     for name in SPD_LINES:
         line = LINES[name]
-        off, on = ms[(name, False)], ms[(name, True)]
-        second = on - off
-        second_gbs = f"{line.projection_bytes(True) * n / second / 1e6:6.1f}" if second > 0 else f"{'-':>6s}"
-        print(f"{name:12s} {off:10.3f} {line.step_bytes(True) * n / off / 1e6:6.1f} {off / fused:8.2f} "
-              f"{on:8.3f} {on / fused:8.2f} {second:9.3f} {second_gbs}")
+        on = ms[(name, "fire")]
+        second = on - ms[(name, "step")]
+        print(f"{name:12s} {line.projection_bytes(True):3d} {on:8.3f} {(on - ms[(name, 'fixed')]) / fused_net:8.2f} "
+              f"{second:9.3f} {gbs(line.projection_bytes(True), second)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """bench/cpu_pass_costs.py times SPD's two passes apart by its grads alone: the grads of a 'fired'
 case must make every step project, the others' none, on every line it times, or its figures are
 not what they say. The tool checks that itself and stops; these tests hold the grads to it and the
-check to failing."""
+check to failing. Its floor pass (bench/cpu_stream_floor.cpp) must move the bytes of each line's
+layout, every array read and p, m and v written, or it is no floor: it is checked against the same
+arithmetic in torch."""
 import os
 import sys
 
@@ -12,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import cpu_pass_costs  # noqa: E402
+from spd_kernels.bench.lines import LINES  # noqa: E402
 from spd_kernels.stats import STAT_SCALE  # noqa: E402
 
 
@@ -45,8 +48,58 @@ def test_too_small_a_tensor_is_refused():
         cpu_pass_costs.Tensor1("spd_fp8", 16, 16, True, seed=1)
 
 
-def test_the_tool_prints_every_line(capsys):
+@pytest.fixture(scope="module")
+def stream_pass(tmp_path_factory):  # a fresh build, not a cached one
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
+        yield cpu_pass_costs.build_floor()
+
+
+def test_each_floor_layout_moves_its_lines_bytes():
+    for name in cpu_pass_costs.LAYOUTS:
+        assert cpu_pass_costs.layout_bytes(name) == LINES[name].step_bytes(True), name
+
+
+def _value(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """An array of the floor's layout as fp32 values (bf16 patterns are int16)."""
+    return x.view(torch.bfloat16).float() if kind == "bf16" else x.float()
+
+
+@pytest.mark.parametrize("name", list(cpu_pass_costs.LAYOUTS))
+def test_the_floor_pass_reads_every_array_and_writes_p_m_and_v(stream_pass, name):
+    floor = cpu_pass_costs.Floor(stream_pass, name, 37, 256)  # 9472 elements: not a whole chunk
+    # grads in [1, 2), not the tool's 1e-3: every m and v then moves by more than a bf16 step, and
+    # every code by 1 or 2, so an array left unwritten fails the checks below
+    floor.arrays = (floor.arrays[0], 1.0 + torch.rand(floor.arrays[0].shape), *floor.arrays[2:])
+    p, g, m, v, a = (x.clone() if x is not None else None for x in floor.arrays)
+    m_kind, v_kind, a_kind = cpu_pass_costs.LAYOUTS[name]
+    floor.step()
+    m_new = _value(m, m_kind) + g
+    v_new = _value(v, v_kind) + g * g
+    target = _value(a, a_kind) if a is not None else 0.0
+    torch.testing.assert_close(floor.arrays[0], p - 1e-6 * m_new * (v_new + target), rtol=1e-6, atol=1e-7)
+    if m_kind == "u8":  # the code: the new value truncated to an integer
+        assert torch.equal(floor.arrays[2], m_new.to(torch.int32).to(torch.uint8))
+    else:  # fp32, or bf16 truncated: within one bf16 step of the new value (2^-7 relative)
+        torch.testing.assert_close(_value(floor.arrays[2], m_kind), m_new, rtol=2**-7, atol=0)
+    torch.testing.assert_close(_value(floor.arrays[3], v_kind), v_new, rtol=2**-7, atol=0)
+    assert not torch.equal(floor.arrays[0], p)
+
+
+def test_the_floor_pass_refuses_arrays_of_other_sizes(stream_pass):
+    p, g, m, v = torch.rand(512), torch.rand(512), torch.rand(512), torch.rand(256)
+    with pytest.raises(RuntimeError, match="p's numel"):
+        stream_pass(p, g, m, v, None)
+    with pytest.raises(RuntimeError, match="m: float32"):
+        stream_pass(p, g, torch.zeros(512, dtype=torch.float64), torch.rand(512), None)
+
+
+def test_the_tool_prints_every_line(stream_pass, capsys):
     cpu_pass_costs.main(["--rows", "64", "--cols", "256", "--rounds", "1", "--steps", "1", "--warmup", "2"])
     out = capsys.readouterr().out
-    for name in ["adamw_fused", *cpu_pass_costs.SPD_LINES]:
-        assert any(line.startswith(name + " ") for line in out.splitlines()), out
+    names = ["adamw_fused", *cpu_pass_costs.SPD_LINES]
+    first, second = out.split("with the projection at every step:")
+    for name in names:  # every line in the first pass's table, the SPD lines in the second's
+        assert any(line.startswith(name + " ") for line in first.splitlines()), out
+    for name in cpu_pass_costs.SPD_LINES:
+        assert any(line.startswith(name + " ") for line in second.splitlines()), out
