@@ -14,7 +14,10 @@ MLP weights, its largest) steps on this process's threads, cold at every step (1
 
 The difference is the projection pass alone, which re-reads q and the anchor and writes p again
 (``Line.projection_bytes``) right after the first pass wrote them: where the tensor fits the
-last-level cache it reads them there, not from memory.
+last-level cache it reads them there, not from memory. Its floor ("projection floor", timed the same
+way) is ``projection_pass`` of the same .cpp file right after a floor pass (below) over the same
+arrays: p read and written and the anchor read, with one multiply-add a value, wherever that pass
+left them. The kernel's pass 2 over it ("2/floor") is what its projection adds over the bytes.
 
 Two more timings per line, in the same rounds, say what the first pass's time is made of:
 - **fixed**: the same line stepping a 64 x 64 tensor, cold alike: what a step costs apart from its
@@ -116,12 +119,16 @@ _DTYPES = {"f32": (torch.float32, 4), "bf16": (torch.int16, 2), "u8": (torch.uin
 # The floor pass registered as an op (built without torch/extension.h, as bench/cpu_block_costs.py's)
 REGISTRATION = """
 #include <torch/library.h>
-TORCH_LIBRARY(spd_stream_floor, m) { m.def("stream_pass", &stream_pass); }
+TORCH_LIBRARY(spd_stream_floor, m) {
+  m.def("stream_pass", &stream_pass);
+  m.def("projection_pass", &projection_pass);
+}
 """
 
 
 def build_floor():
-    """``stream_pass(p, g, m, v, a)``: bench/cpu_stream_floor.cpp over the kernel's own headers."""
+    """``stream_pass(p, g, m, v, a)``: bench/cpu_stream_floor.cpp over the kernel's own headers (the op
+    namespace also holds ``projection_pass(p, a)``)."""
     with open(os.path.join(ROOT, "bench", "cpu_stream_floor.cpp")) as f:
         source = f.read()
     load_inline("spd_stream_floor", cpp_sources=[source, REGISTRATION], is_python_module=False,
@@ -166,6 +173,18 @@ class Floor:
         return time.perf_counter() - t0
 
 
+class ProjectionFloor(Floor):
+    """The floor pass as above, untimed, then the projection's floor over its p and anchor, timed: where
+    the first pass left them, as the kernel's projection finds q and a."""
+
+    def step(self) -> float:
+        self.stream_pass(*self.arrays)
+        t0 = time.perf_counter()
+        torch.ops.spd_stream_floor.projection_pass(self.arrays[0], self.arrays[4])
+        self.steps += 1
+        return time.perf_counter() - t0
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=3072)
@@ -185,6 +204,8 @@ def main(argv=None) -> None:
             cases[(name, "fire" if fire else "step")] = Tensor1(name, args.rows, args.cols, fire, 0)
         cases[(name, "fixed")] = Tensor1(name, *FIXED_SHAPE, False, 0)
         cases[(name, "floor")] = Floor(stream_pass, name, args.rows, args.cols)
+        if name in SPD_LINES:
+            cases[(name, "projection floor")] = ProjectionFloor(stream_pass, name, args.rows, args.cols)
     flush = torch.empty(32 << 20)  # 128 MB of fp32: four times a 32 MB last-level cache
     times = {key: [] for key in cases}
 
@@ -225,13 +246,14 @@ def main(argv=None) -> None:
               f"{gbs(b, net[name])} {net[name] / fused_net:8.2f} {floor:8.3f} {gbs(b, floor)} "
               f"{floor / fused_floor:8.2f} {net[name] / floor:9.2f}")
     print("with the projection at every step:")
-    print(f"{'line':12s} {'B':>3s} {'step ms':>8s} {'vs fused':>8s} {'pass 2 ms':>9s} {'GB/s':>6s}")
+    print(f"{'line':12s} {'B':>3s} {'step ms':>8s} {'vs fused':>8s} {'pass 2 ms':>9s} {'GB/s':>6s} "
+          f"{'floor ms':>8s} {'GB/s':>6s} {'2/floor':>7s}")
     for name in SPD_LINES:
-        line = LINES[name]
-        on = ms[(name, "fire")]
+        line, b = LINES[name], LINES[name].projection_bytes(True)
+        on, floor = ms[(name, "fire")], ms[(name, "projection floor")]
         second = on - ms[(name, "step")]
-        print(f"{name:12s} {line.projection_bytes(True):3d} {on:8.3f} {(on - ms[(name, 'fixed')]) / fused_net:8.2f} "
-              f"{second:9.3f} {gbs(line.projection_bytes(True), second)}")
+        print(f"{name:12s} {b:3d} {on:8.3f} {(on - ms[(name, 'fixed')]) / fused_net:8.2f} "
+              f"{second:9.3f} {gbs(b, second)} {floor:8.3f} {gbs(b, floor)} {second / floor:7.2f}")
 
 
 if __name__ == "__main__":

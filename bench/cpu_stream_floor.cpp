@@ -9,6 +9,11 @@
 // fp8 m's; its per-block scales, 4 B a 256-block, left out as the bench's byte counts leave them);
 // v fp32 or bf16 patterns; the anchor fp32, bf16 patterns or none. p, m and v are written.
 // The values mean nothing: a bf16 is truncated, a code converted as an integer.
+//
+// projection_pass is the same floor under the projection pass that follows a first pass when SPD
+// projects: p read and written, the anchor read (p = 0.999 p + 0.001 a), over the same split. Run
+// right after stream_pass on the same arrays, it reads them wherever the first pass left them (the
+// last-level cache when they fit), as the kernel's projection does.
 #include "cpu/schedule.h"
 
 #include <optional>
@@ -45,6 +50,21 @@ __attribute__((noinline)) void pass_range(float* __restrict p, const float* __re
     store(m, i, mi);
     store(v, i, vi);
   }
+}
+
+template <typename A>
+__attribute__((noinline)) void projection_range(float* __restrict p, const A* __restrict a, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) p[i] = 0.999f * p[i] + (a ? 0.001f * load(a, i) : 0.0f);
+}
+
+template <typename A>
+void projection(float* p, const A* a, int64_t n) {
+  using namespace spd_kernels;
+  const int64_t n_chunks = (n + CHUNK - 1) / CHUNK;
+  parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
+    projection_range(p, a, c * CHUNK, std::min((c + 1) * CHUNK, n));
+  });
 }
 
 template <typename M, typename V, typename A>
@@ -89,4 +109,15 @@ void stream_pass(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, 
     case at::kByte: return with_v<uint8_t>(p, g, m, v, a);
     default: TORCH_CHECK(false, "m: float32, bf16 patterns as int16 or uint8 codes, got ", m.scalar_type());
   }
+}
+
+// The projection pass's floor over [p, a] (contiguous, equal numel; p fp32, a fp32, bf16 patterns
+// as int16, or none).
+void projection_pass(at::Tensor p, const std::optional<at::Tensor>& a) {
+  TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous(), "p: contiguous float32");
+  TORCH_CHECK(!a || (a->is_contiguous() && a->numel() == p.numel()), "anchor: contiguous, with p's numel");
+  if (!a) return projection<float>(p.data_ptr<float>(), nullptr, p.numel());
+  if (a->scalar_type() == at::kFloat) return projection(p.data_ptr<float>(), a->data_ptr<float>(), p.numel());
+  TORCH_CHECK(a->scalar_type() == at::kShort, "anchor: float32 or bf16 patterns as int16, got ", a->scalar_type());
+  projection(p.data_ptr<float>(), a->data_ptr<int16_t>(), p.numel());
 }

@@ -3,7 +3,7 @@ case must make every step project, the others' none, on every line it times, or 
 not what they say. The tool checks that itself and stops; these tests hold the grads to it and the
 check to failing. Its floor pass (bench/cpu_stream_floor.cpp) must move the bytes of each line's
 layout, every array read and p, m and v written, or it is no floor: it is checked against the same
-arithmetic in torch."""
+arithmetic in torch. So is the projection's floor (p and the anchor read, p written)."""
 import os
 import sys
 
@@ -92,6 +92,30 @@ def test_the_floor_pass_refuses_arrays_of_other_sizes(stream_pass):
         stream_pass(p, g, m, v, None)
     with pytest.raises(RuntimeError, match="m: float32"):
         stream_pass(p, g, torch.zeros(512, dtype=torch.float64), torch.rand(512), None)
+
+
+@pytest.mark.parametrize("name", cpu_pass_costs.SPD_LINES)
+def test_the_projection_floor_reads_p_and_the_anchor_and_writes_p(stream_pass, name):
+    floor = cpu_pass_costs.ProjectionFloor(stream_pass, name, 37, 256)
+    # an anchor far from p: p's change is then 0.001 (a - p), over 1e-4 of p, where the first
+    # pass's (1e-6 m (v + a) with the tool's 1e-3 grads) is under 1e-8
+    a_kind = cpu_pass_costs.LAYOUTS[name][2]
+    far = 10.0 + torch.rand(floor.arrays[0].shape)
+    anchor = far if a_kind == "f32" else far.to(torch.bfloat16).view(torch.int16)
+    floor.arrays = (*floor.arrays[:4], anchor)
+    p, g, m, v, a = (x.clone() for x in floor.arrays)
+    floor.step()  # the first pass's floor, then the projection's
+    m_new, v_new = _value(m, cpu_pass_costs.LAYOUTS[name][0]) + g, _value(v, cpu_pass_costs.LAYOUTS[name][1]) + g * g
+    target = _value(a, a_kind)
+    q = p - 1e-6 * m_new * (v_new + target)
+    torch.testing.assert_close(floor.arrays[0], 0.999 * q + 0.001 * target, rtol=1e-6, atol=1e-7)
+
+
+def test_the_projection_floor_refuses_arrays_of_other_sizes(stream_pass):
+    with pytest.raises(RuntimeError, match="p's numel"):
+        torch.ops.spd_stream_floor.projection_pass(torch.rand(512), torch.rand(256))
+    with pytest.raises(RuntimeError, match="p: contiguous float32"):
+        torch.ops.spd_stream_floor.projection_pass(torch.rand(512, dtype=torch.float64), None)
 
 
 def test_the_tool_prints_every_line(stream_pass, capsys):
