@@ -52,28 +52,30 @@ __attribute__((noinline)) void pass_range(float* __restrict p, const float* __re
   }
 }
 
+// The projection's [begin, end): out of line for the same reason.
 template <typename A>
 __attribute__((noinline)) void projection_range(float* __restrict p, const A* __restrict a, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) p[i] = 0.999f * p[i] + (a ? 0.001f * load(a, i) : 0.0f);
 }
 
-template <typename A>
-void projection(float* p, const A* a, int64_t n) {
+// range(begin, end) over [0, n) in the kernel's split: CHUNK-element chunks, batched per thread.
+template <typename Range>
+void over_chunks(int64_t n, Range range) {
   using namespace spd_kernels;
   const int64_t n_chunks = (n + CHUNK - 1) / CHUNK;
   parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
-    projection_range(p, a, c * CHUNK, std::min((c + 1) * CHUNK, n));
+    range(c * CHUNK, std::min((c + 1) * CHUNK, n));
   });
 }
 
-template <typename M, typename V, typename A>
-void pass(float* p, const float* g, M* m, V* v, const A* a, int64_t n) {
-  using namespace spd_kernels;
-  const int64_t n_chunks = (n + CHUNK - 1) / CHUNK;
-  parallel_items(n_chunks, [](int64_t) { return CHUNK; }, [&](int64_t c) {
-    pass_range(p, g, m, v, a, c * CHUNK, std::min((c + 1) * CHUNK, n));
-  });
+// f(anchor pointer): a null float pointer for none, else the anchor's fp32 or bf16-pattern data.
+template <typename F>
+void with_anchor_pointer(const std::optional<at::Tensor>& a, F f) {
+  if (!a) return f(static_cast<const float*>(nullptr));
+  if (a->scalar_type() == at::kFloat) return f(a->data_ptr<float>());
+  TORCH_CHECK(a->scalar_type() == at::kShort, "anchor: float32 or bf16 patterns as int16, got ", a->scalar_type());
+  f(static_cast<const int16_t*>(a->data_ptr<int16_t>()));
 }
 
 template <typename M, typename V>
@@ -82,10 +84,9 @@ void with_anchor(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& 
   const float* gp = g.data_ptr<float>();
   M* mp = static_cast<M*>(m.data_ptr());
   V* vp = static_cast<V*>(v.data_ptr());
-  if (!a) return pass<M, V, float>(pp, gp, mp, vp, nullptr, p.numel());
-  if (a->scalar_type() == at::kFloat) return pass<M, V, float>(pp, gp, mp, vp, a->data_ptr<float>(), p.numel());
-  TORCH_CHECK(a->scalar_type() == at::kShort, "anchor: float32 or bf16 patterns as int16, got ", a->scalar_type());
-  pass<M, V, int16_t>(pp, gp, mp, vp, a->data_ptr<int16_t>(), p.numel());
+  with_anchor_pointer(a, [&](auto ap) {
+    over_chunks(p.numel(), [&](int64_t begin, int64_t end) { pass_range(pp, gp, mp, vp, ap, begin, end); });
+  });
 }
 
 template <typename M>
@@ -116,8 +117,8 @@ void stream_pass(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, 
 void projection_pass(at::Tensor p, const std::optional<at::Tensor>& a) {
   TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous(), "p: contiguous float32");
   TORCH_CHECK(!a || (a->is_contiguous() && a->numel() == p.numel()), "anchor: contiguous, with p's numel");
-  if (!a) return projection<float>(p.data_ptr<float>(), nullptr, p.numel());
-  if (a->scalar_type() == at::kFloat) return projection(p.data_ptr<float>(), a->data_ptr<float>(), p.numel());
-  TORCH_CHECK(a->scalar_type() == at::kShort, "anchor: float32 or bf16 patterns as int16, got ", a->scalar_type());
-  projection(p.data_ptr<float>(), a->data_ptr<int16_t>(), p.numel());
+  float* pp = p.data_ptr<float>();
+  with_anchor_pointer(a, [&](auto ap) {
+    over_chunks(p.numel(), [&](int64_t begin, int64_t end) { projection_range(pp, ap, begin, end); });
+  });
 }
